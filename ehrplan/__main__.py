@@ -1,0 +1,3 @@
+from ehrplan.cli.app import main
+
+main()

@@ -1,0 +1,123 @@
+"""`ehrplan estimate`: parameters and memory of a config, analytically, without torch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+import typer
+from rich.console import RenderableType
+from rich.table import Table
+
+from ehrplan.cli.options import (
+    BatchSizeOpt,
+    ConfigOpt,
+    JsonOpt,
+    PresetOpt,
+    SetOpt,
+    SizeOpt,
+    TypeOpt,
+    config_from_options,
+)
+from ehrplan.config import get_preset
+from ehrplan.errors import UsageError
+from ehrplan.estimator import DEVICES, PRECISIONS, estimate_memory, static_memory
+from ehrplan.output import emit, fmt_bytes, fmt_count, warn
+from ehrplan.params import count_parameters
+
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="fp32, or mixed precision: fp16 or bf16 autocast.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Device to estimate for: cpu, cuda, mps.")]
+
+
+def estimate(
+    preset: PresetOpt = None,
+    size: SizeOpt = None,
+    model_type: TypeOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    batch_size: BatchSizeOpt = None,
+    precision: PrecisionOpt = "fp32",
+    device: DeviceOpt = "cpu",
+    json_: JsonOpt = False,
+) -> None:
+    """Exact parameter count by component, and the memory of one training step.
+
+    Never imports torch. Pick the config with --preset, or --size with --type, and/or --config
+    FILE; override single fields with --set KEY=VALUE or --batch-size.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}' (valid: {', '.join(PRECISIONS)})")
+    if device not in DEVICES:
+        raise UsageError(f"unknown device '{device}' (valid: {', '.join(DEVICES)})")
+    cfg, source = config_from_options(preset, size, model_type, config, set_, batch_size=batch_size)
+    params = count_parameters(cfg)
+    est = estimate_memory(cfg, precision=precision, device=device)
+    preset_name = None
+    if preset or size or model_type:
+        preset_name = source.split(" + ")[0].removeprefix("preset ")
+        preset_name = get_preset(preset_name).name
+    payload = {
+        "preset": preset_name,
+        "source": source,
+        "model_type": cfg.model_type,
+        "params": params.total,
+        "params_by_component": params.components,
+        "params_by_module": params.modules,
+        "precision": precision,
+        "device": device,
+        "batch_size": cfg.batch_size,
+        "effective_batch_size": cfg.effective_batch_size,
+        "checkpointing": est.checkpointing,
+        "memory": dict(est.breakdown),
+        "total_bytes": est.total_bytes,
+        "total_is_lower_bound": est.is_lower_bound,
+        "static_memory": {
+            "fp32": static_memory(cfg, "fp32"),
+            "mixed": static_memory(cfg, "bf16"),
+        },
+        "notes": est.notes,
+        "config": cfg.model_dump(),
+    }
+    emit("estimate", payload, as_json=json_, render=_render)
+    if not json_:
+        for note in est.notes:
+            warn(note)
+
+
+def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    title = f"{p['source']} — {p['model_type']}"
+    params = Table(title=f"Parameters: {title}")
+    params.add_column("component")
+    params.add_column("parameters", justify="right")
+    for name, n in p["params_by_component"].items():
+        params.add_row(name.replace("_", " "), f"{n:,}")
+    params.add_row("[bold]total", f"[bold]{fmt_count(p['params'])}")
+    yield params
+
+    static = Table(title="Weights, gradients and optimizer state (Adam)")
+    static.add_column("")
+    static.add_column("fp32", justify="right")
+    static.add_column("mixed precision", justify="right")
+    fp32, mixed = p["static_memory"]["fp32"], p["static_memory"]["mixed"]
+    for key in mixed:
+        static.add_row(key.replace("_", " "), fmt_bytes(fp32.get(key)), fmt_bytes(mixed[key]))
+    static.add_row("[bold]total", fmt_bytes(sum(fp32.values())), fmt_bytes(sum(mixed.values())))
+    yield static
+
+    mem = Table(
+        title=f"Training-step memory: {p['precision']} on {p['device']}, "
+        f"batch {p['batch_size']} (effective {p['effective_batch_size']})"
+        + (", checkpointing" if p["checkpointing"] else "")
+    )
+    mem.add_column("held by")
+    mem.add_column("bytes", justify="right")
+    mem.add_column("", justify="right")
+    for key, b in p["memory"].items():
+        mem.add_row(key.replace("_", " "), f"{b:,}", fmt_bytes(b))
+    label = "total (lower bound)" if p["total_is_lower_bound"] else "total (estimated peak)"
+    mem.add_row(
+        f"[bold]{label}", f"[bold]{p['total_bytes']:,}", f"[bold]{fmt_bytes(p['total_bytes'])}"
+    )
+    yield mem

@@ -1,0 +1,28 @@
+"""The model families. Importing this package imports torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ehrplan.models.lstm import LSTMProgressionModel, LSTMVisitEncoder
+from ehrplan.models.transformer import TransformerProgressionModel, TransformerVisitEncoder
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ehrplan.config import EHRModelConfig
+
+__all__ = [
+    "LSTMProgressionModel",
+    "LSTMVisitEncoder",
+    "TransformerProgressionModel",
+    "TransformerVisitEncoder",
+    "build_model",
+]
+
+
+def build_model(config: EHRModelConfig) -> nn.Module:
+    """The model a config describes (on the CPU, in fp32)."""
+    if config.model_type == "lstm":
+        return LSTMProgressionModel.from_config(config)
+    return TransformerProgressionModel.from_config(config)

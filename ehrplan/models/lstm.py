@@ -1,0 +1,147 @@
+"""The two-level LSTM of the seed document, with its three mistakes fixed.
+
+Level 1 (within a visit): code embeddings -> one LSTM layer over the visit's codes (hidden =
+``code_embed_dim``) -> the hidden state at the visit's *last real code* -> linear projection to
+``visit_embed_dim``. Level 2 (over visits): visit vectors concatenated with two time features ->
+a ``num_layers`` LSTM with ``hidden_dim`` units, run on a packed sequence of each patient's real
+visits.
+
+What changed from the seed:
+
+- The padding mask is honoured: the seed took ``hidden[-1]`` after running over the padding; here
+  the state at the last real code is gathered, and empty visits are skipped entirely. The visit
+  LSTM runs packed, so trailing padded or empty visits change neither outputs nor final states.
+- All real visits of a batch go through the within-visit LSTM in one call (a ``[N, codes]`` batch
+  of N real visits), instead of a Python loop over visit positions.
+- Gradient checkpointing (``use_checkpoint``) is a real option: both levels are recomputed in
+  backward.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ehrplan.models.common import ProgressionHeads, maybe_checkpoint, real_visits, scatter_visits
+
+if TYPE_CHECKING:
+    from ehrplan.config import EHRModelConfig
+
+
+class LSTMVisitEncoder(nn.Module):
+    """Two-level LSTM encoder: codes within a visit -> visit vector; LSTM over visits."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        code_embed_dim: int = 128,
+        visit_embed_dim: int = 256,
+        hidden_dim: int = 512,
+        num_layers: int = 2,
+        dropout: float = 0.1,
+        bidirectional: bool = False,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if bidirectional:
+            # A backward pass over visits would let visit t see visits after t.
+            raise ValueError("bidirectional=True is not supported: predictions must be causal")
+        self.code_embeddings = nn.Embedding(vocab_size, code_embed_dim, padding_idx=0)
+        self.visit_lstm = nn.LSTM(code_embed_dim, code_embed_dim, num_layers=1, batch_first=True)
+        self.visit_projection = nn.Linear(code_embed_dim, visit_embed_dim)
+        self.sequence_lstm = nn.LSTM(
+            visit_embed_dim + 2,
+            hidden_dim,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.hidden_dim = hidden_dim
+        self.use_checkpoint = use_checkpoint
+
+    def encode_visit(self, visit_codes: torch.Tensor, visit_mask: torch.Tensor) -> torch.Tensor:
+        """Encode ``[N, codes]`` visits, each with at least one real code, to ``[N, visit_dim]``."""
+        lengths = visit_mask.to(torch.bool).sum(-1)
+        out, _ = self.visit_lstm(self.code_embeddings(visit_codes))  # [N, codes, E]
+        last = out[torch.arange(out.shape[0], device=out.device), lengths - 1]
+        return self.visit_projection(last)
+
+    def _sequence(
+        self, visits: torch.Tensor, time_features: torch.Tensor, n_visits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.dropout(visits), time_features.to(visits.dtype)], dim=-1)
+        packed = pack_padded_sequence(
+            x, n_visits.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        out, (h, _) = self.sequence_lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out, h
+
+    def forward(
+        self, patient_visits: torch.Tensor, time_features: torch.Tensor, visit_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``sequence_output [B, V, hidden]`` and ``final_hidden [layers, B, hidden]``
+        (the states after each patient's last non-empty visit)."""
+        lengths, real = real_visits(visit_mask)
+        V = real.shape[1]
+        # visits up to and including the last non-empty one
+        positions = torch.arange(1, V + 1, device=real.device)
+        n_visits = (real * positions).amax(dim=-1)
+        visit_vectors = maybe_checkpoint(
+            self.use_checkpoint, self.encode_visit, patient_visits[real], visit_mask[real]
+        )
+        visits = scatter_visits(visit_vectors, real)
+        return maybe_checkpoint(
+            self.use_checkpoint, self._sequence, visits, time_features, n_visits
+        )
+
+
+class LSTMProgressionModel(nn.Module):
+    """LSTM disease-progression model: stage logits and time to progression at every visit."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        code_embed_dim: int = 128,
+        visit_embed_dim: int = 256,
+        hidden_dim: int = 512,
+        num_stages: int = 5,
+        num_layers: int = 2,
+        dropout: float = 0.1,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = LSTMVisitEncoder(
+            vocab_size=vocab_size,
+            code_embed_dim=code_embed_dim,
+            visit_embed_dim=visit_embed_dim,
+            hidden_dim=hidden_dim,
+            num_layers=num_layers,
+            dropout=dropout,
+            use_checkpoint=use_checkpoint,
+        )
+        self.heads = ProgressionHeads(hidden_dim, num_stages, dropout)
+
+    @classmethod
+    def from_config(cls, config: EHRModelConfig) -> LSTMProgressionModel:
+        return cls(
+            vocab_size=config.vocab_size,
+            code_embed_dim=config.code_embed_dim,
+            visit_embed_dim=config.visit_embed_dim,
+            hidden_dim=config.hidden_dim,
+            num_stages=config.num_stages,
+            num_layers=config.num_layers,
+            dropout=config.dropout,
+            use_checkpoint=config.use_checkpoint,
+        )
+
+    def forward(
+        self, patient_visits: torch.Tensor, time_features: torch.Tensor, visit_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``stage_logits [B, V, num_stages]`` and ``time_pred [B, V, 1]``."""
+        sequence_output, _ = self.encoder(patient_visits, time_features, visit_mask)
+        return self.heads(sequence_output)
