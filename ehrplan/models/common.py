@@ -27,10 +27,9 @@ def maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def real_visits(visit_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per visit: number of real codes ``[B, V]`` and whether the visit is non-empty ``[B, V]``."""
-    lengths = visit_mask.to(torch.bool).sum(-1)
-    return lengths, lengths > 0
+def real_visits(visit_mask: torch.Tensor) -> torch.Tensor:
+    """Per visit, whether it has at least one real code: bool ``[B, V]``."""
+    return visit_mask.to(torch.bool).any(-1)
 
 
 def scatter_visits(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

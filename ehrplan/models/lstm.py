@@ -86,7 +86,7 @@ class LSTMVisitEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``sequence_output [B, V, hidden]`` and ``final_hidden [layers, B, hidden]``
         (the states after each patient's last non-empty visit)."""
-        lengths, real = real_visits(visit_mask)
+        real = real_visits(visit_mask)
         V = real.shape[1]
         # visits up to and including the last non-empty one
         positions = torch.arange(1, V + 1, device=real.device)

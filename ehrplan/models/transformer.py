@@ -129,7 +129,7 @@ class TransformerVisitEncoder(nn.Module):
         B, V, _ = patient_visits.shape
         if V > self.max_visits:
             raise ValueError(f"{V} visits exceed max_visits={self.max_visits}; truncate first")
-        _, real = real_visits(visit_mask)
+        real = real_visits(visit_mask)
         visit_vectors = maybe_checkpoint(
             self.use_checkpoint, self.encode_visit, patient_visits[real], visit_mask[real]
         )
