@@ -1,0 +1,82 @@
+"""The batch every model, loss, dry run and trainer agrees on (imports torch).
+
+Shapes: B patients, V visits (padded to the longest patient in the batch), C codes (padded to the
+largest visit in the batch). Real codes come first within a visit and real visits first within a
+patient; padding is id 0 / False / label -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ehrplan.config import EHRModelConfig
+
+IGNORE_INDEX = -100  # stage label of a padded visit (torch's cross-entropy default)
+
+
+@dataclass
+class Batch:
+    """One micro-batch of patients."""
+
+    codes: torch.Tensor
+    """int64 [B, V, C]: code ids, PAD = 0."""
+    code_mask: torch.Tensor
+    """bool [B, V, C]: True where a code is real."""
+    time_features: torch.Tensor
+    """float32 [B, V, 2]: scaled days since the previous visit and since the first visit."""
+    stage: torch.Tensor
+    """int64 [B, V]: disease stage 0..num_stages-1 at each visit, IGNORE_INDEX on padding."""
+    time_to_event: torch.Tensor
+    """float32 [B, V]: days to the next stage change, or to censoring when none is seen."""
+    event_observed: torch.Tensor
+    """bool [B, V]: True when the next stage change was seen (False: censored or padding)."""
+
+    @property
+    def visit_mask(self) -> torch.Tensor:
+        """bool [B, V]: True for real (non-empty) visits."""
+        return self.code_mask.any(-1)
+
+    @property
+    def num_patients(self) -> int:
+        return int(self.codes.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            **{
+                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                for f in fields(self)
+            }
+        )
+
+    def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The positional arguments of the models' ``forward``."""
+        return self.codes, self.time_features, self.code_mask
+
+
+def synthetic_batch(
+    config: EHRModelConfig,
+    batch_size: int | None = None,
+    *,
+    visits: int | None = None,
+    codes: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Batch:
+    """A fully padded batch shaped as the config says (every visit real, every code real):
+    ``batch_size x max_visits x max_codes_per_visit`` unless ``visits``/``codes`` say otherwise.
+    Random ids and labels, for dry runs and tests."""
+    B = batch_size or config.batch_size
+    V = visits or config.max_visits
+    C = codes or config.max_codes_per_visit
+    g = torch.Generator().manual_seed(seed)
+    batch = Batch(
+        codes=torch.randint(1, config.vocab_size, (B, V, C), generator=g),
+        code_mask=torch.ones(B, V, C, dtype=torch.bool),
+        time_features=torch.rand(B, V, 2, generator=g),
+        stage=torch.randint(0, config.num_stages, (B, V), generator=g),
+        time_to_event=torch.rand(B, V, generator=g) * 365.0,
+        event_observed=torch.rand(B, V, generator=g) < 0.5,
+    )
+    return batch.to(device)
