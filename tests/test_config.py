@@ -7,6 +7,7 @@ import re
 
 import pytest
 from conftest import SHARED
+from pydantic import ValidationError
 
 from ehrplan.config import (
     EHRModelConfig,
@@ -28,9 +29,9 @@ def test_every_field_is_described():
 
 def test_config_is_frozen_and_forbids_unknown_keys():
     c = EHRModelConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         c.hidden_dim = 3  # type: ignore[misc]
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Extra inputs"):
         EHRModelConfig(hidden_size=3)  # type: ignore[call-arg]
 
 
@@ -61,7 +62,7 @@ def test_presets_load_and_lookup_lists_valid_names():
         for t in ("lstm", "transformer"):
             assert f"{size}-{t}" in names
     assert get_preset("tiny").name == "tiny-lstm"
-    with pytest.raises(ConfigError, match="valid presets: .*small-lstm"):
+    with pytest.raises(ConfigError, match=r"valid presets: .*small-lstm"):
         get_preset("huge-lstm")
     with pytest.raises(ConfigError, match="Valid sizes"):
         get_model_config("huge", "lstm")
@@ -71,7 +72,8 @@ def _seed_presets() -> dict[str, dict]:
     """The preset values as written in the seed document's Python code."""
     text = SEED.read_text()
     out = {}
-    for m in re.finditer(r"(\w+)_(LSTM|TRANSFORMER)_CONFIG = EHRModelConfig\((.*?)\n\)", text, re.S):
+    pattern = r"(\w+)_(LSTM|TRANSFORMER)_CONFIG = EHRModelConfig\((.*?)\n\)"
+    for m in re.finditer(pattern, text, re.S):
         call = ast.parse(f"f({m.group(3)}\n)", mode="eval").body
         assert isinstance(call, ast.Call)
         values = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
