@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from rich.console import RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
 from ehrplan.config import PRESET_ALIASES, load_presets
-from ehrplan.output import emit, fmt_count
+from ehrplan.output import emit
+
+MarkdownOpt = Annotated[
+    bool, typer.Option("--markdown", help="Print a Markdown table (as in the README).")
+]
 
 
-def presets(json_: JsonOpt = False) -> None:
+def presets(json_: JsonOpt = False, markdown: MarkdownOpt = False) -> None:
     """List the presets: model family, shape, batch and exact parameter count."""
     rows = []
     for name, p in load_presets().items():
@@ -33,21 +39,39 @@ def presets(json_: JsonOpt = False) -> None:
                 "file": str(p.path),
             }
         )
-    emit("presets", {"presets": rows}, as_json=json_, render=_render)
+    emit(
+        "presets",
+        {"presets": rows},
+        as_json=json_,
+        render=_render_markdown if markdown else _render,
+    )
+
+
+COLUMNS = ("preset", "type", "params", "batch (effective)", "max visits x codes", "target")
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
+    name = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
+    return [
+        name,
+        r["model_type"],
+        f"{r['params']:,}",
+        f"{r['batch_size']} ({r['effective_batch_size']})",
+        f"{r['max_visits']} x {r['max_codes_per_visit']}",
+        r["target"],
+    ]
+
+
+def _render_markdown(payload: dict[str, Any]) -> Iterable[RenderableType]:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in payload["presets"]]
+    yield Text("\n".join(lines))
 
 
 def _render(payload: dict[str, Any]) -> Iterable[RenderableType]:
-    table = Table(title="ehrplan presets")
-    for col in ("preset", "type", "params", "batch (effective)", "max visits x codes", "target"):
+    table = Table(title="ehrplan presets (parameters: exact count of the built model)")
+    for col in COLUMNS:
         table.add_column(col, justify="right" if col == "params" else "left")
     for r in payload["presets"]:
-        name = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
-        table.add_row(
-            name,
-            r["model_type"],
-            fmt_count(r["params"]),
-            f"{r['batch_size']} ({r['effective_batch_size']})",
-            f"{r['max_visits']} x {r['max_codes_per_visit']}",
-            r["target"],
-        )
+        table.add_row(*_cells(r))
     yield table
