@@ -115,3 +115,9 @@ def test_unknown_option_exits_2_without_traceback():
     r = run_cli("estimate", "--bogus")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
+
+
+def test_readme_preset_table_is_the_command_output():
+    r = run_cli("presets", "--markdown")
+    assert r.returncode == 0
+    assert r.stdout.strip() in (REPO / "README.md").read_text()
