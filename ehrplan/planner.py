@@ -1,0 +1,504 @@
+"""What fits: budgets per device, every preset against them, and the cheapest change that helps.
+
+The logic behind `ehrplan recommend` and `ehrplan validate`. No torch: memory comes from
+`ehrplan.estimator.estimate_memory` (analytic); while that estimate is a lower bound
+(``is_lower_bound``), every answer here says so.
+
+Rules, written once:
+
+- Budget = usable memory x (1 - headroom). Usable: see `ehrplan.hardware` (NVIDIA: total less
+  driver reserve and CUDA context; Apple: GPU working set; CPU: RAM or the cgroup limit).
+- Precision: fp32 unless the config asks for mixed precision; then bf16 where the device has it
+  (NVIDIA compute capability >= 8.0, CPU autocast), fp16 on MPS and on T4-class GPUs.
+- Data parallel over N GPUs: each GPU holds a full replica and its own micro-batch, so the peak
+  per GPU is the single-GPU peak and the budget is that of the smallest GPU used.
+- The cheapest change, tried in this order (by how much it changes the training): (1) a smaller
+  micro-batch with more accumulation steps, same effective batch (same gradient, less
+  throughput); (2) gradient checkpointing (same gradient, one more forward per step); (3) both;
+  (4) mixed precision (different arithmetic), alone and then with (1)-(3). The first that fits
+  is reported, re-estimated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ehrplan.catalog import CatalogDevice, get_target
+from ehrplan.config import EHRModelConfig, load_presets
+from ehrplan.errors import DeviceError, UsageError
+from ehrplan.estimator import estimate_memory
+from ehrplan.hardware import GIB, HardwareReport
+from ehrplan.units import Size
+
+DEFAULT_HEADROOM = 0.1
+LOWER_BOUND_LABEL = "lower bound: activations not modelled"
+
+#: The seed's hardware tiers (shared/seed/resource-aware-model-configs.md, Overview).
+SEED_TIERS: dict[str, str] = {
+    "small": "M1 MacBook 16 GB",
+    "medium": "24 GB GPUs (A10, RTX 4090)",
+    "large": "40 GB+ GPUs (A40, A100)",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one device may spend on a training step."""
+
+    label: str
+    source: str  # "catalog", "probe" or "declared"
+    device: str  # cuda, mps or cpu
+    usable_bytes: int
+    headroom: float
+    bf16: bool
+    gpus: int = 1
+    nominal_bytes: int | None = None  # memory as sold, for the seed's tiers
+    notes: tuple[str, ...] = ()
+
+    @property
+    def budget_bytes(self) -> int:
+        # the usable memory less the safety margin the user asked for
+        return int(self.usable_bytes * (1.0 - self.headroom))
+
+    @property
+    def mixed_dtype(self) -> str:
+        """The autocast dtype ehrplan plans for this device."""
+        if self.device == "mps":
+            return "fp16"
+        return "bf16" if self.bf16 else "fp16"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "source": self.source,
+            "device": self.device,
+            "gpus": self.gpus,
+            "nominal_bytes": self.nominal_bytes,
+            "usable_bytes": self.usable_bytes,
+            "headroom": self.headroom,
+            "budget_bytes": self.budget_bytes,
+            "mixed_precision_dtype": self.mixed_dtype,
+            "notes": list(self.notes),
+        }
+
+
+def _check_headroom(headroom: float) -> None:
+    if not 0.0 <= headroom < 1.0:
+        raise UsageError(f"--headroom must be a fraction in [0, 1), not {headroom}")
+
+
+def _check_gpus(gpus: int) -> None:
+    if gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, not {gpus}")
+
+
+def budget_from_target(
+    target: str | CatalogDevice, headroom: float = DEFAULT_HEADROOM, gpus: int = 1
+) -> Budget:
+    """The budget of a catalog machine (`presets/hardware.toml`)."""
+    _check_headroom(headroom)
+    _check_gpus(gpus)
+    row = get_target(target) if isinstance(target, str) else target
+    if row.kind == "apple" and gpus != 1:
+        raise UsageError(f"{row.label} has one GPU; --gpus {gpus} does not apply")
+    notes = [f"usable: {_usable_rule(row)}"]
+    return Budget(
+        label=f"{row.label} (catalog '{row.name}')" + (f" x {gpus}" if gpus > 1 else ""),
+        source="catalog",
+        device=row.device,
+        usable_bytes=row.usable_bytes,
+        headroom=headroom,
+        bf16=row.bf16,
+        gpus=gpus,
+        nominal_bytes=row.memory_bytes,
+        notes=tuple(notes),
+    )
+
+
+def _usable_rule(row: CatalogDevice) -> str:
+    if row.kind == "nvidia":
+        return f"{row.reported_total_mib:,} MiB reported total less the CUDA context allowance"
+    return "the GPU working set estimated from the unified memory (Apple documents no fraction)"
+
+
+def budget_from_size(
+    size: Size,
+    headroom: float = DEFAULT_HEADROOM,
+    device: str = "cuda",
+    gpus: int = 1,
+    bf16: bool = True,
+) -> Budget:
+    """A declared budget (``--memory``/``--budget``): taken as usable as it stands."""
+    _check_headroom(headroom)
+    _check_gpus(gpus)
+    if device not in ("cuda", "mps", "cpu"):
+        raise UsageError(f"unknown device '{device}' (valid: cuda, mps, cpu)")
+    return Budget(
+        label=f"{size.text} declared" + (f" x {gpus}" if gpus > 1 else ""),
+        source="declared",
+        device=device,
+        usable_bytes=size.bytes,
+        headroom=headroom,
+        bf16=bf16 if device == "cuda" else device == "cpu",
+        gpus=gpus,
+        nominal_bytes=size.bytes,
+        notes=(size.reading, f"assumed device: {device}, taken as usable (nothing deducted)"),
+    )
+
+
+def budget_from_probe(
+    report: HardwareReport, headroom: float = DEFAULT_HEADROOM, gpus: int | None = None
+) -> Budget:
+    """The budget of this machine: visible NVIDIA GPUs, else the Apple GPU, else host RAM."""
+    _check_headroom(headroom)
+    if gpus is not None:
+        _check_gpus(gpus)
+    if report.nvidia:
+        n = gpus or 1
+        if n > len(report.nvidia):
+            raise DeviceError(f"--gpus {n}: only {len(report.nvidia)} CUDA device(s) visible here")
+        used = report.nvidia[:n]
+        smallest = min(used, key=lambda g: g.usable_bytes)
+        return Budget(
+            label=", ".join(f"cuda:{g.cuda_index} {g.name}" for g in used),
+            source="probe",
+            device="cuda",
+            usable_bytes=smallest.usable_bytes,
+            headroom=headroom,
+            bf16=all(g.bf16 for g in used),
+            gpus=n,
+            nominal_bytes=smallest.total_bytes,
+            notes=("usable: total less driver reserve and CUDA context (smallest GPU used)",),
+        )
+    if gpus not in (None, 1):
+        raise DeviceError(f"--gpus {gpus}: no CUDA device is visible here")
+    a = report.apple
+    if a is not None and a.working_set_bytes and not a.rosetta:
+        return Budget(
+            label=f"{a.chip or 'Apple Silicon'} GPU (MPS)",
+            source="probe",
+            device="mps",
+            usable_bytes=a.working_set_bytes,
+            headroom=headroom,
+            bf16=False,
+            nominal_bytes=a.unified_memory_bytes,
+            notes=(f"usable: {a.working_set_source}",),
+        )
+    if report.host.budget_bytes is None:
+        raise DeviceError("no GPU found and host RAM could not be read: give --memory or --target")
+    cg = report.host.cgroup_limit_bytes
+    return Budget(
+        label=f"host RAM ({report.cpu.model or 'CPU'})",
+        source="probe",
+        device="cpu",
+        usable_bytes=report.host.budget_bytes,
+        headroom=headroom,
+        bf16=True,
+        notes=(
+            "usable: cgroup memory limit" if cg is not None else "usable: physical RAM",
+            "no GPU found: planning for the CPU",
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# one config against one budget
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A config's estimated peak against a budget."""
+
+    name: str
+    config: EHRModelConfig
+    precision: str
+    estimate_bytes: int
+    lower_bound: bool
+    budget_bytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate_bytes <= self.budget_bytes
+
+    @property
+    def shortfall_bytes(self) -> int:
+        return max(self.estimate_bytes - self.budget_bytes, 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "name": self.name,
+            "model_type": c.model_type,
+            "precision": self.precision,
+            "batch_size": c.batch_size,
+            "gradient_accumulation_steps": c.gradient_accumulation_steps,
+            "effective_batch_size": c.effective_batch_size,
+            "checkpointing": c.use_checkpoint,
+            "estimate_bytes": self.estimate_bytes,
+            "estimate_is_lower_bound": self.lower_bound,
+            "budget_bytes": self.budget_bytes,
+            "fits": self.fits,
+            "shortfall_bytes": self.shortfall_bytes,
+            "breakdown": dict(self.breakdown),
+        }
+
+
+def precision_for(config: EHRModelConfig, budget: Budget) -> str:
+    """fp32 unless the config trains in mixed precision; then the device's autocast dtype."""
+    return budget.mixed_dtype if config.mixed_precision else "fp32"
+
+
+def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
+    precision = precision_for(config, budget)
+    est = estimate_memory(
+        config,
+        precision=precision,
+        device=budget.device,
+        batch_size=config.batch_size,
+        checkpointing=config.use_checkpoint,
+    )
+    return Fit(
+        name=name,
+        config=config,
+        precision=precision,
+        estimate_bytes=est.total_bytes,
+        lower_bound=est.is_lower_bound,
+        budget_bytes=budget.budget_bytes,
+        breakdown=dict(est.breakdown),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the cheapest change
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """A named change to a config and its re-estimated fit."""
+
+    description: str
+    changes: dict[str, Any]
+    fit: Fit
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"description": self.description, "changes": self.changes, **self.fit.as_dict()}
+
+
+def _micro_batches(config: EHRModelConfig) -> list[tuple[int, int]]:
+    """Smaller micro-batches that keep the effective batch: (batch, accumulation), largest first."""
+    eff = config.effective_batch_size
+    out = []
+    b = config.batch_size // 2
+    while b >= 1:
+        if eff % b == 0:
+            out.append((b, eff // b))
+        b //= 2
+    return out
+
+
+def _with(config: EHRModelConfig, changes: dict[str, Any]) -> EHRModelConfig:
+    return EHRModelConfig.model_validate({**config.model_dump(), **changes})
+
+
+def _describe(config: EHRModelConfig, changes: dict[str, Any], budget: Budget) -> str:
+    parts = []
+    if "batch_size" in changes:
+        parts.append(
+            f"micro-batch {config.batch_size} -> {changes['batch_size']} with "
+            f"{changes['gradient_accumulation_steps']} accumulation steps "
+            f"(effective batch {config.effective_batch_size} kept)"
+        )
+    if changes.get("use_checkpoint"):
+        parts.append("gradient checkpointing on")
+    if changes.get("mixed_precision"):
+        parts.append(f"mixed precision ({budget.mixed_dtype}) on")
+    return "; ".join(parts)
+
+
+def _candidates(config: EHRModelConfig) -> Iterable[dict[str, Any]]:
+    """Changes in the order documented at the top of this module."""
+    batches = [
+        {"batch_size": b, "gradient_accumulation_steps": a} for b, a in _micro_batches(config)
+    ]
+    same_arithmetic: list[dict[str, Any]] = list(batches)  # (1)
+    if not config.use_checkpoint:
+        same_arithmetic.append({"use_checkpoint": True})  # (2)
+        same_arithmetic += [{"use_checkpoint": True, **b} for b in batches]  # (3)
+    yield from same_arithmetic
+    if not config.mixed_precision:
+        yield {"mixed_precision": True}  # (4)
+        yield from ({"mixed_precision": True, **c} for c in same_arithmetic)
+
+
+def cheapest_fix(config: EHRModelConfig, budget: Budget, name: str) -> Adjustment | None:
+    """The first change (in the documented order) whose re-estimated peak fits, or None."""
+    for changes in _candidates(config):
+        f = fit(_with(config, changes), budget, name)
+        if f.fits:
+            return Adjustment(_describe(config, changes, budget), changes, f)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# every preset against a budget
+
+
+def _size_of(name: str) -> str:
+    return name.split("-")[0]
+
+
+def _seed_tier(budget: Budget) -> str | None:
+    """Which of the seed's tiers this machine belongs to, by memory as sold."""
+    n = budget.nominal_bytes
+    if n is None:
+        return None
+    if budget.device == "mps":
+        return "small" if n >= 16 * GIB else None
+    if budget.device == "cuda":
+        if n >= 38 * GIB:  # 40 GB cards (A100 40GB: 40,960 MiB)
+            return "large"
+        if n >= 22 * GIB:  # 24 GB cards (A10: 23,028 MiB)
+            return "medium"
+    return None
+
+
+def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -> dict[str, Any]:
+    """Every preset of ``model_types`` against ``budget``: fits, changes, recommendation."""
+    types = list(model_types)
+    rows: list[dict[str, Any]] = []
+    recommendation: dict[str, Any] = {}
+    next_up: dict[str, Any] = {}
+    seed: dict[str, Any] = {}
+    any_lower_bound = False
+    tier = _seed_tier(budget)
+    for t in types:
+        presets = [(n, p) for n, p in load_presets().items() if p.config.model_type == t]
+        fits: dict[str, Fit] = {}
+        fixes: dict[str, Adjustment | None] = {}
+        for name, p in presets:
+            f = fit(p.config, budget, name)
+            fits[name] = f
+            fixes[name] = None if f.fits else cheapest_fix(p.config, budget, name)
+            any_lower_bound |= f.lower_bound
+            row = {"preset": name, "size": _size_of(name), "seed_target": p.meta.target}
+            row.update(f.as_dict())
+            fix = fixes[name]
+            row["fits_after_change"] = fix.as_dict() if fix else None
+            row["data_parallel_accumulation"] = _dp_accumulation(p.config, budget.gpus)
+            rows.append(row)
+        as_shipped = [n for n, _ in presets if fits[n].fits]
+        possible = [n for n, _ in presets if fits[n].fits or fixes[n] is not None]
+        rec = possible[-1] if possible else None
+        if rec is not None:
+            fix = fixes[rec]
+            recommendation[t] = {
+                "preset": rec,
+                "change": fix.description if fix else None,
+                "changes": fix.changes if fix else {},
+                "precision": (fix.fit if fix else fits[rec]).precision,
+                "estimate_bytes": (fix.fit if fix else fits[rec]).estimate_bytes,
+                "budget_bytes": budget.budget_bytes,
+            }
+        else:
+            recommendation[t] = None
+        largest = as_shipped[-1] if as_shipped else None
+        names = [n for n, _ in presets]
+        up_index = names.index(largest) + 1 if largest else 0
+        if up_index < len(names):
+            up = names[up_index]
+            fix = fixes[up]
+            next_up[t] = {
+                "preset": up,
+                "estimate_bytes": fits[up].estimate_bytes,
+                "shortfall_bytes": fits[up].shortfall_bytes,
+                "change": fix.description if fix else None,
+                "changes": fix.changes if fix else None,
+                "estimate_after_change_bytes": fix.fit.estimate_bytes if fix else None,
+                "fits_after_change": fix is not None,
+            }
+        else:
+            next_up[t] = None
+        seed[t] = _seed_check(tier, t, fits, fixes, as_shipped, budget)
+    return {
+        "budget": budget.as_dict(),
+        "model_types": types,
+        "presets": rows,
+        "recommendation": recommendation,
+        "next_size_up": next_up,
+        "seed_check": seed,
+        "estimate_is_lower_bound": any_lower_bound,
+        "estimate_label": LOWER_BOUND_LABEL if any_lower_bound else "estimated peak",
+    }
+
+
+def _dp_accumulation(config: EHRModelConfig, gpus: int) -> int | None:
+    """Accumulation steps that keep the effective batch over ``gpus`` data-parallel replicas."""
+    if gpus == 1:
+        return config.gradient_accumulation_steps
+    per_step = config.batch_size * gpus  # patients per optimizer micro-step across all replicas
+    eff = config.effective_batch_size
+    return eff // per_step if eff % per_step == 0 else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _seed_check(
+    tier: str | None,
+    model_type: str,
+    fits: dict[str, Fit],
+    fixes: dict[str, Adjustment | None],
+    as_shipped: list[str],
+    budget: Budget,
+) -> dict[str, Any]:
+    if tier is None:
+        return {
+            "seed_tier": None,
+            "agrees": None,
+            "statement": "the seed names no preset for a machine of this size "
+            f"(its tiers: {'; '.join(f'{k}: {v}' for k, v in SEED_TIERS.items())})",
+        }
+    seed_preset = f"{tier}-{model_type}"
+    f = fits.get(seed_preset)
+    if f is None:
+        return {"seed_tier": tier, "agrees": None, "statement": f"no preset {seed_preset}"}
+    bound = f" ({LOWER_BOUND_LABEL})" if f.lower_bound else ""
+    largest = as_shipped[-1] if as_shipped else None
+    last = list(fits)[-1]
+    claim = f"seed: {seed_preset} for {SEED_TIERS[tier]}"
+    if not f.fits:
+        fix = fixes[seed_preset]
+        then = f"; it fits with {fix.description}" if fix else "; no single change makes it fit"
+        statement = (
+            f"{claim}; estimator disagrees: {_gib(f.estimate_bytes)} > budget "
+            f"{_gib(budget.budget_bytes)}{then}{bound}"
+        )
+        agrees = False
+    elif largest == seed_preset:
+        above = "it is the largest preset" if seed_preset == last else "the next size up does not"
+        statement = (
+            f"{claim}; estimator agrees: it fits ({_gib(f.estimate_bytes)} <= "
+            f"{_gib(budget.budget_bytes)}) and {above}{bound}"
+        )
+        agrees = True
+    else:
+        statement = (
+            f"{claim}; estimator agrees it fits ({_gib(f.estimate_bytes)}) but says "
+            f"{largest} fits too ({_gib(fits[largest].estimate_bytes)} <= "
+            f"{_gib(budget.budget_bytes)}): the seed is conservative here{bound}"
+        )
+        agrees = False
+    return {"seed_tier": tier, "seed_preset": seed_preset, "agrees": agrees, "statement": statement}
+
+
+def check_sizes_known(model_type: str | None) -> list[str]:
+    """The model types to plan for (``--type``), validated."""
+    if model_type is None:
+        return ["lstm", "transformer"]
+    if model_type not in ("lstm", "transformer"):
+        raise UsageError(f"unknown model type '{model_type}' (valid types: lstm, transformer)")
+    return [model_type]
