@@ -1,0 +1,532 @@
+"""The trainer: seeded, mixed-precision, accumulating, checkpointing, resumable.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``batch_size`` patients
+(the preset's effective batch). The data order is a pure function of (seed, epoch)
+(`ehrplan.training.sampler`), and a checkpoint holds the position (epoch, next micro-batch, step),
+the model, the loss's own parameter, AdamW, the LR schedule, the grad scaler and every RNG state,
+so ``--resume`` replays exactly what an uninterrupted run would have done.
+
+Checkpoints are written at optimizer-step boundaries only: every ``save_every`` steps, after each
+evaluation, on Ctrl-C, and at the end. ``last.pt`` is the newest, ``best.pt`` the one with the
+lowest tuning loss. A non-finite loss or gradient stops the run before anything is written, so
+``last.pt`` stays the last good state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from ehrplan.config import EHRModelConfig
+from ehrplan.errors import EhrplanError, UsageError
+from ehrplan.models import build_model
+from ehrplan.training.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ehrplan.training.data import Split, TrainData
+from ehrplan.training.device import autocast_dtype, resolve_device, resolve_precision
+from ehrplan.training.loss import ProgressionLoss
+from ehrplan.training.metrics import Predictions, evaluate_predictions
+from ehrplan.training.progress import TrainProgress
+from ehrplan.training.sampler import epoch_batches, steps_per_epoch
+
+EXIT_DIVERGED = 3
+STEP_DELAY_ENV = "EHRPLAN_TRAIN_STEP_DELAY"  # tests only: seconds to sleep after each step
+
+
+class DivergedError(EhrplanError):
+    """The loss or the gradient became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = EXIT_DIVERGED
+
+
+@dataclass
+class TrainSettings:
+    """How to train (the model's shape and batch come from `EHRModelConfig`)."""
+
+    epochs: int = 10
+    max_steps: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    save_every: int = 50
+    eval_every: int | None = None
+    log_every: int = 10
+    bucket: int = 50
+
+    def replay_keys(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        d = asdict(self)
+        for k in ("device", "log_every", "save_every"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class RunFiles:
+    """Where a run keeps what it writes."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best.pt"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def write_json(path: Path, doc: Any) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path``; a torn last line (SIGKILL mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of the peak LR."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+@contextmanager
+def sigint_flag() -> Iterator[dict[str, bool]]:
+    """While active, the first Ctrl-C sets ``flag['stop']`` (the loop saves, then stops); a
+    second one interrupts at once."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now: allocated tensor bytes on CUDA/MPS, the process's RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.current_allocated_memory())
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    next_batch: int = 0  # index of the next micro-batch in the epoch's batch list
+    step: int = 0  # optimizer steps done
+
+
+@dataclass
+class Trainer:
+    """Trains ``config`` on ``data`` into the run folder ``run_dir``."""
+
+    config: EHRModelConfig
+    settings: TrainSettings
+    data: TrainData
+    run_dir: Path
+    stream: IO[str] | None = None
+    rich: bool | None = None
+    estimate_bytes: int | None = None
+    on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
+    files: RunFiles = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.files = RunFiles(self.run_dir)
+        self.device = resolve_device(self.settings.device)
+        self.precision = resolve_precision(self.config, self.device, self.settings.precision)
+        self.train_split = self.data.split("train")
+        self.steps_per_epoch = steps_per_epoch(
+            len(self.train_split.dataset),
+            self.config.batch_size,
+            self.config.gradient_accumulation_steps,
+        )
+        by_epochs = self.settings.epochs * self.steps_per_epoch
+        s = self.settings
+        self.total_steps = min(by_epochs, s.max_steps) if s.max_steps else by_epochs
+        self.warmup = (
+            s.warmup_steps
+            if s.warmup_steps is not None
+            else max(1, min(100, self.total_steps // 20))
+        )
+
+    # ----------------------------------------------------------------------------- set-up
+
+    def _build(self) -> None:
+        torch.manual_seed(self.settings.seed)
+        self.model = build_model(self.config).to(self.device)
+        self.loss_fn = ProgressionLoss().to(self.device)
+        decay, no_decay = [], []
+        for p in [*self.model.parameters(), *self.loss_fn.parameters()]:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.settings.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.settings.lr,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.warmup, self.total_steps)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.pos = Position()
+        self.best_loss: float | None = None
+        self.best_step: int | None = None
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "config": self.config.model_dump(),
+            "settings": self.settings.replay_keys(),
+            "model": self.model.state_dict(),
+            "loss_fn": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "position": asdict(self.pos),
+            "best": {"loss": self.best_loss, "step": self.best_step},
+            "precision": self.precision,
+        }
+
+    def _check_same_run(self, state: dict[str, Any]) -> None:
+        mine, theirs = self.config.model_dump(), state["config"]
+        diff = [k for k in mine if mine[k] != theirs.get(k)]
+        if diff:
+            k = diff[0]
+            raise UsageError(
+                f"cannot resume {self.run_dir}: it was trained with a different config "
+                f"({k}={theirs.get(k)!r} there, {mine[k]!r} now)"
+            )
+        mine_s, theirs_s = self.settings.replay_keys(), state["settings"]
+        diff = [k for k in mine_s if mine_s[k] != theirs_s.get(k)]
+        if diff:
+            k = diff[0]
+            raise UsageError(
+                f"cannot resume {self.run_dir}: it was trained with {k}={theirs_s.get(k)!r}, "
+                f"not {mine_s[k]!r}"
+            )
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._check_same_run(state)
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss_fn"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.pos = Position(**state["position"])
+        self.best_loss = state["best"]["loss"]
+        self.best_step = state["best"]["step"]
+        # forget what was logged after the checkpoint: those steps are about to be replayed
+        kept = [r for r in read_records(self.files.metrics) if r.get("step", 0) <= self.pos.step]
+        atomic_write_text(self.files.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # ----------------------------------------------------------------------------- logging
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        with self.files.metrics.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+
+    def _save_last(self) -> None:
+        save_checkpoint(self.files.last, self._state())
+
+    # ----------------------------------------------------------------------------- steps
+
+    def _autocast(self) -> Any:
+        dtype = autocast_dtype(self.precision)  # type: ignore[arg-type]
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _batch(self, split: Split, idx: list[int]) -> Any:
+        return self.data.collate([split.dataset[i] for i in idx]).to(self.device)
+
+    def _train_step(self, group: list[list[int]]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "stage_loss": 0.0, "time_loss": 0.0}
+        patients, shape = 0, (0, 0, 0)
+        for idx in group:
+            batch = self._batch(self.train_split, idx)
+            shape = max(shape, tuple(batch.codes.shape), key=lambda s: s[0] * s[1] * s[2])
+            with self._autocast():
+                stage_logits, time_pred = self.model(*batch.model_inputs())
+            parts = self.loss_fn(stage_logits, time_pred, batch)
+            if not torch.isfinite(parts.total):
+                raise DivergedError(self._diverged_message(f"loss is {parts.total.item()}"))
+            self.scaler.scale(parts.total / len(group)).backward()
+            totals["loss"] += parts.total.item() / len(group)
+            totals["stage_loss"] += parts.stage.item() / len(group)
+            totals["time_loss"] += parts.time.item() / len(group)
+            patients += batch.num_patients
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
+            raise DivergedError(self._diverged_message(f"gradient norm is {grad_norm.item()}"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        return {
+            **totals,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "patients": patients,
+            "seconds": seconds,
+            "max_batch_shape": list(shape),
+        }
+
+    def _diverged_message(self, what: str) -> str:
+        where = (
+            f"last good checkpoint kept: {self.files.last}"
+            if self.files.last.exists()
+            else "no checkpoint had been written yet"
+        )
+        return (
+            f"training diverged at step {self.pos.step + 1} (epoch {self.pos.epoch}): {what}; "
+            f"{where} (try a lower --lr)"
+        )
+
+    # ----------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def predict(self, split: Split) -> tuple[Predictions, float]:
+        """Predictions at every real visit of ``split`` and the mean loss per visit."""
+        self.model.eval()
+        ys, probs, times, obs, pred_days = [], [], [], [], []
+        loss_sum, visits = 0.0, 0
+        n = len(split.dataset)
+        bs = self.config.batch_size * 4
+        order = np.argsort(split.lengths, kind="stable")  # similar sizes together: less padding
+        for i in range(0, n, bs):
+            batch = self._batch(split, order[i : i + bs].tolist())
+            with self._autocast():
+                stage_logits, time_pred = self.model(*batch.model_inputs())
+            parts = self.loss_fn(stage_logits, time_pred, batch)
+            loss_sum += parts.total.item() * parts.visits
+            visits += parts.visits
+            real = batch.visit_mask & (batch.stage >= 0)
+            ys.append(batch.stage[real].cpu())
+            probs.append(stage_logits[real].float().softmax(-1).cpu())
+            times.append(batch.time_to_event[real].cpu())
+            obs.append(batch.event_observed[real].cpu())
+            pred_days.append(self.loss_fn.predicted_days(time_pred)[real].cpu())
+        preds = Predictions(
+            stage=torch.cat(ys).numpy(),
+            stage_prob=torch.cat(probs).numpy(),
+            time_days=torch.cat(times).numpy().astype(np.float64),
+            observed=torch.cat(obs).numpy(),
+            predicted_days=torch.cat(pred_days).numpy().astype(np.float64),
+        )
+        return preds, loss_sum / max(1, visits)
+
+    def evaluate(self, split_name: str) -> dict[str, Any]:
+        preds, loss = self.predict(self.data.split(split_name))
+        return {
+            "loss": loss,
+            **evaluate_predictions(preds, majority_stage=self.data.majority_stage),
+        }
+
+    # ----------------------------------------------------------------------------- the run
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``total_steps`` (resuming from ``last.pt`` when ``resume``); return the
+        summary (also written to ``summary.json``)."""
+        self._build()
+        if resume:
+            self._restore(load_checkpoint(self.files.last))
+        else:
+            self.files.metrics.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.files.metrics, "")
+        t_start = time.perf_counter()
+        delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+        progress = TrainProgress(
+            self.total_steps,
+            stream=self.stream,
+            rich=self.rich,
+            every=self.settings.log_every,
+            estimate_bytes=self.estimate_bytes,
+        )
+        window = {"patients": 0, "seconds": 0.0}
+        with sigint_flag() as flag, progress:
+            while self.pos.step < self.total_steps:
+                batches = epoch_batches(
+                    self.train_split.lengths,
+                    self.config.batch_size,
+                    self.settings.seed,
+                    self.pos.epoch,
+                    self.settings.bucket,
+                )
+                acc = self.config.gradient_accumulation_steps
+                while self.pos.next_batch < len(batches) and self.pos.step < self.total_steps:
+                    group = batches[self.pos.next_batch : self.pos.next_batch + acc]
+                    rec = self._train_step(group)
+                    self.pos.step += 1
+                    self.pos.next_batch += len(group)
+                    epoch_done = self.pos.next_batch >= len(batches)
+                    rec = {"kind": "step", "step": self.pos.step, "epoch": self.pos.epoch, **rec}
+                    rec["memory_bytes"] = memory_in_use(self.device)
+                    self._record(rec)
+                    window["patients"] += rec["patients"]
+                    window["seconds"] += rec["seconds"]
+                    progress.update(
+                        self.pos.step,
+                        loss=rec["loss"],
+                        patients_per_s=window["patients"] / max(window["seconds"], 1e-9),
+                        lr=rec["lr"],
+                        memory_bytes=rec["memory_bytes"],
+                        epoch=self.pos.epoch,
+                    )
+                    if self.pos.step % self.settings.log_every == 0:
+                        window = {"patients": 0, "seconds": 0.0}
+                    if self.on_step is not None:
+                        self.on_step(self, rec)
+                    if epoch_done:
+                        self.pos.epoch += 1
+                        self.pos.next_batch = 0
+                    every = self.settings.eval_every
+                    final = self.pos.step >= self.total_steps
+                    if epoch_done or final or (every and self.pos.step % every == 0):
+                        self._eval_and_keep_best(progress)
+                    elif self.pos.step % self.settings.save_every == 0 or flag["stop"]:
+                        self._save_last()
+                    if flag["stop"]:
+                        progress.log(
+                            f"interrupted at step {self.pos.step}: checkpoint saved to "
+                            f"{self.files.last}; continue with --resume --out {self.run_dir}"
+                        )
+                        raise KeyboardInterrupt
+                    if delay:
+                        time.sleep(delay)
+                    if epoch_done:
+                        break
+        return self._finish(time.perf_counter() - t_start)
+
+    def _eval_and_keep_best(self, progress: TrainProgress) -> None:
+        res = self.evaluate("tuning")
+        self._record({"kind": "eval", "split": "tuning", "step": self.pos.step, **res})
+        progress.log(
+            f"eval step {self.pos.step}: tuning loss {res['loss']:.4f}  "
+            f"macro-F1 {res['stage_macro_f1']:.3f}  C-index {_f(res['c_index'])}"
+        )
+        if self.best_loss is None or res["loss"] < self.best_loss:
+            self.best_loss, self.best_step = res["loss"], self.pos.step
+            save_checkpoint(
+                self.files.best,
+                {
+                    "config": self.config.model_dump(),
+                    "model": self.model.state_dict(),
+                    "loss_fn": self.loss_fn.state_dict(),
+                    "step": self.pos.step,
+                    "tuning_loss": res["loss"],
+                },
+            )
+        self._save_last()
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        records = read_records(self.files.metrics)
+        steps = [r for r in records if r.get("kind") == "step"]
+        final = {s: self.evaluate(s) for s in ("tuning", "held_out")}
+        best_state = load_checkpoint(self.files.best)
+        self.model.load_state_dict(best_state["model"])
+        self.loss_fn.load_state_dict(best_state["loss_fn"])
+        best = {s: self.evaluate(s) for s in ("tuning", "held_out")}
+        trained = sum(r["patients"] for r in steps)
+        train_seconds = sum(r["seconds"] for r in steps)
+        summary = {
+            "run_dir": str(self.run_dir),
+            "steps": self.pos.step,
+            "epochs_completed": self.pos.epoch,
+            "device": str(self.device),
+            "precision": self.precision,
+            "patients_trained": trained,
+            "train_seconds": train_seconds,
+            "patients_per_s": trained / train_seconds if train_seconds else None,
+            "wall_seconds_this_session": seconds,
+            "final_train_loss": steps[-1]["loss"] if steps else None,
+            "peak_memory_bytes": max((r["memory_bytes"] for r in steps), default=None),
+            "estimate_bytes": self.estimate_bytes,
+            "best_step": self.best_step,
+            "last": final,
+            "best": best,
+        }
+        write_json(self.files.summary, summary)
+        from ehrplan.training.plot import plot_curves
+
+        plot_curves(records, self.files.curves, title=f"{self.run_dir.name}")
+        return summary
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
