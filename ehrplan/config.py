@@ -84,6 +84,11 @@ class EHRModelConfig(BaseModel):
     use_checkpoint: bool = Field(
         False, description="Gradient checkpointing: recompute activations in backward."
     )
+    freeze_embeddings: bool = Field(
+        False,
+        description="Keep the code embeddings fixed (e.g. pre-trained): they get no gradients "
+        "and no optimizer state.",
+    )
 
     # --- task ---------------------------------------------------------------------------------
     num_stages: int = Field(5, ge=2, description="Disease stages predicted at each visit.")

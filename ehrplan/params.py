@@ -50,9 +50,17 @@ class ParamBreakdown:
     components: dict[str, int] = field(default_factory=dict)
     """Count per component (embeddings, within-visit encoder, visit encoder, heads)."""
 
+    frozen: int = 0
+    """Parameters that get no gradient (the code embeddings when ``freeze_embeddings``)."""
+
     @property
     def total(self) -> int:
         return sum(self.components.values())
+
+    @property
+    def trainable(self) -> int:
+        """Parameters that get a gradient and optimizer state."""
+        return self.total - self.frozen
 
 
 def _heads(c: EHRModelConfig, width: int) -> dict[str, int]:
@@ -88,4 +96,5 @@ def count_parameters(c: EHRModelConfig) -> ParamBreakdown:
     groups = dict(zip(COMPONENTS, (emb, within, visit, heads), strict=True))
     modules = {k: v for g in groups.values() for k, v in g.items()}
     components = {name: sum(g.values()) for name, g in groups.items()}
-    return ParamBreakdown(modules=modules, components=components)
+    frozen = components["embeddings"] if c.freeze_embeddings else 0
+    return ParamBreakdown(modules=modules, components=components, frozen=frozen)

@@ -60,3 +60,14 @@ def configs(draw) -> EHRModelConfig:
 @given(configs())
 def test_random_configs_are_exact(config):
     assert count_parameters(config).total == built_count(config)
+
+
+@pytest.mark.parametrize("name", ["small-lstm", "small-transformer"])
+def test_frozen_embeddings_are_not_trainable(name):
+    config = load_presets()[name].config.model_copy(update={"freeze_embeddings": True})
+    with torch.device("meta"):
+        model = build_model(config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    breakdown = count_parameters(config)
+    assert breakdown.trainable == trainable
+    assert breakdown.total - breakdown.trainable == config.vocab_size * config.code_embed_dim

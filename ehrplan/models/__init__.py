@@ -22,7 +22,12 @@ __all__ = [
 
 
 def build_model(config: EHRModelConfig) -> nn.Module:
-    """The model a config describes (on the CPU, in fp32)."""
+    """The model a config describes (on the CPU, in fp32); frozen embeddings need no grad."""
+    model: nn.Module
     if config.model_type == "lstm":
-        return LSTMProgressionModel.from_config(config)
-    return TransformerProgressionModel.from_config(config)
+        model = LSTMProgressionModel.from_config(config)
+    else:
+        model = TransformerProgressionModel.from_config(config)
+    if config.freeze_embeddings:
+        model.encoder.code_embeddings.weight.requires_grad_(False)
+    return model
