@@ -1,0 +1,315 @@
+"""The measurer: build the model, run real training steps, report the measured peak (imports torch).
+
+What is measured follows ``shared/docs/memory-truth.md``: the peak of live tensor bytes during the
+*second* training step (forward, loss on both heads, backward, Adam step), so Adam's state
+already exists.
+
+- CPU: `LiveTensorBytes`, a ``TorchDispatchMode`` that sees every tensor an aten op returns and
+  counts each storage once until it is freed (weak references on the storages). This is what
+  ``torch.distributed._tools.mem_tracker.MemTracker`` does; we do not use MemTracker itself
+  because its module hooks fail on ``PackedSequence`` inputs (the sequence LSTM takes one).
+  Parameters, optimizer state and the batch exist before the step and are counted up front.
+- CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, with
+  ``max_memory_reserved()`` beside it.
+- MPS: there is no peak counter; ``current_allocated_memory()`` and
+  ``driver_allocated_memory()`` are *sampled* between the phases of the step.
+
+A step with ``gradient_accumulation_steps = k > 1`` runs ``min(k, 2)`` micro-batches: from the
+second micro-batch on, the gradients of the previous ones are live during the forward pass, and
+every later micro-batch repeats the second one's memory exactly.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ehrplan.batch import Batch, synthetic_batch
+from ehrplan.config import EHRModelConfig
+from ehrplan.errors import DeviceError, DoesNotFitError, UsageError
+from ehrplan.loss import progression_loss
+from ehrplan.models import build_model
+
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+_HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Live tensor bytes seen at the dispatcher, and their peak.
+
+    Every tensor returned by an aten op is charged once per storage (views share it) and
+    released when the storage is freed. ``track`` charges tensors that exist before the mode is
+    entered (parameters, optimizer state, inputs). The peak is taken after each op, when its
+    inputs and outputs are both alive.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, list[Any]] = {}  # storage id -> [nbytes, weakref]
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int, _ref: object) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.current -= entry[0]
+
+    def _charge(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta" or t.is_sparse:
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        nbytes = storage.nbytes()
+        entry = self._live.get(key)
+        if entry is None:
+            ref = weakref.ref(storage, lambda r, k=key: self._release(k, r))
+            self._live[key] = [nbytes, ref]
+            self.current += nbytes
+        elif entry[0] != nbytes:  # resized in place
+            self.current += nbytes - entry[0]
+            entry[0] = nbytes
+
+    def track(self, *objs: Any) -> None:
+        """Charge tensors that already exist (any nesting of lists, tuples and dicts)."""
+        for t in tree_flatten(list(objs))[0]:
+            if isinstance(t, torch.Tensor):
+                self._charge(t)
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._charge(t)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one measured training step used."""
+
+    device: str
+    method: str
+    precision: str
+    batch_size: int
+    micro_batches: int
+    checkpointing: bool
+    measured_peak_bytes: int
+    """Peak live tensor bytes of the second step (CUDA: max_memory_allocated)."""
+    peak_reserved_bytes: int | None
+    """CUDA: max_memory_reserved; MPS: largest sampled driver allocation; CPU: None."""
+    process_peak_rss_bytes: int
+    """The process's peak resident set size so far (ru_maxrss), libraries included."""
+    step_seconds: float
+    lstm_kernel: str | None
+    """CPU LSTM kernel in use: 'mkldnn' (oneDNN) or 'native'; None for other devices."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def available_devices() -> list[str]:
+    """Devices torch can use on this machine."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    if torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> cuda, mps or cpu (first present); unknown or absent devices: DeviceError."""
+    if name not in DEVICE_CHOICES:
+        raise DeviceError(f"unknown device '{name}' (valid: {', '.join(DEVICE_CHOICES)})")
+    present = available_devices()
+    if name == "auto":
+        return "cuda" if "cuda" in present else "mps" if "mps" in present else "cpu"
+    if name not in present:
+        raise DeviceError(
+            f"device '{name}' is not present on this machine (present: {', '.join(present)})"
+        )
+    return name
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def cpu_lstm_kernel() -> str:
+    """Which CPU LSTM kernel torch will run: oneDNN ('mkldnn') or the native ATen one."""
+    mkldnn = torch.backends.mkldnn
+    return "mkldnn" if mkldnn.is_available() and mkldnn.enabled else "native"
+
+
+def _autocast(device: str, precision: str) -> Any:
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device, dtype=_HALF[precision])
+
+
+def make_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    *,
+    device: str,
+    precision: str,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor] = progression_loss,
+    scaler: Any = None,
+    between: Callable[[], None] = lambda: None,
+) -> Callable[[int], None]:
+    """A function running one optimizer step of ``n`` micro-batches on ``batch``; ``between`` is
+    called after each phase (used to sample memory where there is no peak counter)."""
+
+    def step(n: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(n):
+            with _autocast(device, precision):
+                stage_logits, time_pred = model(*batch.model_inputs())
+                loss = loss_fn(stage_logits, time_pred, batch) / n
+            between()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            del loss, stage_logits, time_pred
+            between()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        between()
+
+    return step
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+@contextmanager
+def _oom_is_does_not_fit(what: str) -> Iterator[None]:
+    """A real out-of-memory error during the step is the answer "does not fit"."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        msg = str(e).splitlines()[0]
+        raise DoesNotFitError(f"{what} does not fit: out of memory ({msg})") from None
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            raise DoesNotFitError(f"{what} does not fit: {str(e).splitlines()[0]}") from None
+        raise
+
+
+def measure_step(
+    config: EHRModelConfig,
+    *,
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    device: str = "cpu",
+    checkpointing: bool | None = None,
+    visits: int | None = None,
+    codes: int | None = None,
+    seed: int = 0,
+) -> Measurement:
+    """Build ``config``'s model on ``device`` and measure the peak of its second training step.
+
+    The batch is fully padded (``batch_size x max_visits x max_codes_per_visit``) unless
+    ``visits``/``codes`` say otherwise.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}' (valid: {', '.join(PRECISIONS)})")
+    device = resolve_device(device)
+    ckpt = config.use_checkpoint if checkpointing is None else checkpointing
+    B = batch_size or config.batch_size
+    cfg = config.model_copy(update={"use_checkpoint": ckpt, "batch_size": B})
+    micro = min(cfg.gradient_accumulation_steps, 2)
+    what = f"batch {B} of this model on {device}"
+
+    torch.manual_seed(seed)
+    gc.collect()
+    with _oom_is_does_not_fit(what):
+        model = build_model(cfg).to(device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        batch = synthetic_batch(cfg, B, visits=visits, codes=codes, seed=seed, device=device)
+        scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
+        samples: list[tuple[int, int]] = []
+
+        def sample() -> None:
+            if device == "mps":
+                _sync(device)
+                samples.append(
+                    (torch.mps.current_allocated_memory(), torch.mps.driver_allocated_memory())
+                )
+
+        step = make_step(
+            model, optimizer, batch, device=device, precision=precision, scaler=scaler,
+            between=sample,
+        )  # fmt: skip
+        step(1)  # the first step creates Adam's state
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        _sync(device)
+        samples.clear()
+        t0 = time.perf_counter()
+        reserved: int | None = None
+        if device == "cpu":
+            tracker = LiveTensorBytes()
+            tracker.track(
+                list(model.parameters()),
+                list(model.buffers()),
+                [list(s.values()) for s in optimizer.state.values()],
+                [getattr(batch, f.name) for f in fields(batch)],
+            )
+            with tracker:
+                step(micro)
+            peak = tracker.peak
+        elif device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step(micro)
+            _sync(device)
+            peak = torch.cuda.max_memory_allocated()
+            reserved = torch.cuda.max_memory_reserved()
+        else:
+            sample()
+            step(micro)
+            peak = max(s[0] for s in samples)
+            reserved = max(s[1] for s in samples)
+        seconds = time.perf_counter() - t0
+    return Measurement(
+        device=device,
+        method={
+            "cpu": "dispatcher live tensor bytes",
+            "cuda": "torch.cuda.max_memory_allocated",
+            "mps": "sampled torch.mps.current_allocated_memory",
+        }[device],
+        precision=precision,
+        batch_size=B,
+        micro_batches=micro,
+        checkpointing=ckpt,
+        measured_peak_bytes=int(peak),
+        peak_reserved_bytes=None if reserved is None else int(reserved),
+        process_peak_rss_bytes=peak_rss_bytes(),
+        step_seconds=seconds,
+        lstm_kernel=cpu_lstm_kernel() if device == "cpu" else None,
+    )
