@@ -11,6 +11,9 @@ import sys
 import typer
 
 from ehrplan.cli import estimate, presets
+from ehrplan.cli import hardware as hardware_cmd
+from ehrplan.cli import recommend as recommend_cmd
+from ehrplan.cli import validate as validate_cmd
 from ehrplan.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EhrplanError
 
 app = typer.Typer(
@@ -24,6 +27,9 @@ app = typer.Typer(
 )
 app.command("presets")(presets.presets)
 app.command("estimate")(estimate.estimate)
+app.command("hardware")(hardware_cmd.hardware)
+app.command("recommend")(recommend_cmd.recommend)
+app.command("validate")(validate_cmd.validate)
 
 
 def _fail(message: str, code: int) -> int:

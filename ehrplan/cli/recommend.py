@@ -1,0 +1,147 @@
+"""`ehrplan recommend`: every preset against a machine's budget, the largest that fits marked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+import typer
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from ehrplan.cli.options import JsonOpt
+from ehrplan.errors import UsageError
+from ehrplan.output import emit, fmt_bytes
+from ehrplan.planner import (
+    DEFAULT_HEADROOM,
+    Budget,
+    budget_from_probe,
+    budget_from_size,
+    budget_from_target,
+    check_sizes_known,
+    plan,
+)
+from ehrplan.units import parse_size
+
+TargetOpt = Annotated[
+    str | None,
+    typer.Option("--target", help="A machine from the hardware catalog, e.g. m1-16gb, a10."),
+]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory",
+        help="Declared usable memory per device: 16GB (10^9 B), 16GiB (2^30 B), 24g (= GiB).",
+    ),
+]
+GpusOpt = Annotated[
+    int | None, typer.Option("--gpus", help="Data-parallel GPUs (each holds a full replica).")
+]
+ModelTypeOpt = Annotated[
+    str | None, typer.Option("--type", "-t", help="Only this model family: lstm or transformer.")
+]
+HeadroomOpt = Annotated[
+    float,
+    typer.Option("--headroom", help="Fraction of usable memory kept free (0.1 = 10%)."),
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", help="With --memory/--budget: cuda (default, bf16), mps or cpu."),
+]
+
+
+def resolve_budget(
+    target: str | None,
+    memory: str | None,
+    gpus: int | None,
+    headroom: float,
+    device: str | None,
+    *,
+    memory_flag: str = "--memory",
+) -> Budget:
+    """The budget from --target, --memory (or --budget), or this machine's probe."""
+    if target is not None and memory is not None:
+        raise UsageError(f"give either --target or {memory_flag}, not both")
+    if device is not None and memory is None:
+        raise UsageError(f"--device applies only with {memory_flag}")
+    if target is not None:
+        return budget_from_target(target, headroom, gpus or 1)
+    if memory is not None:
+        return budget_from_size(parse_size(memory), headroom, device or "cuda", gpus or 1)
+    from ehrplan.hardware import probe
+
+    return budget_from_probe(probe(), headroom, gpus)
+
+
+def recommend(
+    target: TargetOpt = None,
+    memory: MemoryOpt = None,
+    gpus: GpusOpt = None,
+    model_type: ModelTypeOpt = None,
+    headroom: HeadroomOpt = DEFAULT_HEADROOM,
+    device: DeviceOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Which presets fit this machine (or --target / --memory), and what makes the next one fit.
+
+    Every preset's estimated peak training-step memory against the budget; the largest that fits
+    (as shipped, or after a named change) is the recommendation. Never imports torch.
+    """
+    types = check_sizes_known(model_type)
+    budget = resolve_budget(target, memory, gpus, headroom, device)
+    emit("recommend", plan(budget, types), as_json=json_, render=_render)
+
+
+def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    b = p["budget"]
+    yield Text(
+        f"Budget: {b['label']} on {b['device']}: usable {fmt_bytes(b['usable_bytes'])}, "
+        f"headroom {b['headroom']:.0%} -> {fmt_bytes(b['budget_bytes'])} per device"
+    )
+    for n in b["notes"]:
+        yield Text(f"  {n}")
+    label = p["estimate_label"]
+    table = Table(title=f"Presets: estimated peak training-step memory ({label})")
+    for col in ("", "preset", "precision", "batch x accum", "estimated peak", "budget", "fits"):
+        table.add_column(col, justify="right" if col in ("estimated peak", "budget") else "left")
+    recs = {r["preset"] for r in p["recommendation"].values() if r}
+    for r in p["presets"]:
+        if r["fits"]:
+            verdict = "[green]yes"
+        elif r["fits_after_change"]:
+            after = fmt_bytes(r["fits_after_change"]["estimate_bytes"])
+            verdict = f"[yellow]after a change: {after}"
+        else:
+            verdict = f"[red]no: short by {fmt_bytes(r['shortfall_bytes'])}"
+        table.add_row(
+            "*" if r["preset"] in recs else "",
+            r["preset"],
+            r["precision"],
+            f"{r['batch_size']} x {r['gradient_accumulation_steps']}",
+            fmt_bytes(r["estimate_bytes"]),
+            fmt_bytes(r["budget_bytes"]),
+            verdict,
+        )
+    yield table
+    yield Text("* recommended: the largest preset that fits, as shipped or after the named change")
+    for t in p["model_types"]:
+        rec = p["recommendation"][t]
+        if rec is None:
+            yield Text(f"{t}: no preset fits, even with the changes ehrplan tries")
+        else:
+            how = f" with {rec['change']}" if rec["change"] else " as shipped"
+            yield Text(
+                f"{t}: recommended {rec['preset']}{how}: {fmt_bytes(rec['estimate_bytes'])} "
+                f"({rec['precision']}) <= {fmt_bytes(rec['budget_bytes'])}"
+            )
+        up = p["next_size_up"][t]
+        if up is not None and up["preset"] != (rec or {}).get("preset"):
+            if up["fits_after_change"]:
+                yield Text(f"  next size up {up['preset']}: fits with {up['change']}")
+            else:
+                yield Text(
+                    f"  next size up {up['preset']}: {fmt_bytes(up['estimate_bytes'])}, short by "
+                    f"{fmt_bytes(up['shortfall_bytes'])}; no change ehrplan tries makes it fit"
+                )
+        yield Text(f"  {p['seed_check'][t]['statement']}")
