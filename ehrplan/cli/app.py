@@ -11,6 +11,8 @@ import sys
 import typer
 
 from ehrplan.cli import estimate, presets
+from ehrplan.cli import synth as synth_cmd
+from ehrplan.cli.data import data_app
 from ehrplan.cli import hardware as hardware_cmd
 from ehrplan.cli import recommend as recommend_cmd
 from ehrplan.cli import validate as validate_cmd
@@ -27,6 +29,8 @@ app = typer.Typer(
 )
 app.command("presets")(presets.presets)
 app.command("estimate")(estimate.estimate)
+app.command("synth")(synth_cmd.synth)
+app.add_typer(data_app, name="data")
 app.command("hardware")(hardware_cmd.hardware)
 app.command("recommend")(recommend_cmd.recommend)
 app.command("validate")(validate_cmd.validate)

@@ -465,7 +465,7 @@ class SynthSummary:
     out: str
     patients: int
     events: int
-    visits: int
+    clinical_visits: int
     label_rows: int
     codes: int
     files: list[str]
@@ -581,7 +581,7 @@ def write_cohort(out: str | Path, n_patients: int, seed: int = 0) -> SynthSummar
         out=str(out),
         patients=n_patients,
         events=events,
-        visits=labels.num_rows,
+        clinical_visits=labels.num_rows,
         label_rows=labels.num_rows,
         codes=len(all_codes),
         files=files,

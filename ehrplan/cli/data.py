@@ -1,0 +1,165 @@
+"""`ehrplan data stats`: what a MEDS data set looks like before you choose a preset (no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import RenderableType
+from rich.table import Table
+
+from ehrplan.cli.options import JsonOpt, PresetOpt
+from ehrplan.output import emit
+
+data_app = typer.Typer(
+    help="Inspect MEDS data sets: size, shape, labels, and what a preset would truncate.",
+    no_args_is_help=True,
+)
+
+LabelsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--labels",
+        help="A label file or task directory (MEDS LabelSchema); default DIR/tasks/ckd_stage "
+        "when it exists.",
+    ),
+]
+WindowOpt = Annotated[
+    float,
+    typer.Option(
+        "--visit-window", help="Hours: events closer than this to the previous one share a visit."
+    ),
+]
+MinCountOpt = Annotated[
+    int,
+    typer.Option("--min-count", help="Vocabulary cut-off: train-split occurrences to keep a code."),
+]
+BinsOpt = Annotated[
+    int, typer.Option("--value-bins", help="Quantile bins for numeric values (0: code only).")
+]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", "-b", help="Batch size for batch shapes (default: the preset's)."),
+]
+
+
+def stats(
+    directory: Annotated[Path, typer.Argument(help="Root of a MEDS data set.")],
+    preset: PresetOpt = None,
+    labels: LabelsOpt = None,
+    visit_window: WindowOpt = 24.0,
+    min_count: MinCountOpt = 5,
+    value_bins: BinsOpt = 5,
+    batch_size: BatchOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Patients, events, visits per patient, codes per visit, vocabulary, labels, truncation.
+
+    With --preset, the truncation that preset's max_visits / max_codes_per_visit would cause and
+    the batch shapes of per-batch padding (with and without length bucketing) on the train
+    split; without it, the same for every preset.
+    """
+    from ehrplan.config import get_preset, load_presets
+    from ehrplan.data.cohort import load_cohort
+    from ehrplan.data.stats import batch_dims, describe, truncation
+    from ehrplan.data.vocab import train_vocab
+
+    cohort = load_cohort(directory, labels, window_hours=visit_window)
+    vocab = train_vocab(cohort, min_count=min_count, value_bins=value_bins)
+    payload: dict[str, Any] = describe(cohort, vocab_size=len(vocab))
+    payload["vocab"] = {"min_count": min_count, "value_bins": value_bins, "size": len(vocab)}
+    presets = [get_preset(preset)] if preset else list(load_presets().values())
+    train = cohort.patients_in("train")
+    rows = []
+    for p in presets:
+        cfg = p.config
+        bs = batch_size or cfg.batch_size
+        rows.append(
+            {
+                "preset": p.name,
+                "vocab_size": cfg.vocab_size,
+                "truncation": truncation(
+                    cohort, cohort.patients_in(None), cfg.max_visits, cfg.max_codes_per_visit
+                ).to_dict(),
+                "batch_shapes": {
+                    "per_batch": batch_dims(
+                        cohort, train, bs, cfg.max_visits, cfg.max_codes_per_visit
+                    ),
+                    "per_batch_bucketed": batch_dims(
+                        cohort, train, bs, cfg.max_visits, cfg.max_codes_per_visit, bucketing=True
+                    ),
+                },
+            }
+        )
+    payload["presets"] = rows
+    emit("data stats", payload, as_json=json_, render=_render)
+
+
+data_app.command("stats")(stats)
+
+
+def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    t = Table(title=f"MEDS data set {p['root']}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("patients", f"{p['patients']:,}")
+    for split, n in p["patients_by_split"].items():
+        t.add_row(f"  in {split or '(no split)'}", f"{n:,}")
+    t.add_row("events", f"{p['events']:,}")
+    t.add_row("visits", f"{p['visits']:,} (window {p['visit_window_hours']:g} h)")
+    t.add_row("distinct codes", f"{p['distinct_codes']:,}")
+    v = p["vocab"]
+    t.add_row(
+        "vocabulary (train split)",
+        f"{v['size']:,} (min count {v['min_count']}, {v['value_bins']} value bins, PAD+UNK)",
+    )
+    yield t
+
+    d = Table(title="Shape")
+    d.add_column("")
+    for col in ("mean", "p50", "p95", "max"):
+        d.add_column(col, justify="right")
+    for key in ("visits_per_patient", "codes_per_visit"):
+        s = p[key]
+        d.add_row(
+            key.replace("_", " "), f"{s['mean']:.1f}", *(f"{s[c]:,}" for c in ("p50", "p95", "max"))
+        )
+    yield d
+
+    if p["labels"]:
+        lab = p["labels"]
+        lt = Table(title=f"Labels: {lab['labelled_visits']:,} labelled visits")
+        lt.add_column("stage")
+        lt.add_column("visits", justify="right")
+        lt.add_column("share", justify="right")
+        total = max(lab["labelled_visits"], 1)
+        for s, n in lab["stage_counts"].items():
+            lt.add_row(s, f"{n:,}", f"{n / total:.1%}")
+        lt.add_row(
+            "next change seen", f"{lab['event_observed']:,}", f"{lab['event_observed'] / total:.1%}"
+        )
+        lt.add_row("censored", f"{lab['censored']:,}", f"{lab['censored'] / total:.1%}")
+        yield lt
+
+    pt = Table(title="Per preset: truncation (all patients), padding of train batches")
+    for col in ("preset", "max V x C", "patients cut", "events lost", "V p95", "C p95"):
+        pt.add_column(col, justify="right" if col != "preset" else "left")
+    pt.add_column("padded/real: per batch (bucketed)", justify="right")
+    pt.add_column("at preset maxima", justify="right")
+    for r in p["presets"]:
+        tr = r["truncation"]
+        per = r["batch_shapes"]["per_batch"]
+        buck = r["batch_shapes"]["per_batch_bucketed"]
+        pt.add_row(
+            r["preset"],
+            f"{tr['max_visits']} x {tr['max_codes_per_visit']}",
+            f"{tr['patients_truncated']:,}",
+            f"{tr['events_dropped_fraction']:.1%}",
+            str(per["visits"]["p95"]),
+            str(per["codes_per_visit"]["p95"]),
+            f"{per['padding_ratio']:.2f} ({buck['padding_ratio']:.2f})",
+            f"{per['padding_ratio_preset_maxima']:.2f}",
+        )
+    yield pt
