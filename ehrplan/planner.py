@@ -479,7 +479,15 @@ def _seed_check(
         )
         agrees = False
     elif largest == seed_preset:
-        above = "it is the largest preset" if seed_preset == last else "the next size up does not"
+        names = list(fits)
+        if seed_preset == last:
+            above = "it is the largest preset"
+        else:
+            up = names[names.index(seed_preset) + 1]
+            up_fix = fixes[up]
+            above = f"the next size up, {up}, does not as shipped" + (
+                f" (it fits with {up_fix.description})" if up_fix else ""
+            )
         statement = (
             f"{claim}; estimator agrees: it fits ({_gib(f.estimate_bytes)} <= "
             f"{_gib(budget.budget_bytes)}) and {above}{bound}"
