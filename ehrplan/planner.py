@@ -388,6 +388,7 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
             fix = fixes[name]
             row["fits_after_change"] = fix.as_dict() if fix else None
             row["data_parallel_accumulation"] = _dp_accumulation(p.config, budget.gpus)
+            row["data_parallel"] = data_parallel_settings(p.config, budget.gpus)
             rows.append(row)
         as_shipped = [n for n, _ in presets if fits[n].fits]
         possible = [n for n, _ in presets if fits[n].fits or fixes[n] is not None]
@@ -441,6 +442,31 @@ def _dp_accumulation(config: EHRModelConfig, gpus: int) -> int | None:
     per_step = config.batch_size * gpus  # patients per optimizer micro-step across all replicas
     eff = config.effective_batch_size
     return eff // per_step if eff % per_step == 0 else None
+
+
+def data_parallel_settings(config: EHRModelConfig, gpus: int) -> dict[str, Any]:
+    """Per-GPU micro-batch and accumulation over ``gpus`` replicas that keep the effective batch.
+
+    Keeps the micro-batch if it can (only the accumulation shrinks), else shrinks the per-GPU
+    micro-batch (which only lowers the per-GPU peak); if neither divides, the effective batch
+    grows to micro-batch x GPUs and the result says so.
+    """
+    eff, b = config.effective_batch_size, config.batch_size
+    acc = _dp_accumulation(config, gpus)
+    if acc:
+        per_gpu, steps = b, acc
+    elif eff % gpus == 0 and eff // gpus <= b:
+        per_gpu, steps = eff // gpus, 1
+    else:
+        per_gpu, steps = b, 1
+    # patients per optimizer step: per-GPU micro-batch x GPUs x accumulation steps
+    new_eff = per_gpu * gpus * steps
+    return {
+        "batch_size": per_gpu,
+        "gradient_accumulation_steps": steps,
+        "effective_batch_size": new_eff,
+        "keeps_effective_batch": new_eff == eff,
+    }
 
 
 def _gib(n: int) -> str:

@@ -324,3 +324,7 @@ def test_data_parallel_accumulation() -> None:
     row = next(r for r in p["presets"] if r["preset"] == "small-lstm")
     assert row["data_parallel_accumulation"] * cfg.batch_size * 4 == cfg.effective_batch_size
     assert p["budget"]["gpus"] == 4
+    large = next(r for r in p["presets"] if r["preset"] == "large-lstm")  # 64 x 1 on 4 GPUs
+    dp = large["data_parallel"]
+    assert dp["keeps_effective_batch"] and dp["batch_size"] * 4 == large["effective_batch_size"]
+    assert dp["batch_size"] <= large["batch_size"]

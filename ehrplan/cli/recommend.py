@@ -145,3 +145,17 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
                     f"{fmt_bytes(up['shortfall_bytes'])}; no change ehrplan tries makes it fit"
                 )
         yield Text(f"  {p['seed_check'][t]['statement']}")
+        if b["gpus"] > 1 and rec is not None:
+            row = next(r for r in p["presets"] if r["preset"] == rec["preset"])
+            dp = row["data_parallel"]
+            keep = (
+                f"keeps the effective batch {row['effective_batch_size']}"
+                if dp["keeps_effective_batch"]
+                else f"the effective batch becomes {dp['effective_batch_size']}, "
+                f"not {row['effective_batch_size']}"
+            )
+            yield Text(
+                f"  data parallel over {b['gpus']} GPUs (a full replica each): micro-batch "
+                f"{dp['batch_size']} per GPU x {dp['gradient_accumulation_steps']} accumulation "
+                f"step(s) {keep}"
+            )
