@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import RenderableType
 from rich.table import Table
 
@@ -143,23 +144,28 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         lt.add_row("censored", f"{lab['censored']:,}", f"{lab['censored'] / total:.1%}")
         yield lt
 
-    pt = Table(title="Per preset: truncation (all patients), padding of train batches")
-    for col in ("preset", "max V x C", "patients cut", "events lost", "V p95", "C p95"):
-        pt.add_column(col, justify="right" if col != "preset" else "left")
-    pt.add_column("padded/real: per batch (bucketed)", justify="right")
-    pt.add_column("at preset maxima", justify="right")
+    pt = Table(
+        title="Per preset: truncation (all patients); padded/real positions of train batches",
+        caption="batch: padded to each batch's maxima; bucketed: with length bucketing; "
+        "preset: padded to max V x C",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+    )
+    pt.add_column("preset", no_wrap=True, min_width=max(len(r["preset"]) for r in p["presets"]))
+    for col in ("V x C", "events lost", "V p95", "C p95", "batch", "bucketed", "preset"):
+        pt.add_column(col, justify="right", no_wrap=True)
     for r in p["presets"]:
         tr = r["truncation"]
         per = r["batch_shapes"]["per_batch"]
         buck = r["batch_shapes"]["per_batch_bucketed"]
         pt.add_row(
             r["preset"],
-            f"{tr['max_visits']} x {tr['max_codes_per_visit']}",
-            f"{tr['patients_truncated']:,}",
+            f"{tr['max_visits']}x{tr['max_codes_per_visit']}",
             f"{tr['events_dropped_fraction']:.1%}",
             str(per["visits"]["p95"]),
             str(per["codes_per_visit"]["p95"]),
-            f"{per['padding_ratio']:.2f} ({buck['padding_ratio']:.2f})",
+            f"{per['padding_ratio']:.2f}",
+            f"{buck['padding_ratio']:.2f}",
             f"{per['padding_ratio_preset_maxima']:.2f}",
         )
     yield pt

@@ -1,0 +1,117 @@
+"""`ehrplan synth` and `ehrplan data stats`: JSON output, exit code 2 on bad data, no torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, run_cli
+from test_meds import BAD_CASES, _bad
+
+from ehrplan.cli.app import main
+from ehrplan.config import get_preset
+
+NO_TORCH = """
+import sys
+from ehrplan.cli.app import main
+sys.argv = ["ehrplan", *{args!r}]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+assert "torch" not in sys.modules, "torch was imported"
+print("NO_TORCH_OK", code)
+"""
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cli") / "ckd"
+    r = run_cli("synth", "--patients", "60", "--out", str(out), "--seed", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def test_synth_json(synth_dir: tuple[Path, dict]) -> None:
+    out, doc = synth_dir
+    assert doc["command"] == "synth" and doc["schema_version"] == 1
+    assert doc["patients"] == 60 and doc["seed"] == 2
+    rows = sum(pq.read_metadata(p).num_rows for p in (out / "data").rglob("*.parquet"))
+    assert doc["events"] == rows
+    assert sum(doc["patients_by_split"].values()) == 60
+
+
+def test_data_stats_json_without_torch(synth_dir: tuple[Path, dict]) -> None:
+    out, synth_doc = synth_dir
+    args = ["data", "stats", str(out), "--preset", "tiny", "--json"]
+    r = subprocess.run(
+        [sys.executable, "-c", NO_TORCH.format(args=args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert "NO_TORCH_OK None" in r.stdout or "NO_TORCH_OK 0" in r.stdout, r.stderr
+    doc = json.loads(r.stdout[: r.stdout.rindex("NO_TORCH_OK")])
+    assert doc["command"] == "data stats"
+    assert doc["patients"] == 60 and doc["events"] == synth_doc["events"]
+    assert set(doc["visits_per_patient"]) == {"mean", "p50", "p95", "max"}
+    assert doc["vocab_size"] == doc["vocab"]["size"] > 2
+    lab = doc["labels"]
+    assert lab["labelled_visits"] == synth_doc["label_rows"]
+    assert sum(lab["stage_counts"].values()) == lab["labelled_visits"]
+    assert lab["event_observed"] + lab["censored"] == lab["labelled_visits"]
+    [row] = doc["presets"]
+    tiny = get_preset("tiny").config
+    assert row["preset"] == "tiny-lstm"
+    tr = row["truncation"]
+    assert (tr["max_visits"], tr["max_codes_per_visit"]) == (
+        tiny.max_visits,
+        tiny.max_codes_per_visit,
+    )
+    assert tr["events"] == doc["events"]
+    shapes = row["batch_shapes"]["per_batch"]
+    assert shapes["visits"]["max"] <= tiny.max_visits
+    assert shapes["padding_ratio"] <= shapes["padding_ratio_preset_maxima"]
+
+
+def test_data_stats_table_lists_every_preset(synth_dir: tuple[Path, dict]) -> None:
+    out, _ = synth_dir
+    r = run_cli("data", "stats", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "small-lstm" in r.stdout and "large-transformer" in r.stdout
+
+
+def test_synth_into_non_empty_dir_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "f.txt").write_text("x")
+    code, _, err = _main(["synth", "--patients", "3", "--out", str(tmp_path)])
+    assert code == 2 and err.count("\n") == 1 and "not an empty directory" in err
+
+
+def _main(args: list[str]) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_data_exit_2_one_line(tmp_path: Path, case: str) -> None:
+    root, words = _bad(tmp_path, case)
+    code, out, err = _main(["data", "stats", str(root)])
+    assert code == 2, err
+    assert out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err
