@@ -145,15 +145,16 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         yield lt
 
     pt = Table(
-        title="Per preset: truncation (all patients); padded/real positions of train batches",
+        title="Per preset: events lost to truncation (all patients); padded/real positions "
+        "of train batches",
         caption="batch: padded to each batch's maxima; bucketed: with length bucketing; "
         "preset: padded to max V x C",
         box=box.SIMPLE_HEAD,
         collapse_padding=True,
     )
     pt.add_column("preset", no_wrap=True, min_width=max(len(r["preset"]) for r in p["presets"]))
-    for col in ("V x C", "events lost", "V p95", "C p95", "batch", "bucketed", "preset"):
-        pt.add_column(col, justify="right", no_wrap=True)
+    for col in ("V x C", "lost", "V p95", "C p95", "batch", "bucketed", "preset"):
+        pt.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 6))
     for r in p["presets"]:
         tr = r["truncation"]
         per = r["batch_shapes"]["per_batch"]
