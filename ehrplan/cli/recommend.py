@@ -102,7 +102,8 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     for n in b["notes"]:
         yield Text(f"  {n}")
     label = p["estimate_label"]
-    table = Table(title=f"Presets: estimated peak training-step memory ({label})")
+    lower = f" ({label})" if p["estimate_is_lower_bound"] else ""
+    table = Table(title=f"Presets: estimated peak training-step memory{lower}")
     for col in ("", "preset", "precision", "batch x accum", "estimated peak", "budget", "fits"):
         table.add_column(col, justify="right" if col in ("estimated peak", "budget") else "left")
     recs = {r["preset"] for r in p["recommendation"].values() if r}

@@ -91,8 +91,10 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     )
     for n in b["notes"]:
         yield Text(f"  {n}")
-    table = Table(title=f"Estimated peak training-step memory ({p['estimate_label']})")
-    for col in ("config", "precision", "estimated peak", "budget", "verdict"):
+    lower = f" ({p['estimate_label']})" if p["estimate_is_lower_bound"] else ""
+    table = Table(title=f"Estimated peak training-step memory{lower}")
+    table.add_column("config", overflow="fold")
+    for col in ("precision", "estimated peak", "budget", "verdict"):
         table.add_column(col, justify="right" if col in ("estimated peak", "budget") else "left")
     for r in p["results"]:
         verdict = (
