@@ -256,3 +256,30 @@ def test_this_machine_probe_has_ram_and_no_traceback() -> None:
     assert report.host.budget_bytes is not None and report.host.budget_bytes > 0
     if report.host.cgroup_limit_bytes is not None:
         assert report.host.budget_bytes <= report.host.cgroup_limit_bytes
+
+
+def _mixed_box() -> dict[str, Any]:
+    t4 = {"name": "Tesla T4", "uuid": "GPU-t4", "bus_id": "00000000:07:00.0", "cc": [7, 5]}
+    a100 = {"name": "NVIDIA A100-SXM4-40GB", "uuid": "GPU-a1", "bus_id": "00000000:10:00.0"}
+    t4.update(total=15360 * MIB, reserved=0, free=15360 * MIB, mig=0)
+    a100.update(total=40960 * MIB, reserved=0, free=40960 * MIB, cc=[8, 0], mig=0)
+    return {"driver": "550.54.15", "cuda": 12040, "devices": [t4, a100]}
+
+
+@pytest.mark.parametrize(
+    ("order", "names"),
+    [
+        (None, ["NVIDIA A100-SXM4-40GB", "Tesla T4"]),
+        ("PCI_BUS_ID", ["Tesla T4", "NVIDIA A100-SXM4-40GB"]),
+    ],
+)
+def test_cuda_order_on_mixed_gpus(order: str | None, names: list[str]) -> None:
+    env = {"CUDA_DEVICE_ORDER": order} if order else {}
+    src = Sources(root=FIXTURES / "no-gpu" / "root", nvml=FakeNVML(_mixed_box()), environ=env)
+    report = probe(src)
+    assert [g.name for g in report.nvidia] == names
+    assert any("FASTEST_FIRST" in n for n in report.notes) == (order is None)
+    budget = budget_from_probe(report, headroom=0.0, gpus=2)
+    # two GPUs: the smaller one bounds the per-GPU budget, and T4 has no bf16
+    assert budget.usable_bytes == 15360 * MIB - CUDA_CONTEXT_ALLOWANCE
+    assert budget.mixed_dtype == "fp16"
