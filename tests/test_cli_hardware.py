@@ -261,3 +261,27 @@ print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH", file=sys.stder
     )
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().endswith("NO_TORCH"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "machine", ["a100x4-visible-2-3", "a100-mig-slice", "m1-16gb", "m1-rosetta"]
+)
+def test_hardware_renders_recorded_machines(
+    machine: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_hardware import load
+
+    import ehrplan.cli.hardware as cmd
+    from ehrplan.hardware import probe
+
+    src, m = load(machine)
+    monkeypatch.setattr(cmd, "probe", lambda probe_mps=False: probe(src))
+    code, out, err = run(["hardware"], capsys)
+    assert code == 0 and "Traceback" not in out + err
+    code, doc = run_json(["hardware"], capsys)
+    devices = [b["device"].split(":")[0] for b in doc["budgets"]]
+    assert m["expect"]["device"] in devices
+    if m["expect"]["device"] == "cuda":
+        assert "cuda:0" in out and "NVIDIA" in out
+    if m["expect"].get("rosetta"):
+        assert "Rosetta" in out
