@@ -401,7 +401,8 @@ def _cuda_order(devs: list[_RawGPU], environ: Mapping[str, str], notes: list[str
     """CUDA's enumeration order: PCI bus order under CUDA_DEVICE_ORDER=PCI_BUS_ID, else
     FASTEST_FIRST, which NVIDIA does not specify exactly; on identical GPUs the two agree."""
     by_bus = sorted(devs, key=lambda d: (d.pci_bus_id or "", d.nvml_index))
-    if environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID" or len({d.name for d in devs}) <= 1:
+    models = {d.name.split(" MIG ")[0] for d in devs}  # a MIG slice is named "<GPU> MIG 1g.10gb"
+    if environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID" or len(models) <= 1:
         return by_bus
     notes.append(
         "GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA's FASTEST_FIRST order is "

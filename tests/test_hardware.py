@@ -123,6 +123,7 @@ def test_each_fake_gives_the_expected_budget(name: str) -> None:
         assert [g.cuda_index for g in report.nvidia] == list(range(len(exp["nvml_indices"])))
     if "mig_slice" in exp:
         assert [g.mig_slice for g in report.nvidia] == [exp["mig_slice"]]
+        assert not any("FASTEST_FIRST" in n for n in report.notes)  # slices of one GPU
     if "available_bytes" in exp:
         assert report.host.available_bytes == exp["available_bytes"]
     if "cgroup_version" in exp and exp["cgroup_version"] is not None:
