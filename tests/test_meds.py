@@ -180,3 +180,28 @@ def test_missing_directory_and_file_root(tmp_path: Path) -> None:
     f.write_text("x")
     with pytest.raises(DataError, match="not a directory"):
         read_events(f)
+
+
+def test_foreign_types_are_cast_losslessly(tmp_path: Path) -> None:
+    """int32 ids, ns time with a zone, dictionary codes, no numeric_value, an empty shard."""
+    root = tmp_path / "foreign"
+    _write(root, "0-empty.parquet", table(ROWS_A).slice(0, 0))
+    t = pa.table(
+        {
+            "subject_id": pa.array([5, 5, 6], pa.int32()),
+            "time": pa.array([1_000, 2_000, 1_500], pa.timestamp("ns", tz="UTC")),
+            "code": pa.array(["A", "B", "A"]).dictionary_encode(),
+        }
+    )
+    _write(root, "1.parquet", t)
+    ev = read_events(root)
+    assert ev.subject_id.tolist() == [5, 5, 6]
+    assert ev.time.tolist() == [1, 2, 1]  # microseconds
+    assert ev.code.to_pylist() == ["A", "B", "A"]
+    assert np.isnan(ev.numeric_value).all()
+    # a subject split across files is still caught after an empty shard
+    _write(root, "2.parquet", t.slice(2, 1))
+    with pytest.raises(
+        DataError, match=r"subject 6 is split across data/1\.parquet and data/2\.parquet"
+    ):
+        read_events(root)

@@ -147,12 +147,15 @@ def _check_column(
 
 
 def _time_us(path: Path, col: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
-    """Timestamps of any unit as int64 microseconds; nulls become `NULL_TIME`."""
+    """Timestamps of any unit as int64 microseconds; nulls become `NULL_TIME`.
+
+    A time zone is dropped (the UTC instant is kept); nanoseconds are truncated to
+    microseconds (a division, which cannot overflow); seconds and milliseconds are cast safely.
+    """
     t = col.type
-    if t.tz is not None:
-        col = col.cast(pa.timestamp(t.unit, tz="UTC")).cast(pa.timestamp(t.unit))
     try:
-        col = col.cast(pa.timestamp("us"))
+        col = pc.cast(col, pa.timestamp(t.unit), safe=True)  # drop the zone: UTC wall time
+        col = pc.cast(col, pa.timestamp("us"), safe=t.unit != "ns")
     except pa.ArrowInvalid as err:
         raise DataError(f"{path}: column '{name}' does not fit timestamp[us] ({err})") from None
     return pc.fill_null(col.cast(pa.int64()), NULL_TIME).to_numpy()
@@ -177,6 +180,7 @@ def read_events(root: str | Path) -> Events:
     root = check_root(root)
     files = data_files(root)
     sids, times, codes, values, uniq = [], [], [], [], []
+    read: list[Path] = []  # the files with rows, parallel to the lists above
     for path in files:
         schema = _read_schema(path)
         _check_column(path, schema, "subject_id", pa.types.is_integer, "int64 subject_id")
@@ -207,9 +211,10 @@ def read_events(root: str | Path) -> Events:
         else:
             values.append(np.full(table.num_rows, np.nan, dtype=np.float32))
         uniq.append(np.unique(sid))
+        read.append(path)
     if not sids:
         raise DataError(f"{root / DATA_DIR}: no events in {len(files)} parquet file(s)")
-    _check_one_file_per_subject(root, files, uniq, sids, times)
+    _check_one_file_per_subject(root, read, uniq, sids, times)
     return Events(
         subject_id=np.concatenate(sids),
         time=np.concatenate(times),
