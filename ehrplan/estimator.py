@@ -1,8 +1,26 @@
-"""Analytic memory estimate of one training step (no torch import).
+"""Analytic peak memory of one training step (no torch import).
 
-Status: this module counts the *static* memory exactly — parameters, gradients and Adam's two
-moment buffers, for fp32 and mixed precision. Activation memory is not modelled yet (the memory
-issue adds it), so ``total_bytes`` is a lower bound on the real peak and says so in ``notes``.
+The estimate follows what the real kernels keep, tensor by tensor, and was checked against the
+measured step of `ehrplan.measure` (dispatcher live tensor bytes, second step, Adam). A step has
+a few moments where the live set can peak; each is modelled as a `Phase` (a breakdown of live
+bytes by what holds them) and the estimate is the largest one:
+
+- ``forward``: the start of backward, when every tensor saved for backward is alive;
+- ``within_visit_backward`` (LSTM): inside the backward of the within-visit LSTM, whose oneDNN
+  workspace is by far the largest saved tensor;
+- ``layer_backward`` (Transformer, checkpointing): one block recomputed inside backward;
+- ``embedding_backward``: the dense gradient of the code embedding table is made while the
+  gradient of the ``[N, codes, E]`` embedding output is alive;
+- ``optimizer``: Adam's step, all gradients alive plus the temporaries of its largest update.
+
+Notation: B patients per micro-batch, V visits, C codes per visit, N = B x V visits (all real at
+full padding), E = code_embed_dim, D = visit_embed_dim, H = hidden_dim, L = num_layers,
+S = num_stages, h = num_heads, P = parameters. Byte sizes: fp32 4, int64 8, bool 1.
+
+Kernels: on the CPU both LSTMs run oneDNN's ``mkldnn_rnn_layer`` (packed sequences included)
+unless ``torch.backends.mkldnn.enabled`` is False, when the native ATen LSTM runs instead
+(``lstm_kernel="native"``). The workspace formula of `mkldnn_lstm_workspace` was fitted on
+torch 2.13.0+cpu (rows and the command in ``benchmarks/data/mkldnn_lstm_workspace.csv``).
 """
 
 from __future__ import annotations
@@ -17,9 +35,20 @@ Precision = Literal["fp32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 Device = Literal["cpu", "cuda", "mps"]
 DEVICES: tuple[str, ...] = ("cpu", "cuda", "mps")
+LSTM_KERNELS: tuple[str, ...] = ("mkldnn", "native")
 
 FP32 = 4  # bytes per element
 HALF = 2  # fp16 / bf16
+I64 = 8  # int64 ids and indices
+BOOL = 1
+
+MIB = 1024**2
+#: CUDA context (driver, kernels, cuBLAS/cuDNN handles) outside torch's allocator. UNMEASURED
+#: here (no GPU in this session): a documented assumption, typical of recent drivers.
+CUDA_CONTEXT_BYTES = 500 * MIB
+#: The CUDA caching allocator rounds blocks to 512 bytes and keeps freed blocks reserved;
+#: reserved/allocated peaks of 1.05-1.2 are usual. UNMEASURED assumption for the reserve line.
+CUDA_RESERVED_FACTOR = 1.10
 
 
 @dataclass(frozen=True)
@@ -32,6 +61,14 @@ class MemoryEstimate:
     checkpointing: bool
     breakdown: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    peak_phase: str = ""
+    """Which moment of the step the peak is at (see the module docstring)."""
+    phases: dict[str, int] = field(default_factory=dict)
+    """Total live bytes at every modelled moment; the peak is the largest."""
+    saved_by_module: dict[str, int] = field(default_factory=dict)
+    """Bytes each module saves for backward in the forward pass (no checkpointing)."""
+    device_overhead: dict[str, int] = field(default_factory=dict)
+    """Memory outside the live tensors (CUDA context, allocator reserve); not in the total."""
 
     @property
     def total_bytes(self) -> int:
@@ -40,6 +77,85 @@ class MemoryEstimate:
     @property
     def is_lower_bound(self) -> bool:
         return "activations" not in self.breakdown
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel-level formulas
+
+
+def _onednn_ld(n: int) -> int:
+    """oneDNN's leading dimension for fp32 rows of ``n``: rounded up to 16 elements (64 bytes),
+    plus 16 more when that is a multiple of 256 (avoids cache-set aliasing; ``get_good_ld``)."""
+    ld = -(-n // 16) * 16
+    return ld + 16 if ld % 256 == 0 else ld
+
+
+def mkldnn_lstm_workspace(n: int, steps: int, n_in: int, hidden: int) -> int:
+    """Bytes of the uint8 workspace one ``mkldnn_rnn_layer`` (one LSTM layer, fp32, training)
+    returns and keeps for backward, for ``n`` sequences of ``steps`` steps.
+
+    Per sequence: ``steps`` rows of the gates (ld of 4H) and one more H-row, and ``steps + 1``
+    rows of six layer/iteration states (ld of max(in, H)) and four unpadded H-wide c/h states.
+    Fitted exactly (to oneDNN's page rounding) on 21 hidden sizes x 2 lengths x 2 batches.
+    """
+    per_seq = steps * (_onednn_ld(4 * hidden) + _onednn_ld(hidden)) + (steps + 1) * (
+        6 * _onednn_ld(max(n_in, hidden)) + 4 * hidden
+    )
+    return FP32 * n * per_seq
+
+
+def lstm_layer_saved(n: int, steps: int, n_in: int, hidden: int, kernel: str) -> int:
+    """Bytes one LSTM layer keeps for backward beyond its input: output [steps, n, H],
+    final h and c [n, H] and the kernel's own state (oneDNN workspace, or native gates)."""
+    out = FP32 * n * steps * hidden + 2 * FP32 * n * hidden  # output + (h_n, c_n)
+    if kernel == "mkldnn":
+        return out + mkldnn_lstm_workspace(n, steps, n_in, hidden)
+    # native ATen LSTM: per step it keeps the four gate activations [n, 4H], the cell state
+    # [n, H], tanh(c) [n, H] and the hidden state [n, H]; the input projection is one GEMM
+    # [steps, n, 4H] kept for backward.
+    return out + FP32 * n * steps * (4 * hidden + 3 * hidden + 4 * hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# phases
+
+
+@dataclass
+class _Dims:
+    B: int
+    V: int
+    C: int
+    micro: int
+
+    @property
+    def N(self) -> int:
+        return self.B * self.V
+
+
+def _inputs(d: _Dims) -> int:
+    """The batch: codes int64 [B,V,C], code_mask bool [B,V,C], time_features fp32 [B,V,2],
+    stage int64 [B,V], time_to_event fp32 [B,V], event_observed bool [B,V]."""
+    return d.N * d.C * (I64 + BOOL) + d.N * (2 * FP32 + I64 + FP32 + BOOL)
+
+
+def _static(config: EHRModelConfig, precision: str) -> tuple[dict[str, int], int, int]:
+    p = count_parameters(config)
+    base = static_memory(config, precision)
+    largest = max(p.modules.values())
+    if config.model_type == "lstm":  # an nn.LSTM holds one tensor per weight and bias
+        largest = max(
+            config.vocab_size * config.code_embed_dim,
+            4 * config.hidden_dim * max(config.visit_embed_dim + 2, config.hidden_dim),
+            4 * config.code_embed_dim * config.code_embed_dim,
+            config.code_embed_dim * config.visit_embed_dim,
+        )
+    else:
+        largest = max(
+            config.vocab_size * config.code_embed_dim,
+            3 * config.visit_embed_dim * config.visit_embed_dim,
+            config.visit_embed_dim * config.hidden_dim,
+        )
+    return base, p.total, largest
 
 
 def static_memory(config: EHRModelConfig, precision: str = "fp32") -> dict[str, int]:
@@ -63,6 +179,170 @@ def static_memory(config: EHRModelConfig, precision: str = "fp32") -> dict[str, 
     return out
 
 
+def _phase(
+    base: dict[str, int],
+    inputs: int,
+    grads: int,
+    activations: int,
+    temporaries: int,
+) -> dict[str, int]:
+    out = {
+        "parameters": base["parameters"],
+        "optimizer_state": base["optimizer_state"],
+        "gradients": grads,
+        "inputs": inputs,
+        "activations": activations,
+        "temporaries": temporaries,
+    }
+    if "autocast_weight_copies" in base:
+        out["autocast_weight_copies"] = base["autocast_weight_copies"]
+    return out
+
+
+def _lstm_phases(
+    c: EHRModelConfig, d: _Dims, ckpt: bool, kernel: str, precision: str
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    E, D, H, L, S = c.code_embed_dim, c.visit_embed_dim, c.hidden_dim, c.num_layers, c.num_stages
+    N, B, V, C = d.N, d.B, d.V, d.C
+    base, P, largest = _static(c, precision)
+    P_emb = c.vocab_size * E
+    inputs = _inputs(d)
+    grads_all = FP32 * P
+    grads_before = grads_all if d.micro > 1 else 0  # accumulated grads live from micro-batch 2
+
+    # --- within-visit level (one oneDNN call over N visits of C codes) ---
+    ids = I64 * N * C + 2 * I64 * N  # codes[real] int64 [N,C] (embedding); index rows + lengths
+    visit_lstm = FP32 * N * C * E + lstm_layer_saved(N, C, E, E, kernel)  # time-major input copy
+    last = FP32 * N * E  # out[arange, lengths-1]: visit_projection's input
+    within = ids + visit_lstm + last
+    # --- visit level ---
+    p = c.dropout > 0
+    scatter = FP32 * N * D  # visit vectors on the [B,V,D] grid (index_put output)
+    drop_v = 2 * FP32 * N * D if p else 0  # dropout mask (fp32) + output, [B,V,D]
+    packed = FP32 * N * (D + 2) + FP32 * N * (D + 2)  # cat [B,V,D+2] + packed data [N,D+2]
+    seq = 0
+    for layer in range(L):
+        n_in = D + 2 if layer == 0 else H
+        seq += lstm_layer_saved(B, V, n_in, H, kernel)
+        if layer > 0 and p:
+            seq += 2 * FP32 * N * H  # inter-layer dropout: mask + output [N,H]
+    padded = FP32 * N * H  # pad_packed_sequence output [B,V,H]
+    heads = (2 * FP32 * N * H if p else 0) + FP32 * N * (S + 2)  # dropout; logits; time+softplus
+    visit_level = scatter + drop_v + packed + seq + padded + heads
+    saved = {
+        "encoder.code_embeddings+indices": ids,
+        "encoder.visit_lstm": visit_lstm,
+        "encoder.visit_projection": last,
+        "encoder.sequence_lstm": scatter + drop_v + packed + seq + padded,
+        "heads": heads,
+    }
+
+    phases: dict[str, dict[str, int]] = {}
+    grads_no_emb = FP32 * (P - P_emb)
+    # start of backward: every saved tensor alive (checkpointing keeps only segment inputs:
+    # the [N,C] ids and the [B,V,D] visit vectors), plus the head's gradients
+    fwd_saved = (ids + FP32 * N * D + visit_level - seq - packed) if ckpt else within + visit_level
+    phases["forward"] = _phase(
+        base, inputs, grads_before, fwd_saved, 3 * FP32 * N * max(H, D)
+    )  # fmt: skip
+    # inside the within-visit LSTM's backward: its saved state, the dense gradient of its
+    # output [N,C,E] (index backward), its input gradient [N,C,E], dh/dc [N,E] and the
+    # gradient of the visit vectors [N,D]; every gradient but the embedding's is made
+    temps = 2 * FP32 * N * C * E + 2 * FP32 * N * E + FP32 * N * D
+    phases["within_visit_backward"] = _phase(
+        base,
+        inputs,
+        grads_all if d.micro > 1 else grads_no_emb,
+        ids + visit_lstm,
+        temps,
+    )
+    # the sequence LSTM's backward: its saved states with the within-visit level still saved
+    seq_temps = 3 * FP32 * N * max(H, D + 2)
+    phases["sequence_backward"] = _phase(
+        base,
+        inputs,
+        grads_before,
+        (within if not ckpt else ids + FP32 * N * D) + scatter + drop_v + packed + seq,
+        seq_temps,
+    )
+    # embedding backward: dense [vocab,E] gradient (in grads_all) while the gradient of the
+    # embedding output [N,C,E] and the ids are alive
+    phases["embedding_backward"] = _phase(base, inputs, grads_all, ids, FP32 * N * C * E)
+    # Adam (single-tensor on CPU): sqrt and div temporaries of the largest parameter tensor
+    phases["optimizer"] = _phase(base, inputs, grads_all, 0, 2 * FP32 * largest)
+    return phases, saved
+
+
+def _transformer_phases(
+    c: EHRModelConfig, d: _Dims, ckpt: bool, device: str, precision: str
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    E, D, F, L, S = c.code_embed_dim, c.visit_embed_dim, c.hidden_dim, c.num_layers, c.num_stages
+    h = c.num_heads or 1
+    N, B, V, C = d.N, d.B, d.V, d.C
+    base, P, largest = _static(c, precision)
+    P_emb = c.vocab_size * E
+    inputs = _inputs(d)
+    grads_all = FP32 * P
+    grads_before = grads_all if d.micro > 1 else 0
+    p = c.dropout > 0
+    T = FP32 * N * D  # one [B,V,D] fp32 tensor
+    FF = FP32 * N * F  # one [B,V,d_ff] tensor
+    A = FP32 * B * h * V * V  # one attention matrix [B,h,V,V]
+
+    # encode_visit: ids [N,C] int64 (embedding), ~mask [N,C] bool (masked_fill), counts [N]
+    # int64 (div), pooled [N,E] (visit_projection input)
+    ids = I64 * N * C + BOOL * N * C + 2 * I64 * N
+    pooled = FP32 * N * E
+    # visit grid (visit vector + time projection + position): the dropout mask and output
+    # (the first block's input); without dropout the sum itself is that input
+    grid = 2 * T if p else T
+    # one block: LN1 out, q, k, v (contiguous copies), attention output copy, x1, LN2 out,
+    # the block output; dropout masks after attention and feed-forward; LN stats [B,V,1] x4
+    block = 8 * T + (2 * T if p else 0) + 4 * FP32 * N
+    # feed-forward: ff_in output (GELU input), GELU-dropout mask and output (ff_out input)
+    block += FF + (2 * FF if p else FF)
+    # attention: the math path keeps softmax output, dropout mask and output [B,h,V,V] (CPU
+    # runs the math path whenever dropout is on, fused or not); fused without dropout (or on
+    # CUDA) keeps the output and logsumexp only
+    fused_no_matrix = c.use_flash_attention and (device == "cuda" or not p)
+    if fused_no_matrix:
+        block += T + FP32 * B * h * V
+    else:
+        block += 3 * A if p else A
+    # heads: dropout mask and output (read by both linears; without dropout the final LN
+    # output), logits and time [B,V,S+1], softplus input [B,V,1]
+    final = (2 * T if p else T) + FP32 * N * (S + 2)
+    saved = {
+        "encoder.code_embeddings+indices": ids,
+        "encoder.visit_projection": pooled,
+        "encoder.grid": grid,
+        "encoder.layers": L * block,
+        "encoder.final_norm+heads": final,
+    }
+    phases: dict[str, dict[str, int]] = {}
+    # forward transient: the embedding output [N,C,E] and its masked copy are both alive
+    phases["embedding_forward"] = _phase(
+        base, inputs, grads_before, ids, 2 * FP32 * N * C * E
+    )  # fmt: skip
+    # start of backward: everything saved; checkpointing keeps only each block's input (the
+    # grid's output for the first, counted in grid) and the last block's output (final LN input)
+    kept = ids + grid + (L * T if ckpt else L * block) + final + (0 if ckpt else pooled)
+    phases["forward"] = _phase(base, inputs, grads_before, kept, 3 * T)
+    if ckpt:
+        # the top block recomputed inside backward (heads and final LN already done): its saved
+        # tensors on top of the other blocks' inputs; the gradient of its output and of the
+        # feed-forward are the temporaries
+        phases["layer_backward"] = _phase(
+            base, inputs, grads_before, ids + grid + (L - 1) * T + block, 2 * T + FF
+        )
+    # embedding backward: dense [vocab,E] gradient while the [N,C,E] gradient of the masked
+    # embedding output is alive
+    phases["embedding_backward"] = _phase(base, inputs, grads_all, ids, FP32 * N * C * E)
+    phases["optimizer"] = _phase(base, inputs, grads_all, 0, 2 * FP32 * largest)
+    del P_emb
+    return phases, saved
+
+
 def estimate_memory(
     config: EHRModelConfig,
     *,
@@ -70,13 +350,55 @@ def estimate_memory(
     device: str = "cpu",
     batch_size: int | None = None,
     checkpointing: bool | None = None,
+    visits: int | None = None,
+    codes: int | None = None,
+    lstm_kernel: str = "mkldnn",
 ) -> MemoryEstimate:
-    """Estimate the peak memory of one training step of ``config`` on ``device``."""
+    """Estimate the peak memory of one training step of ``config`` on ``device``.
+
+    ``visits``/``codes`` give the padded batch shape (default: ``max_visits`` x
+    ``max_codes_per_visit``, full padding). ``lstm_kernel`` is the CPU LSTM kernel: ``mkldnn``
+    (oneDNN, torch's default) or ``native``.
+    """
+    B = batch_size if batch_size is not None else config.batch_size
+    ckpt = config.use_checkpoint if checkpointing is None else checkpointing
+    d = _Dims(
+        B=B,
+        V=visits or config.max_visits,
+        C=codes or config.max_codes_per_visit,
+        micro=min(config.gradient_accumulation_steps, 2),
+    )
+    kernel = lstm_kernel if device == "cpu" else "native"
+    if config.model_type == "lstm":
+        phases, saved = _lstm_phases(config, d, ckpt, kernel, precision)
+    else:
+        phases, saved = _transformer_phases(config, d, ckpt, device, precision)
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    notes: list[str] = []
+    overhead: dict[str, int] = {}
+    if device == "cuda":
+        total = sum(phases[peak_phase].values())
+        overhead = {
+            "cuda_context": CUDA_CONTEXT_BYTES,
+            "allocator_reserve": int(total * (CUDA_RESERVED_FACTOR - 1)),
+        }
+        notes.append(
+            "CUDA path unmeasured: cuDNN LSTM state is modelled like the native kernel; "
+            "context and allocator reserve are assumptions"
+        )
+    if device == "mps":
+        notes.append("MPS path unmeasured: MPS has no peak counter; the dry run samples it")
+    if precision != "fp32":
+        notes.append("mixed precision: activation sizes are not yet calibrated (fp32 assumed)")
     return MemoryEstimate(
         precision=precision,
         device=device,
-        batch_size=batch_size if batch_size is not None else config.batch_size,
-        checkpointing=config.use_checkpoint if checkpointing is None else checkpointing,
-        breakdown=static_memory(config, precision),
-        notes=["activation memory is not modelled yet: the total is a lower bound"],
+        batch_size=B,
+        checkpointing=ckpt,
+        breakdown=phases[peak_phase],
+        notes=notes,
+        peak_phase=peak_phase,
+        phases={k: sum(v.values()) for k, v in phases.items()},
+        saved_by_module=saved,
+        device_overhead=overhead,
     )
