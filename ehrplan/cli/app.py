@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from ehrplan.cli import estimate, presets
+from ehrplan.cli import dryrun, estimate, presets
 from ehrplan.cli import synth as synth_cmd
 from ehrplan.cli.data import data_app
 from ehrplan.cli import hardware as hardware_cmd
@@ -30,6 +30,7 @@ app = typer.Typer(
 app.command("presets")(presets.presets)
 app.command("estimate")(estimate.estimate)
 app.command("synth")(synth_cmd.synth)
+app.command("dry-run")(dryrun.dry_run)
 app.add_typer(data_app, name="data")
 app.command("hardware")(hardware_cmd.hardware)
 app.command("recommend")(recommend_cmd.recommend)

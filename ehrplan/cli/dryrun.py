@@ -1,0 +1,195 @@
+"""`ehrplan dry-run`: run two real training steps and put the measured peak beside the estimate.
+
+torch is imported only once the step is about to run (never for ``--help``), and not at all when
+the estimate alone says the step cannot fit the CPU's memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import RenderableType
+from rich.table import Table
+
+from ehrplan.cli.options import (
+    BatchSizeOpt,
+    ConfigOpt,
+    JsonOpt,
+    PresetOpt,
+    SetOpt,
+    SizeOpt,
+    TypeOpt,
+    config_from_options,
+)
+from ehrplan.config import EHRModelConfig
+from ehrplan.errors import DeviceError, DoesNotFitError, UsageError
+from ehrplan.estimator import PRECISIONS, estimate_memory
+from ehrplan.output import emit, fmt_bytes
+
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+#: Head-room kept free on the CPU: the interpreter, torch's libraries and allocator slack live
+#: beside the tensors (the process's RSS exceeds the live tensor bytes by a few hundred MiB).
+CPU_HEADROOM_BYTES = 512 * 1024**2
+
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")
+]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="fp32, or mixed precision: fp16 or bf16 autocast.")
+]
+CheckpointOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--checkpointing/--no-checkpointing",
+        help="Gradient checkpointing (default: the config's use_checkpoint).",
+    ),
+]
+SimulateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--simulate",
+        help="Measure without allocating (fake tensors). Refused for LSTMs: see the message.",
+    ),
+]
+
+
+def cpu_available_bytes() -> tuple[int, str]:
+    """Memory a CPU step may use now: psutil's available RAM, capped by the cgroup v2 limit
+    (``/sys/fs/cgroup/memory.max`` less ``memory.current``). Returns bytes and where from.
+
+    Local stand-in for the cgroup-aware probe of `ehrplan.hardware` (to be unified).
+    """
+    import psutil
+
+    available = int(psutil.virtual_memory().available)
+    source = "psutil available memory"
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit_text = (root / "memory.max").read_text().strip()
+        if limit_text != "max":
+            room = int(limit_text) - int((root / "memory.current").read_text().strip())
+            if room < available:
+                available, source = max(room, 0), "cgroup memory.max less memory.current"
+    except (OSError, ValueError):
+        pass
+    return available, source
+
+
+def _check_cpu_fits(cfg: EHRModelConfig, precision: str, ckpt: bool) -> tuple[int, str]:
+    """Raise DoesNotFitError, without allocating anything, when the estimated peak plus
+    head-room exceeds the memory available: on the CPU the kernel kills an out-of-memory
+    process instead of raising, so the step must not be started."""
+    est = estimate_memory(cfg, precision=precision, device="cpu", checkpointing=ckpt)
+    available, source = cpu_available_bytes()
+    if est.total_bytes + CPU_HEADROOM_BYTES > available:
+        raise DoesNotFitError(
+            f"does not fit: the estimated peak {fmt_bytes(est.total_bytes)} plus "
+            f"{fmt_bytes(CPU_HEADROOM_BYTES)} head-room exceeds the {fmt_bytes(available)} "
+            f"available ({source}); the step was not run"
+        )
+    return available, source
+
+
+def dry_run(
+    preset: PresetOpt = None,
+    size: SizeOpt = None,
+    model_type: TypeOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    batch_size: BatchSizeOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    checkpointing: CheckpointOpt = None,
+    simulate: SimulateOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Build the model, run two real training steps, and report the measured peak memory of the
+    second one beside the analytic estimate.
+
+    The batch is fully padded (batch x max_visits x max_codes_per_visit). Exit 1 when it does
+    not fit: a real out-of-memory error, or on the CPU an estimate above the available memory
+    (the step is then not started). Exit 2 for an unknown or absent device.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}' (valid: {', '.join(PRECISIONS)})")
+    cfg, source = config_from_options(preset, size, model_type, config, set_, batch_size=batch_size)
+    if simulate and cfg.model_type == "lstm":
+        raise UsageError(
+            "--simulate is refused for LSTMs: fake tensors trace nn.LSTM through a different "
+            "kernel and undercount its saved state several-fold; use `ehrplan estimate`, which "
+            "models the real oneDNN kernel"
+        )
+    if simulate:
+        raise UsageError(
+            "--simulate is not implemented yet; `ehrplan estimate` gives the analytic peak"
+        )
+    ckpt = cfg.use_checkpoint if checkpointing is None else checkpointing
+    if device not in DEVICE_CHOICES:
+        raise DeviceError(f"unknown device '{device}' (valid: {', '.join(DEVICE_CHOICES)})")
+    available: int | None = None
+    available_source = None
+    if device == "cpu":  # decided before torch is even imported
+        available, available_source = _check_cpu_fits(cfg, precision, ckpt)
+
+    from ehrplan.measure import cpu_lstm_kernel, measure_step, resolve_device
+
+    dev = resolve_device(device)
+    if dev == "cpu" and available is None:
+        available, available_source = _check_cpu_fits(cfg, precision, ckpt)
+    kernel = cpu_lstm_kernel() if dev == "cpu" else "mkldnn"
+    est = estimate_memory(
+        cfg, precision=precision, device=dev, checkpointing=ckpt, lstm_kernel=kernel
+    )  # fmt: skip
+    m = measure_step(cfg, precision=precision, device=dev, checkpointing=ckpt)
+    measured = m.measured_peak_bytes
+    payload: dict[str, Any] = {
+        "source": source,
+        "model_type": cfg.model_type,
+        "device": dev,
+        "precision": precision,
+        "batch_size": cfg.batch_size,
+        "micro_batches": m.micro_batches,
+        "checkpointing": ckpt,
+        "measured_peak_bytes": measured,
+        "estimated_peak_bytes": est.total_bytes,
+        "error": (est.total_bytes - measured) / measured,
+        "peak_reserved_bytes": m.peak_reserved_bytes,
+        "process_peak_rss_bytes": m.process_peak_rss_bytes,
+        "measurement_method": m.method,
+        "lstm_kernel": m.lstm_kernel,
+        "step_seconds": m.step_seconds,
+        "estimated_peak_phase": est.peak_phase,
+        "estimate_breakdown": dict(est.breakdown),
+        "device_overhead": dict(est.device_overhead),
+        "available_bytes": available,
+        "available_source": available_source,
+        "notes": est.notes,
+    }
+    emit("dry-run", payload, as_json=json_, render=_render)
+
+
+def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    t = Table(
+        title=f"Dry run: {p['source']} — {p['model_type']} on {p['device']}, {p['precision']}, "
+        f"batch {p['batch_size']} x {p['micro_batches']} micro-batch(es)"
+        + (", checkpointing" if p["checkpointing"] else "")
+    )
+    t.add_column("")
+    t.add_column("bytes", justify="right")
+    t.add_column("", justify="right")
+    rows = [
+        ("measured peak (second step)", p["measured_peak_bytes"]),
+        ("estimated peak", p["estimated_peak_bytes"]),
+        ("peak reserved", p["peak_reserved_bytes"]),
+        ("process peak RSS", p["process_peak_rss_bytes"]),
+        ("available (CPU)", p["available_bytes"]),
+    ]
+    for label, value in rows:
+        if value is not None:
+            t.add_row(label, f"{value:,}", fmt_bytes(value))
+    t.add_row("[bold]error of the estimate", "", f"[bold]{p['error']:+.1%}")
+    yield t
+    yield f"measured by: {p['measurement_method']}; estimated peak at: {p['estimated_peak_phase']}"
