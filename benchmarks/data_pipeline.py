@@ -15,6 +15,10 @@ Run by hand (figures depend on the machine; none is asserted in tests):
    per-batch padding without and with length bucketing, against padding every batch to the
    preset's ``max_visits`` x ``max_codes_per_visit``. Truncation is the preset's in all three,
    so the real positions are the same. Also the collate throughput (patients per second).
+4. ``--baseline``: how learnable the stage is from one visit alone: a logistic regression
+   (scikit-learn) on each labelled visit's set of token ids, trained on the train split and
+   scored on held_out, with and without value bins, against always predicting the majority
+   stage. A sequence model should beat it by using the visits before.
 """
 
 from __future__ import annotations
@@ -66,6 +70,31 @@ def padding(ds: Any, batch_size: int, bucketing: bool) -> dict[str, Any]:
     }
 
 
+def baseline(cohort: Any, value_bins: int) -> dict[str, Any]:
+    """Logistic regression on one visit's token set -> its stage; train -> held_out."""
+    import scipy.sparse as sp
+    from sklearn.linear_model import LogisticRegression
+
+    from ehrplan.data.vocab import train_vocab
+
+    vocab = train_vocab(cohort, value_bins=value_bins)
+    ids = vocab.encode(cohort.code, cohort.numeric_value)
+    visit = np.repeat(np.arange(cohort.num_visits), cohort.codes_per_visit())
+    x = sp.csr_matrix((np.ones(len(ids)), (visit, ids)), shape=(cohort.num_visits, len(vocab)))
+    x.data[:] = 1.0  # presence, not counts
+    split = cohort.split[np.repeat(np.arange(cohort.num_patients), cohort.visits_per_patient())]
+    labelled = cohort.stage >= 0
+    tr, te = labelled & (split == "train"), labelled & (split == "held_out")
+    model = LogisticRegression(max_iter=3000).fit(x[tr], cohort.stage[tr])
+    majority = np.bincount(cohort.stage[tr]).argmax()
+    return {
+        "vocab_size": len(vocab),
+        "held_out_visits": int(te.sum()),
+        "accuracy": float((model.predict(x[te]) == cohort.stage[te]).mean()),
+        "majority_accuracy": float((cohort.stage[te] == majority).mean()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patients", type=int, default=2000)
@@ -74,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", action="append", help="preset(s); default small-lstm, medium-lstm")
     ap.add_argument("--batch-size", type=int, help="default: each preset's batch_size")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline", action="store_true", help="single-visit bag-of-codes baseline")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -132,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 "per_batch_bucketed": padding(ds, bs, bucketing=True),
             }
 
+        if args.baseline:
+            result["baseline"] = {f"value_bins={b}": baseline(cohort, value_bins=b) for b in (5, 0)}
+
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -164,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{pb['padding_ratio_preset_maxima']:>12.2f}{bk['collate_patients_per_s']:>12,.0f}"
         )
     print("\npadding ratio = padded positions / real code positions (1.00 = no padding)")
+    for name, r in result.get("baseline", {}).items():
+        print(
+            f"single-visit baseline ({name}): held-out stage accuracy {r['accuracy']:.3f} "
+            f"over {r['held_out_visits']:,} visits; majority stage {r['majority_accuracy']:.3f}"
+        )
     return 0
 
 

@@ -6,59 +6,66 @@ of N. Nothing here is real patient data; the numbers below are modelling choices
 with where it comes from, sized to look like a nephrology clinic's records, not fitted to any.
 
 The disease
-- True kidney function is an eGFR trajectory (mL/min/1.73m²): a baseline drawn from
-  N(58, 22) clipped to [8, 125] (a referred-CKD mix: mostly G2-G3, some G1, G4, G5) and a
-  linear per-patient decline whose rate is log-normal with median 1.2 /yr (non-diabetic) or
-  2.4 /yr (diabetic), sigma 0.75, scaled up by albuminuria ((UACR/30)^0.25). About 1 /yr is
-  the usual age-related loss; KDIGO 2012 (Kidney Int Suppl 2013;3:1-150, ch. 2.1) calls a
-  sustained decline > 5 /yr "rapid progression", which these rates give to a minority,
-  more often diabetics.
-- Stage: the KDIGO 2012 GFR categories G1 >= 90, G2 60-89, G3a 45-59, G3b 30-44, G4 15-29,
-  G5 < 15, mapped onto the five stages 0..4 of K/DOQI 2002 (Am J Kidney Dis 2002;39(2 Suppl 1)),
+- True kidney function is an eGFR trajectory (mL/min/1.73m²): a baseline drawn from N(58, 22)
+  clipped to [8, 125] (a referred-CKD mix: mostly G2-G3, some G1, G4, G5) and a linear
+  per-patient decline whose rate is log-normal with median 1.2 /yr (non-diabetic) or 2.4 /yr
+  (diabetic), sigma 0.75, scaled up by albuminuria ((UACR/30)^0.25). About 1 /yr is the usual
+  age-related loss; KDIGO 2012 (Kidney Int Suppl 2013;3:1-150, ch. 2.1) calls a sustained
+  decline > 5 /yr "rapid progression", which these rates give to a minority, more often
+  diabetics.
+- Stage: the KDIGO 2012 GFR categories G1 >= 90, G2 60-89, G3a 45-59, G3b 30-44, G4 15-29, G5 <
+  15, mapped onto the five stages 0..4 of K/DOQI 2002 (Am J Kidney Dis 2002;39(2 Suppl 1)),
   whose stage 3 is G3a and G3b together (30-59): stage = G1->0, G2->1, G3a/G3b->2, G4->3, G5->4.
   The label is the stage of the *true* eGFR at the visit, which no code states exactly.
 - Dialysis starts once true eGFR is below 10 (half the visits there) or 6 (always); after it,
   visits are monthly and carry CPT 90935 (hemodialysis), ICD-10-CM Z99.2 and N18.6.
 - Follow-up: entry uniform over 2012-2022; censoring at the first of the end of the study
   (2024-12-31), loss to follow-up (exponential, mean 9 years), or death (MEDS_DEATH), whose
-  hazard rises with stage (assumed 1, 1.5, 3, 3, 6, 10 and on dialysis 15 % a year for G1..G5;
-  chosen to rise steeply with stage as registry reports such as the USRDS Annual Data Report do;
-  not fitted to them).
+  hazard rises with stage (assumed 1, 1.5, 3, 3, 6, 10 % a year for G1, G2, G3a, G3b, G4, G5 and
+  15 % on dialysis; chosen to rise steeply with stage as registry reports such as the USRDS
+  Annual Data Report do; not fitted to them).
 
 Visits
 - Visits per year grow with the GFR category, after KDIGO 2012 recommendation 2.1.3 (monitoring
-  at least yearly, more often as GFR falls): 1, 1.5, 2, 3, 4, 6 for G1..G5 and 12 on dialysis;
-  gaps are gamma(shape 2) distributed, at least a week.
-- A visit's events fall within 3 hours of its start: the E/M code (CPT 99213/99214/99215)
-  and diagnoses at the start, labs 15-90 min later, medications and procedures in between.
+  at least yearly, more often as GFR falls): 1, 1.5, 2, 3, 4, 6 for G1, G2, G3a, G3b, G4, G5 and
+  12 on dialysis; gaps are gamma(shape 2) distributed, at least a week.
+- A visit's events fall within 3 hours of its start: the E/M code (CPT 99213/99214/99215, higher
+  levels likelier at later stages) and diagnoses at the start, labs 15-90 min later, medications
+  and procedures in between.
 
 Codes per visit (names ``VOCAB//CODE``)
 - Diagnoses (ICD-10-CM): the stage code N18.1, N18.2, N18.3 (N18.30/N18.31/N18.32 for G3
   unspecified/G3a/G3b from 2020-10-01, when the FY2021 ICD-10-CM update added them), N18.4,
-  N18.5, N18.6 (dialysis), only on 45 % of visits, N18.9 (unspecified) on 15 %, and on 5 % the
-  previous category's code (coding lag); E11.22 / E11.9 (type 2 diabetes with / without
-  diabetic CKD), I12.9 / I12.0 (hypertensive CKD, stage 1-4 / 5), I10, E78.5, D63.1 (anemia in
-  CKD, when hemoglobin < 11), E87.5 (hyperkalemia, when K > 5.5), N25.81 (secondary
-  hyperparathyroidism of renal origin, G4+), R80.9 (proteinuria, when UACR > 300).
+  N18.5, N18.6 (ESRD: half the G5 visits below eGFR 10), only on 45 % of visits, N18.9
+  (unspecified) on 15 %, and on 5 % the previous category's code (coding lag); E11.22 / E11.9
+  (type 2 diabetes with / without diabetic CKD), I12.9 / I12.0 (hypertensive CKD, stage 1-4 /
+  5), I10, E78.5, D63.1 (anemia in CKD, when hemoglobin < 11), E87.5 (hyperkalemia, when K >
+  5.5), N25.81 (secondary hyperparathyroidism of renal origin, G4+), R80.9 (proteinuria, when
+  UACR > 300).
 - Labs (LOINC) with values: creatinine 2160-0 (mg/dL) is drawn from the true eGFR by inverting
-  CKD-EPI 2021 (Inker et al., NEJM 2021;385:1737-49) with a within-person coefficient of
-  variation of 8 %; the reported eGFR is computed from that noisy creatinine by the same
-  equation, as labs do, under LOINC 33914-3 (MDRD-era code) before 2022 and 98979-8 (CKD-EPI
-  2021, race-free) from 2022 on; it is measured on 70 % (G1-G2) to 90 % (G4-G5) of visits.
-  UACR 9318-7 (mg/g, log-normal around a per-patient level), potassium 2823-3 (mmol/L, higher
-  with lower eGFR and on ACE inhibitors/ARBs), hemoglobin 718-7 (g/dL, lower with lower eGFR),
-  HbA1c 4548-4 (diabetics), phosphate 2777-1 (G3b+), PTH 2731-8 (G4+).
-- Medications (ATC): ACE inhibitors/ARBs C09AA05 ramipril, C09AA03 lisinopril, C09CA01
-  losartan; SGLT2 inhibitors A10BK01 dapagliflozin, A10BK03 empagliflozin (from 2020-06, after
-  CREDENCE 2019 and DAPA-CKD 2020, while eGFR >= 20); C10AA05 atorvastatin (KDIGO 2013 lipid
-  guideline: statins for CKD patients >= 50); A10BA02 metformin (only while eGFR >= 30, its
-  labelled limit), A10AE04 insulin glargine; C08CA01 amlodipine; C03CA01 furosemide (G4+);
-  B03XA01 epoetin (hemoglobin < 10); V03AE02 sevelamer (phosphate > 5.5).
+  CKD-EPI 2021 (Inker et al., NEJM 2021;385:1737-49) with 10 % log-normal noise (within-person
+  biological plus analytical variation) and, on 8 % of measurements, a transient 20-60 % rise
+  (intercurrent illness; an assumption); the reported eGFR is computed from that noisy
+  creatinine by the same equation, as labs do, under LOINC 33914-3 (MDRD-era code) before 2022
+  and 98979-8 (CKD-EPI 2021, race-free) from 2022 on; creatinine is measured on 70 % (G1-G2) to
+  90 % (G4-G5) of visits, eGFR reported on 90 % of those. UACR 9318-7 (mg/g, log-normal around a
+  per-patient level), potassium 2823-3 (mmol/L, higher with lower eGFR), hemoglobin 718-7 (g/dL,
+  lower with lower eGFR), HbA1c 4548-4 (diabetics), phosphate 2777-1 and PTH 2731-8 (measured
+  more often as GFR falls, KDIGO 2017 CKD-MBD monitoring from G3a on).
+- Medications (ATC): ACE inhibitors/ARBs C09AA05 ramipril, C09AA03 lisinopril, C09CA01 losartan;
+  SGLT2 inhibitors A10BK01 dapagliflozin, A10BK03 empagliflozin (from 2020-06, after CREDENCE
+  2019 and DAPA-CKD 2020, while eGFR >= 20); C10AA05 atorvastatin (KDIGO 2013 lipid guideline:
+  statins for CKD patients >= 50); A10BA02 metformin, switched to A10AE04 insulin glargine below
+  a per-patient eGFR drawn from N(35, 8) (its labelled limit is 30; many stop sooner), a quarter
+  of diabetics on insulin throughout; C08CA01 amlodipine; C03CA01 furosemide below a per-patient
+  eGFR from N(25, 10) (15 % never); ACE inhibitor/ARB stopped below a per-patient eGFR from
+  N(12, 5) for half the patients; B03XA01 epoetin (hemoglobin < 10); V03AE02 sevelamer
+  (phosphate > 5.5).
 - Procedures (CPT): 90935 hemodialysis, 36821 arteriovenous fistula (once, before dialysis).
-- A long tail of unrelated codes, ``SYNTH//DX|RX|LAB|PROC//NNNNN`` (placeholder names: real
-  code lists are licensed), drawn from a Zipf law (exponent 1.1) over 6,000 codes,
-  Poisson(3 + stage) per visit: a vocabulary whose frequency is heavy-tailed, with many
-  codes rare enough to fall under a vocabulary cut-off.
+- A long tail of unrelated codes, ``SYNTH//DX|RX|LAB|PROC//NNNNN`` (placeholder names, not real
+  codes, so that none is misread as a real diagnosis), drawn from a Zipf law (exponent 1.1) over
+  6,000 codes, Poisson(3 + stage) per visit: a vocabulary whose frequency is heavy-tailed, with
+  many codes rare enough to fall under a vocabulary cut-off.
 - Static: GENDER//F or GENDER//M (null time) and MEDS_BIRTH.
 
 Labels: one task, ``tasks/ckd_stage/``, one row per clinical visit, ``prediction_time`` = the
@@ -125,6 +132,10 @@ G_LOWER = (90.0, 60.0, 45.0, 30.0, 15.0)  # KDIGO lower bounds of G1, G2, G3a, G
 G_TO_STAGE = (0, 1, 2, 2, 3, 4)  # G1, G2, G3a, G3b, G4, G5 -> K/DOQI 2002 stages 1..5 (0-based)
 VISITS_PER_YEAR = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # by G category; dialysis: 12
 DEATH_PER_YEAR = (0.01, 0.015, 0.03, 0.03, 0.06, 0.10)  # by G category; dialysis: 0.15
+EM_99214 = (0.30, 0.35, 0.45, 0.50, 0.55, 0.50)  # share of visits coded 99214, by G category
+EM_99215 = (0.02, 0.04, 0.08, 0.12, 0.20, 0.35)  # ... and 99215; the rest are 99213
+P_PHOSPHATE = (0.05, 0.10, 0.20, 0.35, 0.50, 0.60)  # phosphate measured, by G category
+P_PTH = (0.02, 0.05, 0.10, 0.20, 0.35, 0.50)  # PTH measured, by G category
 N18 = ("N18.1", "N18.2", "N18.31", "N18.32", "N18.4", "N18.5")
 
 TAIL_SIZE = 6000
@@ -265,6 +276,11 @@ def simulate_patient(seed: int, index: int) -> _Patient:
     on_amlodipine = hypertensive and rng.random() < 0.4
     on_statin = lipids or age0 >= 50
     takes_sglt2 = (diabetic or uacr0 > 200) and rng.random() < 0.6
+    # prescribing thresholds differ between clinicians: per-patient, not one cut-off
+    metformin_stop = float(rng.normal(35, 8))  # labelled limit 30; many stop nearer 45
+    insulin_from_start = rng.random() < 0.25
+    loop_diuretic_below = float(rng.normal(25, 10)) if rng.random() < 0.85 else 200.0
+    acei_stop = float(rng.normal(12, 5)) if rng.random() < 0.5 else -1.0
 
     times: list[int] = []
     codes: list[str] = []
@@ -306,17 +322,18 @@ def simulate_patient(seed: int, index: int) -> _Patient:
         # medications and procedures
         med_t = t + int(rng.integers(5, 60)) * 60_000_000
         meds = []
-        if on_acei and egfr >= 15 and not (k is not None and k > 6.0):
+        if on_acei and egfr >= acei_stop and not (k is not None and k > 6.0):
             meds.append(acei)
         if takes_sglt2 and t >= SGLT2_FROM and egfr >= 20 and not dialysis:
             meds.append(sglt2)
         if on_statin:
             meds.append("C10AA05")
         if diabetic:
-            meds.append("A10BA02" if egfr >= 30 else "A10AE04")
+            insulin = insulin_from_start or egfr < metformin_stop
+            meds.append("A10AE04" if insulin else "A10BA02")
         if on_amlodipine:
             meds.append("C08CA01")
-        if g >= 4:
+        if egfr < loop_diuretic_below:
             meds.append("C03CA01")
         if hb is not None and hb < 10:
             meds.append("B03XA01")
@@ -388,8 +405,8 @@ def _visit(
     lipids: bool,
 ) -> tuple[float | None, float | None, float | None]:
     """Add one visit's E/M code, diagnoses and labs; return (hemoglobin, potassium, phosphate)."""
-    stage = G_TO_STAGE[g]
-    em = "99213" if stage <= 1 else ("99215" if g == 5 and rng.random() < 0.5 else "99214")
+    u = rng.random()  # visit complexity rises with stage, but every level occurs at every stage
+    em = "99215" if u < EM_99215[g] else ("99214" if u < EM_99215[g] + EM_99214[g] else "99213")
     add(t, f"CPT//{em}")
     dx: list[str] = []
     u = rng.random()
@@ -417,7 +434,9 @@ def _visit(
     p_bmp = (0.7, 0.7, 0.8, 0.8, 0.9, 0.9)[g]
     k = hb = phos = None
     if rng.random() < p_bmp:
-        scr = creatinine_from_egfr(egfr, age, female) * float(rng.lognormal(0, 0.08))
+        scr = creatinine_from_egfr(egfr, age, female) * float(rng.lognormal(0, 0.10))
+        if rng.random() < 0.08:  # intercurrent illness (dehydration, AKI): a transient rise
+            scr *= float(rng.uniform(1.2, 1.6))
         labs.append(("2160-0", scr))
         if rng.random() < 0.9:
             loinc = "98979-8" if t >= CKD_EPI_2021_FROM else "33914-3"
@@ -437,10 +456,10 @@ def _visit(
             dx.append("D63.1")
     if diabetic and rng.random() < 0.5:
         labs.append(("4548-4", 7.2 + float(rng.normal(0, 0.9))))
-    if g >= 3 and rng.random() < 0.4:
+    if rng.random() < P_PHOSPHATE[g]:
         phos = 3.6 + 0.05 * max(0.0, 30 - egfr) + float(rng.normal(0, 0.4))
         labs.append(("2777-1", phos))
-    if g >= 4 and rng.random() < 0.3:
+    if rng.random() < P_PTH[g]:
         labs.append(("2731-8", 40.0 * math.exp(0.04 * max(0.0, 60 - egfr) + rng.normal(0, 0.3))))
     if k is not None and k > 5.5 and rng.random() < 0.6:
         dx.append("E87.5")
