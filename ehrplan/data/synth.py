@@ -18,7 +18,7 @@ The disease
   whose stage 3 is G3a and G3b together (30-59): stage = G1->0, G2->1, G3a/G3b->2, G4->3, G5->4.
   The label is the stage of the *true* eGFR at the visit, which no code states exactly.
 - Dialysis starts once true eGFR is below 10 (half the visits there) or 6 (always); after it,
-  visits are monthly and carry CPT 90935 (hemodialysis), ICD-10-CM Z99.2 and N18.6.
+  visits are monthly and carry CPT 90935 (hemodialysis) and ICD-10-CM Z99.2 (N18.6 as below).
 - Follow-up: entry uniform over 2012-2022; censoring at the first of the end of the study
   (2024-12-31), loss to follow-up (exponential, mean 9 years), or death (MEDS_DEATH), whose
   hazard rises with stage (assumed 1, 1.5, 3, 3, 6, 10 % a year for G1, G2, G3a, G3b, G4, G5 and
