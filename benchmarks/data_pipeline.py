@@ -184,13 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(
-        f"{'preset':<14}{'B':>4}{'V x C':>10}{'events lost':>13}"
+        f"{'preset':<20}{'B':>4}{'V x C':>10}{'events lost':>13}"
         f"{'per-batch':>11}{'bucketed':>10}{'preset max':>12}{'patients/s':>12}"
     )
     for name, r in result["presets"].items():
         pb, bk = r["per_batch"], r["per_batch_bucketed"]
         print(
-            f"{name:<14}{r['batch_size']:>4}"
+            f"{name:<20}{r['batch_size']:>4}"
             f"{str(r['max_visits']) + 'x' + str(r['max_codes_per_visit']):>10}"
             f"{r['truncation']['events_dropped_fraction']:>13.1%}"
             f"{pb['padding_ratio']:>11.2f}{bk['padding_ratio']:>10.2f}"
