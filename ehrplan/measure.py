@@ -22,7 +22,9 @@ every later micro-batch repeats the second one's memory exactly.
 from __future__ import annotations
 
 import gc
+import json
 import resource
+import subprocess
 import sys
 import time
 import weakref
@@ -113,6 +115,9 @@ class Measurement:
     """CUDA: max_memory_reserved; MPS: largest sampled driver allocation; CPU: None."""
     process_peak_rss_bytes: int
     """The process's peak resident set size so far (ru_maxrss), libraries included."""
+    rss_before_bytes: int
+    """ru_maxrss before the model was built: in a fresh process (`measure_in_subprocess`),
+    ``process_peak_rss_bytes - rss_before_bytes`` is the step's RSS growth, a cross-check."""
     step_seconds: float
     lstm_kernel: str | None
     """CPU LSTM kernel in use: 'mkldnn' (oneDNN) or 'native'; None for other devices."""
@@ -248,6 +253,7 @@ def measure_step(
 
     torch.manual_seed(seed)
     gc.collect()
+    rss_before = peak_rss_bytes()
     with _oom_is_does_not_fit(what):
         model = build_model(cfg).to(device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -310,6 +316,42 @@ def measure_step(
         measured_peak_bytes=int(peak),
         peak_reserved_bytes=None if reserved is None else int(reserved),
         process_peak_rss_bytes=peak_rss_bytes(),
+        rss_before_bytes=rss_before,
         step_seconds=seconds,
         lstm_kernel=cpu_lstm_kernel() if device == "cpu" else None,
     )
+
+
+def measure_in_subprocess(
+    config: EHRModelConfig, *, timeout: float | None = None, **kwargs: Any
+) -> Measurement:
+    """`measure_step` in a fresh Python process: nothing of this process's memory mixes in, and
+    the RSS growth (``process_peak_rss_bytes - rss_before_bytes``) is the step's own."""
+    request = json.dumps({"config": config.model_dump(), "kwargs": kwargs})
+    code = "from ehrplan.measure import _subprocess_main; _subprocess_main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        input=request,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if "does not fit" in last:
+            raise DoesNotFitError(last.removeprefix("error: "))
+        raise RuntimeError(f"measurement subprocess failed (exit {proc.returncode}): {last}")
+    return Measurement(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _subprocess_main() -> None:
+    from ehrplan.config import validate_config
+    from ehrplan.errors import EhrplanError
+
+    request = json.loads(sys.stdin.read())
+    try:
+        m = measure_step(validate_config(request["config"]), **request["kwargs"])
+    except EhrplanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    print(json.dumps(m.to_dict()))

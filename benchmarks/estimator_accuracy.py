@@ -1,0 +1,158 @@
+"""Accuracy of the analytic memory estimator against measured training steps (run by hand).
+
+For every preset, at batch sizes whose measured peak stays below about 6 GiB (this machine is
+shared), with and without gradient checkpointing: the estimate, the measured peak of the second
+training step (`ehrplan.measure`, each case in a fresh subprocess) and the error
+(estimate - measured) / measured. The process's RSS growth is printed beside it as a
+cross-check (it also holds allocator slack, oneDNN scratch space and lazily loaded libraries).
+
+    python benchmarks/estimator_accuracy.py                  # every case, fp32 on the CPU
+    python benchmarks/estimator_accuracy.py --quick          # the preset batch of each only
+    python benchmarks/estimator_accuracy.py --csv benchmarks/data/estimator_accuracy_cpu.csv
+    python benchmarks/estimator_accuracy.py --measured benchmarks/data/estimator_accuracy_cpu.csv
+
+The preset's own micro-batch is reduced where its measured peak would pass ~6 GiB; the first
+batch size listed for each preset is its "main" batch (the preset's own, or the reduced one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ehrplan.config import get_preset
+from ehrplan.estimator import estimate_memory
+from ehrplan.measure import measure_in_subprocess
+
+#: preset -> batch sizes; the first is the main batch (the preset's, or reduced to fit ~6 GiB).
+CASES: dict[str, tuple[int, ...]] = {
+    "tiny-lstm": (8, 2, 4, 16),
+    "tiny-transformer": (8, 2, 4, 16),
+    "small-lstm": (4, 1, 2, 8),
+    "small-transformer": (2, 1, 8, 32),
+    "medium-lstm": (8, 2, 4, 16),  # preset batch 32: estimated 6.17 GiB
+    "medium-transformer": (16, 4, 8, 32),
+    "large-lstm": (2, 1, 3, 4),  # preset batch 64: estimated 71.7 GiB
+    "large-transformer": (32, 2, 8, 16),  # preset batch 32: estimated 3.95 GiB
+}
+FIELDS = (
+    "preset",
+    "batch",
+    "micro_batches",
+    "checkpointing",
+    "estimated_bytes",
+    "measured_bytes",
+    "error",
+    "rss_growth_bytes",
+    "peak_phase",
+    "seconds",
+)
+
+
+def _load_measured(path: Path) -> dict[tuple[str, int, bool], dict[str, str]]:
+    with path.open() as f:
+        lines = [line for line in f if not line.startswith("#")]
+    return {
+        (r["preset"], int(r["batch"]), r["checkpointing"] == "True"): r
+        for r in csv.DictReader(lines)
+    }
+
+
+def run(
+    quick: bool, only: list[str] | None, measured: Path | None = None
+) -> list[dict[str, object]]:
+    """Estimate and measure every case (or take the measurements from a CSV written earlier)."""
+    rows: list[dict[str, object]] = []
+    stored = _load_measured(measured) if measured else {}
+    header = (
+        f"{'preset':<19}{'batch':>6}{'ckpt':>6}{'estimate':>16}{'measured':>16}{'error':>8}"
+        f"{'RSS growth':>16}  peak phase"
+    )
+    print(header)
+    print("-" * len(header))
+    for preset, batches in CASES.items():
+        if only and preset not in only:
+            continue
+        cfg = get_preset(preset).config
+        for b in batches[:1] if quick else batches:
+            for ckpt in (False, True):
+                est = estimate_memory(cfg, batch_size=b, checkpointing=ckpt)
+                t0 = time.perf_counter()
+                if stored:
+                    if (preset, b, ckpt) not in stored:
+                        continue
+                    old = stored[(preset, b, ckpt)]
+                    measured_bytes, micro = int(old["measured_bytes"]), int(old["micro_batches"])
+                    rss, seconds = int(old["rss_growth_bytes"]), float(old["seconds"])
+                else:
+                    m = measure_in_subprocess(cfg, batch_size=b, checkpointing=ckpt)
+                    measured_bytes, micro = m.measured_peak_bytes, m.micro_batches
+                    rss = m.process_peak_rss_bytes - m.rss_before_bytes
+                    seconds = round(time.perf_counter() - t0, 1)
+                err = (est.total_bytes - measured_bytes) / measured_bytes
+                row = {
+                    "preset": preset,
+                    "batch": b,
+                    "micro_batches": micro,
+                    "checkpointing": ckpt,
+                    "estimated_bytes": est.total_bytes,
+                    "measured_bytes": measured_bytes,
+                    "error": round(err, 5),
+                    "rss_growth_bytes": rss,
+                    "peak_phase": est.peak_phase,
+                    "seconds": seconds,
+                }
+                rows.append(row)
+                print(
+                    f"{preset:<19}{b:>6}{'on' if ckpt else 'off':>6}{est.total_bytes:>16,}"
+                    f"{measured_bytes:>16,}{err:>+8.1%}{row['rss_growth_bytes']:>16,}"
+                    f"  {est.peak_phase}",
+                    flush=True,
+                )
+    worst = max(abs(float(r["error"])) for r in rows)  # type: ignore[arg-type]
+    print(f"\n{len(rows)} cases; largest |error| {worst:.1%}")
+    return rows
+
+
+def write_csv(rows: list[dict[str, object]], path: Path, command: str) -> None:
+    """Write the rows with the command and machine in comment lines; temp file + os.replace."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(f"# command: {command}\n")
+        f.write(
+            f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"Python {platform.python_version()}\n"
+        )
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="only the main batch of each preset")
+    ap.add_argument("--preset", action="append", help="limit to these presets (repeatable)")
+    ap.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+    ap.add_argument(
+        "--measured",
+        type=Path,
+        help="take the measured peaks from this CSV (written by --csv) instead of measuring",
+    )
+    args = ap.parse_args()
+    rows = run(args.quick, args.preset, args.measured)
+    if args.csv:
+        write_csv(rows, args.csv, "python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
