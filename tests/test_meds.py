@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from meds_helpers import ROWS_A, ROWS_B, h, table, write_hand_built
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from meds_helpers import ROWS_A, ROWS_B, T0, h, table, write_hand_built
 
 from ehrplan.data.cohort import IGNORE_INDEX, load_cohort
 from ehrplan.data.meds import read_events
@@ -205,3 +208,33 @@ def test_foreign_types_are_cast_losslessly(tmp_path: Path) -> None:
         DataError, match=r"subject 6 is split across data/1\.parquet and data/2\.parquet"
     ):
         read_events(root)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    gaps=st.lists(
+        st.lists(st.integers(min_value=0, max_value=72), min_size=1, max_size=12),
+        min_size=1,
+        max_size=5,
+    ),
+    window=st.sampled_from([1.0, 6.0, 24.0]),
+)
+def test_visits_match_a_naive_sessioniser(gaps: list[list[int]], window: float) -> None:
+    """Gap-based visits, vectorised, agree with a plain loop over each subject's events."""
+    import tempfile
+
+    rows = []
+    for s, subject_gaps in enumerate(gaps):
+        t = T0
+        for g in subject_gaps:
+            t += timedelta(hours=g)
+            rows.append((s, t, "X", None))
+    with tempfile.TemporaryDirectory() as tmp:
+        _write(Path(tmp), "0.parquet", table(rows))
+        c = load_cohort(tmp, window_hours=window)
+    want = []
+    for subject_gaps in gaps:
+        visits = 1 + sum(1 for g in subject_gaps[1:] if g > window)
+        want.append(visits)
+    assert c.visits_per_patient().tolist() == want
+    assert c.num_events == len(rows)
