@@ -11,13 +11,17 @@ Truncation, as `ehrplan.data.dataset` applies it: a patient keeps the most recen
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-from ehrplan.data.cohort import Cohort
+from ehrplan.data.cohort import DEFAULT_WINDOW_HOURS, Cohort, load_cohort
 from ehrplan.data.sampler import batches
+
+if TYPE_CHECKING:
+    from ehrplan.config import EHRModelConfig
 
 
 def summary(x: np.ndarray) -> dict[str, float | int]:
@@ -191,3 +195,30 @@ def describe(cohort: Cohort, vocab_size: int | None = None) -> dict[str, Any]:
         "labels": label_balance(cohort) if cohort.label_files else None,
         "reader": dict(cohort.report),
     }
+
+
+def data_batch_dims(
+    root: str | Path,
+    config: EHRModelConfig,
+    *,
+    labels: str | Path | None = None,
+    window_hours: float = DEFAULT_WINDOW_HOURS,
+    split: str = "train",
+    bucketing: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The batch dimensions ``config`` meets on a MEDS data set (its batch size and maxima).
+
+    For a data-shaped memory estimate: use ``visits["p95"]``/``["max"]`` and
+    ``codes_per_visit["p95"]``/``["max"]`` in place of max_visits / max_codes_per_visit.
+    """
+    cohort = load_cohort(root, labels, window_hours=window_hours)
+    return batch_dims(
+        cohort,
+        cohort.patients_in(split),
+        config.batch_size,
+        config.max_visits,
+        config.max_codes_per_visit,
+        bucketing=bucketing,
+        seed=seed,
+    )
