@@ -20,7 +20,8 @@ S = num_stages, h = num_heads, P = parameters. Byte sizes: fp32 4, int64 8, bool
 Kernels: on the CPU both LSTMs run oneDNN's ``mkldnn_rnn_layer`` (packed sequences included)
 unless ``torch.backends.mkldnn.enabled`` is False, when the native ATen LSTM runs instead
 (``lstm_kernel="native"``). The workspace formula of `mkldnn_lstm_workspace` was fitted on
-torch 2.13.0+cpu (rows and the command in ``benchmarks/data/mkldnn_lstm_workspace.csv``).
+torch 2.13.0+cpu (rows and the command in ``benchmarks/data/mkldnn_lstm_workspace.csv``, made
+by ``benchmarks/lstm_workspace.py``).
 """
 
 from __future__ import annotations
@@ -90,18 +91,27 @@ def _onednn_ld(n: int) -> int:
     return ld + 16 if ld % 256 == 0 else ld
 
 
+def _pages(nbytes: int) -> int:
+    """oneDNN starts each workspace section on a 4 KiB page."""
+    return -(-nbytes // 4096) * 4096
+
+
 def mkldnn_lstm_workspace(n: int, steps: int, n_in: int, hidden: int) -> int:
     """Bytes of the uint8 workspace one ``mkldnn_rnn_layer`` (one LSTM layer, fp32, training)
     returns and keeps for backward, for ``n`` sequences of ``steps`` steps.
 
-    Per sequence: ``steps`` rows of the gates (ld of 4H) and one more H-row, and ``steps + 1``
-    rows of six layer/iteration states (ld of max(in, H)) and four unpadded H-wide c/h states.
-    Fitted exactly (to oneDNN's page rounding) on 21 hidden sizes x 2 lengths x 2 batches.
+    Seven page-aligned sections: the gates (``steps`` rows of ld(4H)), one H-row per step
+    (ld(H)), three sections of two state rows per step + 1 (ld(max(in, H))) and two of two
+    unpadded H-wide rows per step + 1. Matches every row of
+    ``benchmarks/data/mkldnn_lstm_workspace.csv`` to the byte.
     """
-    per_seq = steps * (_onednn_ld(4 * hidden) + _onednn_ld(hidden)) + (steps + 1) * (
-        6 * _onednn_ld(max(n_in, hidden)) + 4 * hidden
+    rows_states = 2 * (steps + 1) * n
+    return (
+        _pages(FP32 * n * steps * _onednn_ld(4 * hidden))  # gates
+        + _pages(FP32 * n * steps * _onednn_ld(hidden))  # one hidden row per step
+        + 3 * _pages(FP32 * rows_states * _onednn_ld(max(n_in, hidden)))  # layer/iter states
+        + 2 * _pages(FP32 * rows_states * hidden)  # c states and their copies
     )
-    return FP32 * n * per_seq
 
 
 def lstm_layer_saved(n: int, steps: int, n_in: int, hidden: int, kernel: str) -> int:
