@@ -1,0 +1,85 @@
+"""`ehrplan dry-run`: JSON, the 10% bound on tiny, "does not fit" and device errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_cli
+
+NO_TORCH = """
+import sys
+from ehrplan.cli.app import main
+sys.argv = ["ehrplan", *{args!r}]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+assert "torch" not in sys.modules, "torch was imported"
+print("NO_TORCH_OK", code)
+"""
+
+
+def test_tiny_json_reports_measured_and_estimated_peaks():
+    r = run_cli("dry-run", "--preset", "tiny", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["command"] == "dry-run" and doc["device"] == "cpu"
+    for key in ("measured_peak_bytes", "estimated_peak_bytes", "process_peak_rss_bytes"):
+        assert isinstance(doc[key], int) and doc[key] > 0, key
+    assert doc["error"] == pytest.approx(
+        (doc["estimated_peak_bytes"] - doc["measured_peak_bytes"]) / doc["measured_peak_bytes"]
+    )
+    assert abs(doc["error"]) <= 0.10
+    assert "peak_reserved_bytes" in doc  # None on the CPU, which has no reserve
+    assert sum(doc["estimate_breakdown"].values()) == doc["estimated_peak_bytes"]
+
+
+def test_checkpointing_flag_reaches_the_step():
+    r = run_cli(
+        "dry-run", "--preset", "tiny-transformer", "--checkpointing", "--batch-size", "4", "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["checkpointing"] is True
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_torch_is_imported():
+    args = ["dry-run", "--preset", "tiny", "--batch-size", "100000", "--device", "cpu"]
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH.format(args=args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert "NO_TORCH_OK 1" in out.stdout, out.stderr
+    assert "does not fit" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_does_not_fit_exit_code_from_the_cli():
+    r = run_cli("dry-run", "--preset", "tiny", "--batch-size", "100000")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: does not fit")
+
+
+@pytest.mark.parametrize(
+    ("device", "fragment"),
+    [("tpu", "unknown device"), ("cuda", "not present"), ("mps", "not present")],
+)
+def test_unknown_or_absent_device_exits_2(device, fragment):
+    import torch
+
+    present = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if present.get(device):
+        pytest.skip(f"{device} is present here")
+    r = run_cli("dry-run", "--preset", "tiny", "--device", device)
+    assert r.returncode == 2
+    assert fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_simulate_is_refused_for_lstms_with_a_reason():
+    r = run_cli("dry-run", "--preset", "tiny", "--simulate")
+    assert r.returncode == 2
+    assert "fake tensors" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,148 @@
+"""The analytic estimator: its kernel formulas against measured data, and its peak against real
+measured training steps (presets and random configs), within 10%."""
+
+from __future__ import annotations
+
+import csv
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from ehrplan.config import EHRModelConfig, get_preset, validate_config
+from ehrplan.estimator import estimate_memory, mkldnn_lstm_workspace
+
+DATA = REPO / "benchmarks" / "data"
+BOUND = 0.10  # |estimated - measured| / measured
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def test_workspace_formula_matches_every_stored_measurement():
+    rows = _rows(DATA / "mkldnn_lstm_workspace.csv")
+    assert len(rows) >= 50
+    for r in rows:
+        shape = (int(r["n"]), int(r["steps"]), int(r["n_in"]), int(r["hidden"]))
+        assert mkldnn_lstm_workspace(*shape) == int(r["measured_bytes"]), shape
+
+
+@pytest.mark.parametrize("shape", [(9, 7, 24, 24), (5, 30, 34, 32), (3, 4, 16, 100)])
+def test_workspace_formula_matches_the_live_kernel(shape):
+    torch = pytest.importorskip("torch")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from lstm_workspace import workspace_bytes
+
+    assert mkldnn_lstm_workspace(*shape) == workspace_bytes(*shape)
+
+
+def test_stored_preset_measurements_are_within_the_bound():
+    """Every row the accuracy benchmark measured, re-estimated with today's estimator."""
+    path = DATA / "estimator_accuracy_cpu.csv"
+    if not path.exists():
+        pytest.skip("benchmarks/data/estimator_accuracy_cpu.csv not written yet")
+    rows = _rows(path)
+    for r in rows:
+        est = estimate_memory(
+            get_preset(r["preset"]).config,
+            batch_size=int(r["batch"]),
+            checkpointing=r["checkpointing"] == "True",
+        )
+        measured = int(r["measured_bytes"])
+        err = (est.total_bytes - measured) / measured
+        assert abs(err) <= BOUND, (r["preset"], r["batch"], r["checkpointing"], err)
+
+
+def test_breakdown_is_integer_bytes_and_sums_to_the_total():
+    for name in ("tiny-lstm", "large-transformer"):
+        est = estimate_memory(get_preset(name).config)
+        assert est.breakdown and all(isinstance(v, int) for v in est.breakdown.values())
+        assert est.total_bytes == sum(est.breakdown.values())
+        assert est.total_bytes == max(est.phases.values())
+        assert not est.is_lower_bound
+
+
+def test_estimate_grows_with_the_batch_and_checkpointing_never_adds():
+    for name in ("small-lstm", "small-transformer", "medium-transformer"):
+        cfg = get_preset(name).config
+        sizes = [estimate_memory(cfg, batch_size=b).total_bytes for b in (1, 4, 16)]
+        assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+        on = estimate_memory(cfg, batch_size=16, checkpointing=True).total_bytes
+        assert on <= estimate_memory(cfg, batch_size=16, checkpointing=False).total_bytes
+
+
+def test_accumulation_keeps_gradients_alive_not_a_bigger_batch():
+    cfg = get_preset("small-transformer").config.model_copy(update={"batch_size": 16})
+    one = estimate_memory(cfg.model_copy(update={"gradient_accumulation_steps": 1}))
+    many = estimate_memory(cfg.model_copy(update={"gradient_accumulation_steps": 8}))
+    assert one.batch_size == many.batch_size == 16
+    # with accumulation the gradients of earlier micro-batches are live; never more than that
+    assert 0 <= many.total_bytes - one.total_bytes <= one.breakdown["parameters"]
+
+
+def test_estimator_never_imports_torch():
+    code = (
+        "import sys\n"
+        "from ehrplan.config import get_preset\n"
+        "from ehrplan.estimator import estimate_memory\n"
+        "estimate_memory(get_preset('large-lstm').config, precision='bf16', device='cuda')\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# --- against real measured steps -----------------------------------------------------------
+
+
+def _check(cfg: EHRModelConfig, batch: int, ckpt: bool) -> float:
+    from ehrplan.measure import measure_step
+
+    measured = measure_step(cfg, batch_size=batch, checkpointing=ckpt).measured_peak_bytes
+    est = estimate_memory(cfg, batch_size=batch, checkpointing=ckpt).total_bytes
+    return (est - measured) / measured
+
+
+@pytest.mark.parametrize("name", ["tiny-lstm", "tiny-transformer"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_tiny_presets_within_the_bound(name, ckpt):
+    err = _check(get_preset(name).config, get_preset(name).config.batch_size, ckpt)
+    assert abs(err) <= BOUND, err
+
+
+def random_config(rng: random.Random) -> EHRModelConfig:
+    """A random valid small config (either family, any dropout, accumulation, attention path)."""
+    kind = rng.choice(["lstm", "transformer"])
+    d = dict(
+        model_type=kind,
+        code_embed_dim=rng.choice([8, 16, 24, 32, 40, 64]),
+        visit_embed_dim=rng.choice([8, 16, 32, 48, 64]),
+        hidden_dim=rng.choice([8, 16, 32, 64, 96]),
+        num_layers=rng.randint(1, 3),
+        dropout=rng.choice([0.0, 0.1, 0.3]),
+        vocab_size=rng.choice([50, 300, 2000]),
+        max_visits=rng.randint(2, 20),
+        max_codes_per_visit=rng.randint(1, 20),
+        batch_size=rng.randint(1, 16),
+        gradient_accumulation_steps=rng.choice([1, 2, 4]),
+        num_stages=rng.randint(2, 6),
+        use_checkpoint=rng.random() < 0.5,
+    )
+    if kind == "transformer":
+        d["num_heads"] = rng.choice([h for h in (1, 2, 4, 8) if d["visit_embed_dim"] % h == 0])
+        d["use_flash_attention"] = rng.random() < 0.5
+    return validate_config(d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(8))
+def test_random_configs_within_the_bound(seed):
+    cfg = random_config(random.Random(1000 + seed))
+    err = _check(cfg, cfg.batch_size, cfg.use_checkpoint)
+    assert abs(err) <= BOUND, (err, cfg.model_dump())
