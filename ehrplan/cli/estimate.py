@@ -22,6 +22,7 @@ from ehrplan.cli.options import (
 from ehrplan.config import get_preset
 from ehrplan.errors import UsageError
 from ehrplan.estimator import DEVICES, PRECISIONS, estimate_memory, static_memory
+from ehrplan.flops import training_step_flops
 from ehrplan.output import emit, fmt_bytes, fmt_count, warn
 from ehrplan.params import count_parameters
 
@@ -29,6 +30,13 @@ PrecisionOpt = Annotated[
     str, typer.Option("--precision", help="fp32, or mixed precision: fp16 or bf16 autocast.")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Device to estimate for: cpu, cuda, mps.")]
+CheckpointOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--checkpointing/--no-checkpointing",
+        help="Gradient checkpointing (default: the config's use_checkpoint).",
+    ),
+]
 
 
 def estimate(
@@ -40,6 +48,7 @@ def estimate(
     batch_size: BatchSizeOpt = None,
     precision: PrecisionOpt = "fp32",
     device: DeviceOpt = "cpu",
+    checkpointing: CheckpointOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Exact parameter count by component, and the memory of one training step.
@@ -53,7 +62,8 @@ def estimate(
         raise UsageError(f"unknown device '{device}' (valid: {', '.join(DEVICES)})")
     cfg, source = config_from_options(preset, size, model_type, config, set_, batch_size=batch_size)
     params = count_parameters(cfg)
-    est = estimate_memory(cfg, precision=precision, device=device)
+    est = estimate_memory(cfg, precision=precision, device=device, checkpointing=checkpointing)
+    flops = training_step_flops(cfg, checkpointing=est.checkpointing)
     preset_name = None
     if preset or size or model_type:
         preset_name = source.split(" + ")[0].removeprefix("preset ")
@@ -73,6 +83,18 @@ def estimate(
         "memory": dict(est.breakdown),
         "total_bytes": est.total_bytes,
         "total_is_lower_bound": est.is_lower_bound,
+        "peak_phase": est.peak_phase,
+        "phases": dict(est.phases),
+        "saved_for_backward_by_module": dict(est.saved_by_module),
+        "device_overhead": dict(est.device_overhead),
+        "flops": {
+            "forward": flops.forward,
+            "backward": flops.backward,
+            "recompute": flops.recompute,
+            "per_micro_batch": flops.per_micro_batch,
+            "per_optimizer_step": flops.per_optimizer_step,
+            "forward_by_module": dict(flops.forward_by_module),
+        },
         "static_memory": {
             "fp32": static_memory(cfg, "fp32"),
             "mixed": static_memory(cfg, "bf16"),
@@ -120,4 +142,11 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     mem.add_row(
         f"[bold]{label}", f"[bold]{p['total_bytes']:,}", f"[bold]{fmt_bytes(p['total_bytes'])}"
     )
+    for key, b in p["device_overhead"].items():
+        mem.add_row(f"+ {key.replace('_', ' ')} (assumed)", f"{b:,}", fmt_bytes(b))
     yield mem
+    yield (
+        f"peak at: {p['peak_phase'].replace('_', ' ')}; "
+        f"FLOPs per micro-batch {p['flops']['per_micro_batch']:.3e}, "
+        f"per optimizer step {p['flops']['per_optimizer_step']:.3e}"
+    )
