@@ -1,14 +1,32 @@
-"""What the trainer needs from a data set, and the adapter that builds it from `ehrplan.data`."""
+"""What the trainer needs from a data set, and the adapter that builds it from `ehrplan.data`.
+
+The trainer sees three splits of indexable patients with a length per patient (for bucketing),
+one collate that pads per batch, and the vocabulary. `load_training_data` builds them from a MEDS
+data set with `ehrplan.data` (reader, vocabulary on the train split, `EHRDataset`), and
+`synthetic_cohort` makes and caches the default synthetic CKD cohort.
+
+The model's embedding table is sized to the data: ``vocab_size = min(config.vocab_size, tokens)``
+(the preset's value is a capacity; tokens beyond it, the rarest, map to UNK and are counted).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ehrplan.batch import Batch
+from ehrplan.batch import IGNORE_INDEX, Batch
+from ehrplan.config import EHRModelConfig
+from ehrplan.errors import DataError
+
+SPLITS = ("train", "tuning", "held_out")
+CACHE_ENV = "EHRPLAN_CACHE"
+SYNTH_SEED = 0  # the default cohort's seed; the training seed is separate
 
 
 @dataclass
@@ -32,3 +50,109 @@ class TrainData:
 
     def split(self, name: str) -> Split:
         return self.splits[name]
+
+
+def cache_dir() -> Path:
+    """Where generated data is cached: ``$EHRPLAN_CACHE`` or ``~/.cache/ehrplan``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "ehrplan"
+
+
+def synthetic_cohort(patients: int, seed: int = SYNTH_SEED) -> Path:
+    """The synthetic CKD cohort of ``patients`` patients, made once (atomically) and cached."""
+    from ehrplan.data.synth import write_cohort
+
+    root = cache_dir() / f"synth-ckd-{patients}-seed{seed}"
+    if (root / "metadata" / "dataset.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_cohort(tmp, patients, seed)
+    try:
+        os.replace(tmp, root)  # another process may have won the race: keep its copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _capped(vocab: Any, size: int) -> Any:
+    """The vocabulary limited to its ``size`` most frequent tokens (ids are frequency-ordered)."""
+    if len(vocab) <= size:
+        return vocab
+    return replace(vocab, tokens=vocab.tokens[:size], counts=vocab.counts[:size])
+
+
+def load_training_data(
+    root: Path, config: EHRModelConfig, vocab_file: Path | None = None
+) -> tuple[TrainData, EHRModelConfig]:
+    """Read ``root`` (MEDS with labels) into splits; return them and the config with its
+    ``vocab_size`` fitted to the data. ``vocab_file``: reuse a saved vocabulary (resume)."""
+    from ehrplan.data.cohort import load_cohort
+    from ehrplan.data.dataset import EHRDataset
+    from ehrplan.data.vocab import Vocab, train_vocab
+
+    cohort = load_cohort(root)
+    labelled = cohort.stage != IGNORE_INDEX
+    if not labelled.any():
+        raise DataError(
+            f"{root}: no labels (expected a MEDS label task in tasks/ckd_stage/ with "
+            "integer_value = stage, float_value = days to the next stage change, "
+            "boolean_value = whether it was seen)"
+        )
+    if vocab_file is not None and vocab_file.is_file():
+        full = Vocab.load(vocab_file)
+    else:
+        full = train_vocab(cohort)
+    vocab = _capped(full, config.vocab_size)
+    config = config.model_copy(update={"vocab_size": len(vocab)})
+    ids = vocab.encode(cohort.code, cohort.numeric_value)
+    splits: dict[str, Split] = {}
+    datasets = {}
+    for name in SPLITS:
+        ds = EHRDataset(
+            cohort,
+            vocab,
+            split=name,
+            max_visits=config.max_visits,
+            max_codes_per_visit=config.max_codes_per_visit,
+            num_stages=config.num_stages,
+            ids=ids,
+        )
+        if len(ds) == 0:
+            raise DataError(f"{root}: split '{name}' has no patients (need train/tuning/held_out)")
+        datasets[name] = ds
+        splits[name] = Split(dataset=ds, lengths=np.asarray(ds.lengths))
+    train_visits = np.concatenate(
+        [
+            np.arange(cohort.visit_offsets[p], cohort.visit_offsets[p + 1])
+            for p in datasets["train"].patients
+        ]
+    )
+    stages = cohort.stage[train_visits]
+    stages = stages[stages != IGNORE_INDEX]
+    if len(stages) == 0:
+        raise DataError(f"{root}: the train split has no labelled visits")
+    majority = int(np.bincount(stages).argmax())
+    trunc = datasets["train"].truncation
+    info = {
+        "root": str(root),
+        "patients": {n: len(d) for n, d in datasets.items()},
+        "labelled_visits": int(labelled.sum()),
+        "vocab_tokens_in_data": len(full),
+        "vocab_size": len(vocab),
+        "vocab_tokens_mapped_to_unk": len(full) - len(vocab),
+        "truncation_train": {
+            k: getattr(trunc, k)
+            for k in ("patients_truncated", "visits_dropped", "visits_truncated", "events_dropped")
+        },
+    }
+    data = TrainData(
+        splits=splits,
+        collate=datasets["train"].collate,
+        vocab=vocab.to_json(),
+        majority_stage=majority,
+        source=str(root),
+        info=info,
+    )
+    return data, config

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from ehrplan.config import EHRModelConfig
-from ehrplan.errors import DeviceError, UsageError
+from ehrplan.errors import UsageError
 
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 PRECISION_CHOICES: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
@@ -15,18 +15,11 @@ Precision = Literal["fp32", "fp16", "bf16"]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if present, else MPS, else CPU; a named device must be present."""
-    if name not in DEVICE_CHOICES:
-        raise DeviceError(f"unknown device '{name}' (valid: {', '.join(DEVICE_CHOICES)})")
-    cuda = torch.cuda.is_available()
-    mps = torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if name == "cuda" and not cuda:
-        raise DeviceError("device 'cuda' requested but no CUDA device is available")
-    if name == "mps" and not mps:
-        raise DeviceError("device 'mps' requested but Apple MPS is not available")
-    return torch.device(name)
+    """``auto`` -> CUDA if present, else MPS, else CPU; a named device must be present (the dry
+    run's rule, `ehrplan.measure.resolve_device`)."""
+    from ehrplan.measure import resolve_device as measure_resolve
+
+    return torch.device(measure_resolve(name))
 
 
 def resolve_precision(config: EHRModelConfig, device: torch.device, requested: str) -> Precision:
@@ -48,3 +41,21 @@ def resolve_precision(config: EHRModelConfig, device: torch.device, requested: s
 
 def autocast_dtype(precision: Precision) -> torch.dtype | None:
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def auto_threads() -> int:
+    """CPU threads for training: the cores nobody else is using, at least one.
+
+    The LSTMs run thousands of small kernels per step, each ending at an OpenMP barrier; when
+    other processes hold the cores, a thread that is descheduled stalls the others at every
+    barrier and a 2-thread step can run many times slower than a 1-thread one. So take
+    ``cores - round(1-minute load average)`` threads (at most torch's default).
+    """
+    import os
+
+    cores = torch.get_num_threads()
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:  # pragma: no cover - not on every platform
+        busy = 0
+    return max(1, min(cores, cores - busy))

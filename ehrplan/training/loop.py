@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,8 +30,10 @@ import numpy as np
 import torch
 
 from ehrplan.config import EHRModelConfig
+from ehrplan.data.sampler import batches as sampler_batches
 from ehrplan.errors import EhrplanError, UsageError
 from ehrplan.models import build_model
+from ehrplan.output import fmt_bytes
 from ehrplan.training.checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -44,7 +46,6 @@ from ehrplan.training.device import autocast_dtype, resolve_device, resolve_prec
 from ehrplan.training.loss import ProgressionLoss
 from ehrplan.training.metrics import Predictions, evaluate_predictions
 from ehrplan.training.progress import TrainProgress
-from ehrplan.training.sampler import epoch_batches, steps_per_epoch
 
 EXIT_DIVERGED = 3
 STEP_DELAY_ENV = "EHRPLAN_TRAIN_STEP_DELAY"  # tests only: seconds to sleep after each step
@@ -73,11 +74,13 @@ class TrainSettings:
     eval_every: int | None = None
     log_every: int = 10
     bucket: int = 50
+    measure_every: int | None = None
+    threads: int | None = None
 
     def replay_keys(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
         d = asdict(self)
-        for k in ("device", "log_every", "save_every"):
+        for k in ("device", "log_every", "save_every", "measure_every"):
             d.pop(k)
         return d
 
@@ -130,6 +133,38 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def steps_per_epoch(n_patients: int, batch_size: int, accumulation: int) -> int:
+    """Optimizer steps in one epoch: micro-batches / accumulation, the last group may be short."""
+    micro = -(-n_patients // batch_size)  # ceil
+    return -(-micro // accumulation)
+
+
+def epoch_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, pool: int
+) -> list[list[int]]:
+    """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run
+    replays them (length-bucketed in pools of ``pool`` batches, `ehrplan.data.sampler`)."""
+    return [
+        b.tolist()
+        for b in sampler_batches(
+            lengths,
+            batch_size,
+            shuffle=True,
+            bucketing=pool > 1,
+            seed=seed + epoch,
+            pool_batches=max(pool, 1),
+        )
+    ]
+
+
+def read_json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return doc if isinstance(doc, list) else []
+
+
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of the peak LR."""
 
@@ -174,6 +209,34 @@ def memory_in_use(device: torch.device) -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+MEMORY_METHOD = {
+    "cpu": "dispatcher live tensor bytes (as the dry run)",
+    "cuda": "torch.cuda.max_memory_allocated",
+}
+
+
+def estimate_for_batch(
+    config: EHRModelConfig, precision: str, device: str, B: int, V: int, C: int
+) -> tuple[int, bool]:
+    """The analytic peak for a micro-batch of ``B`` patients x ``V`` visits x ``C`` codes (the
+    data-shaped batch, not the preset maxima), and whether it is only a lower bound."""
+    import inspect
+
+    from ehrplan.estimator import estimate_memory
+
+    params = inspect.signature(estimate_memory).parameters
+    if "visits" in params and "codes" in params:
+        est = estimate_memory(
+            config, precision=precision, device=device, batch_size=B, visits=V, codes=C
+        )
+    else:  # an estimator that reads the shape from the config
+        shaped = config.model_copy(
+            update={"batch_size": B, "max_visits": V, "max_codes_per_visit": C}
+        )
+        est = estimate_memory(shaped, precision=precision, device=device)
+    return int(est.total_bytes), bool(est.is_lower_bound)
+
+
 @dataclass
 class Position:
     epoch: int = 0
@@ -198,6 +261,9 @@ class Trainer:
     def __post_init__(self) -> None:
         self.files = RunFiles(self.run_dir)
         self.device = resolve_device(self.settings.device)
+        if self.device.type == "cpu" and self.settings.threads:
+            # CPU kernels may split reductions by thread: same threads, same bits on resume
+            torch.set_num_threads(self.settings.threads)
         self.precision = resolve_precision(self.config, self.device, self.settings.precision)
         self.train_split = self.data.split("train")
         self.steps_per_epoch = steps_per_epoch(
@@ -222,6 +288,8 @@ class Trainer:
         self.loss_fn = ProgressionLoss().to(self.device)
         decay, no_decay = [], []
         for p in [*self.model.parameters(), *self.loss_fn.parameters()]:
+            if not p.requires_grad:
+                continue
             (decay if p.dim() >= 2 else no_decay).append(p)
         self.optimizer = torch.optim.AdamW(
             [
@@ -235,6 +303,8 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.pos = Position()
+        self.session = int(time.time() * 1000)
+        self.memory_records: list[dict[str, Any]] = read_json_list(self.files.root / "memory.json")
         self.best_loss: float | None = None
         self.best_step: int | None = None
 
@@ -307,7 +377,32 @@ class Trainer:
     def _batch(self, split: Split, idx: list[int]) -> Any:
         return self.data.collate([split.dataset[i] for i in idx]).to(self.device)
 
-    def _train_step(self, group: list[list[int]]) -> dict[str, Any]:
+    def _train_step(self, group: list[list[int]], measure: bool = False) -> dict[str, Any]:
+        """One optimizer step over ``group``'s micro-batches; ``measure``: track its peak memory
+        the way the dry run does (CPU: live tensor bytes at the dispatcher)."""
+        tracker = None
+        if measure and self.device.type == "cpu":
+            from ehrplan.measure import LiveTensorBytes
+
+            tracker = LiveTensorBytes()
+            tracker.track(
+                list(self.model.parameters()),
+                list(self.model.buffers()),
+                list(self.loss_fn.parameters()),
+                [list(st.values()) for st in self.optimizer.state.values()],
+            )
+        elif self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with tracker if tracker is not None else nullcontext():
+            rec = self._train_step_body(group, tracker)
+        if tracker is not None:
+            rec["measured_peak_bytes"] = int(tracker.peak)
+        elif self.device.type == "cuda":
+            rec["measured_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+            rec["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(self.device))
+        return rec
+
+    def _train_step_body(self, group: list[list[int]], tracker: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -315,6 +410,8 @@ class Trainer:
         patients, shape = 0, (0, 0, 0)
         for idx in group:
             batch = self._batch(self.train_split, idx)
+            if tracker is not None:  # made by numpy, outside the dispatcher's view
+                tracker.track([getattr(batch, f.name) for f in fields(batch)])
             shape = max(shape, tuple(batch.codes.shape), key=lambda s: s[0] * s[1] * s[2])
             with self._autocast():
                 stage_logits, time_pred = self.model(*batch.model_inputs())
@@ -346,6 +443,42 @@ class Trainer:
             "seconds": seconds,
             "max_batch_shape": list(shape),
         }
+
+    def _measure_due(self) -> bool:
+        """Measure the first step of a session that has Adam's state (a fresh run's second step,
+        as the dry run does), then every ``measure_every`` steps."""
+        if not self.optimizer.state:
+            return False
+        nxt = self.pos.step + 1
+        first = not self.memory_records or self.memory_records[-1].get("session") != self.session
+        every = self.settings.measure_every
+        return first or (every is not None and every > 0 and nxt % every == 0)
+
+    def _memory_record(self, rec: dict[str, Any], progress: TrainProgress) -> None:
+        """Measured peak of this step beside the estimate for its largest micro-batch."""
+        B, V, C = rec["max_batch_shape"]
+        est, lower = estimate_for_batch(self.config, self.precision, self.device.type, B, V, C)
+        measured = rec["measured_peak_bytes"]
+        m = {
+            "session": self.session,
+            "step": self.pos.step + 1,
+            "method": MEMORY_METHOD.get(self.device.type, "sampled"),
+            "batch_shape": [B, V, C],
+            "micro_batches": len(rec.get("micro_shapes", [])) or None,
+            "measured_peak_bytes": measured,
+            "peak_reserved_bytes": rec.get("peak_reserved_bytes"),
+            "estimated_peak_bytes": est,
+            "estimate_is_lower_bound": lower,
+            "error": (est - measured) / measured if measured else None,
+        }
+        self.memory_records.append(m)
+        write_json(self.files.root / "memory.json", self.memory_records)
+        progress.log(
+            f"memory step {m['step']}: measured peak {fmt_bytes(measured)} ({m['method']}), "
+            f"estimate for batch {B}x{V}x{C} {fmt_bytes(est)}"
+            + (" (lower bound)" if lower else "")
+            + (f", error {m['error']:+.1%}" if m["error"] is not None else "")
+        )
 
     def _diverged_message(self, what: str) -> str:
         where = (
@@ -431,7 +564,10 @@ class Trainer:
                 acc = self.config.gradient_accumulation_steps
                 while self.pos.next_batch < len(batches) and self.pos.step < self.total_steps:
                     group = batches[self.pos.next_batch : self.pos.next_batch + acc]
-                    rec = self._train_step(group)
+                    measure = self._measure_due()
+                    rec = self._train_step(group, measure=measure)
+                    if "measured_peak_bytes" in rec and measure:
+                        self._memory_record(rec, progress)
                     self.pos.step += 1
                     self.pos.next_batch += len(group)
                     epoch_done = self.pos.next_batch >= len(batches)
@@ -516,6 +652,12 @@ class Trainer:
             "wall_seconds_this_session": seconds,
             "final_train_loss": steps[-1]["loss"] if steps else None,
             "peak_memory_bytes": max((r["memory_bytes"] for r in steps), default=None),
+            "memory": max(
+                (m for m in self.memory_records if m.get("error") is not None),
+                key=lambda m: abs(m["error"]),
+                default=self.memory_records[-1] if self.memory_records else None,
+            ),
+            "memory_measurements": len(self.memory_records),
             "estimate_bytes": self.estimate_bytes,
             "best_step": self.best_step,
             "last": final,

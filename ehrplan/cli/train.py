@@ -1,0 +1,210 @@
+"""`ehrplan train`: pick what fits (or take what you name) and train it, resumably."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import RenderableType
+from rich.table import Table
+
+from ehrplan.cli.options import (
+    BatchSizeOpt,
+    ConfigOpt,
+    JsonOpt,
+    PresetOpt,
+    SetOpt,
+    SizeOpt,
+    TypeOpt,
+    config_from_options,
+)
+from ehrplan.errors import UsageError
+from ehrplan.output import emit, fmt_bytes
+
+AutoOpt = Annotated[
+    bool,
+    typer.Option(
+        "--auto",
+        help="Probe the hardware and train what `ehrplan recommend` picks (with its changes).",
+    ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="A MEDS data set with labels (tasks/ckd_stage). Default: a synthetic CKD cohort, "
+        "made once and cached under $EHRPLAN_CACHE or ~/.cache/ehrplan.",
+    ),
+]
+PatientsOpt = Annotated[
+    int, typer.Option("--patients", help="Patients in the default synthetic cohort.", min=50)
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (mixed precision on CUDA/MPS when the config asks, fp32 on CPU), fp32, "
+        "fp16 or bf16.",
+    ),
+]
+EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="Epochs (default 10).", min=1)]
+MaxStepsOpt = Annotated[
+    int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", min=1)
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Run folder (default runs/<preset>, numbered if taken)."),
+]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Seed of weights, data order, dropout.")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")
+]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 1e-3).")]
+SaveEveryOpt = Annotated[
+    int, typer.Option("--save-every", help="Write last.pt every N optimizer steps.", min=1)
+]
+EvalEveryOpt = Annotated[
+    int | None,
+    typer.Option("--eval-every", help="Evaluate on tuning every N steps (default: each epoch)."),
+]
+
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads (default: the idle cores, from the load average; a resumed run keeps "
+        "its own).",
+        min=1,
+    ),
+]
+
+
+def train(
+    auto: AutoOpt = False,
+    preset: PresetOpt = None,
+    size: SizeOpt = None,
+    model_type: TypeOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    batch_size: BatchSizeOpt = None,
+    data: DataOpt = None,
+    patients: PatientsOpt = 2000,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    epochs: EpochsOpt = None,
+    max_steps: MaxStepsOpt = None,
+    out: OutOpt = None,
+    seed: SeedOpt = None,
+    resume: ResumeOpt = False,
+    lr: LrOpt = None,
+    save_every: SaveEveryOpt = 50,
+    eval_every: EvalEveryOpt = None,
+    threads: ThreadsOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Train a model: --auto picks what fits this machine, or name it with --preset/--size/--type.
+
+    Keeps everything in the run folder: resolved config, vocabulary, hardware, estimate, metrics
+    per step and per evaluation (JSON lines), best and last checkpoints, summary and a curve PNG.
+    Ctrl-C saves a checkpoint; --resume continues exactly.
+    """
+    import os
+
+    # spinning OpenMP threads on cores other processes hold stall every small kernel; must be
+    # set before torch (and its OpenMP runtime) is imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from ehrplan.training import run as runner
+
+    named = preset or size or model_type or config
+    if auto and (preset or size or config):
+        raise UsageError("--auto picks the preset itself: drop --preset/--size/--config")
+    req = runner.Request(
+        auto=auto,
+        model_type=model_type,
+        config_options=(preset, size, model_type, config, set_, batch_size),
+        named=bool(named or set_ or batch_size or auto),
+        data=data,
+        patients=patients,
+        device=device,
+        precision=precision,
+        epochs=epochs,
+        max_steps=max_steps,
+        out=out,
+        seed=seed,
+        resume=resume,
+        lr=lr,
+        save_every=save_every,
+        eval_every=eval_every,
+        json=json_,
+        threads=threads,
+    )
+    summary = runner.run(req, resolve=_resolve)
+    emit("train", summary, as_json=json_, render=_render)
+
+
+def _resolve(options: tuple[Any, ...]) -> tuple[Any, str]:
+    preset, size, model_type, config, set_, batch_size = options
+    return config_from_options(preset, size, model_type, config, set_, batch_size=batch_size)
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    t = Table(title=f"ehrplan train — {p['source']} — {p['run_dir']}")
+    t.add_column("metric")
+    for col in ("tuning (last)", "held_out (last)", "tuning (best)", "held_out (best)"):
+        t.add_column(col, justify="right")
+    rows = [
+        ("loss", "loss", 4),
+        ("stage accuracy", "stage_accuracy", 3),
+        ("stage macro-F1", "stage_macro_f1", 3),
+        ("  majority-stage macro-F1", "baseline_stage_macro_f1", 3),
+        ("stage macro AUROC (OvR)", "stage_macro_auroc", 3),
+        ("stage QW kappa", "stage_qw_kappa", 3),
+        ("C-index (time to progression)", "c_index", 3),
+        ("MAE days (observed events)", "mae_days_observed", 1),
+    ]
+    for label, key, d in rows:
+        t.add_row(
+            label,
+            *(_f(p[which][split].get(key), d) for which in ("last", "best") for split in
+              ("tuning", "held_out")),
+        )  # fmt: skip
+    yield t
+    mem = p.get("memory") or {}
+    run = Table(title="run", show_header=False)
+    run.add_column("")
+    run.add_column("", justify="right")
+    run.add_row("steps (epochs completed)", f"{p['steps']} ({p['epochs_completed']})")
+    run.add_row("best step (tuning loss)", str(p["best_step"]))
+    run.add_row("device, precision", f"{p['device']}, {p['precision']}")
+    run.add_row("patients trained", f"{p['patients_trained']:,}")
+    run.add_row("patients / s", _f(p["patients_per_s"], 1))
+    if mem.get("measured_peak_bytes") is not None:
+        run.add_row(
+            f"measured peak ({mem.get('method')})",
+            f"{fmt_bytes(mem['measured_peak_bytes'])} at batch {mem.get('batch_shape')}",
+        )
+        run.add_row(
+            "estimated peak, same batch",
+            f"{fmt_bytes(mem.get('estimated_peak_bytes'))} (error {_pct(mem.get('error'))})",
+        )
+    run.add_row("process RSS at most", fmt_bytes(p.get("peak_memory_bytes")))
+    run.add_row("curves", str(Path(p["run_dir"]) / "curves.png"))
+    yield run
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(typer.run(train))

@@ -1,0 +1,143 @@
+"""What `ehrplan train` trains: `--auto`'s choice, and the fit check for an explicit config.
+
+``--auto`` probes the machine (`ehrplan.hardware`), plans every preset of the model type against
+the budget (`ehrplan.planner.plan`, the logic of ``ehrplan recommend``) and takes its
+recommendation, including the change (smaller micro-batch with more accumulation, checkpointing,
+mixed precision) that makes it fit.
+
+On a machine without a GPU the planner's memory answer is not the whole answer: host RAM is
+large, so every LSTM preset "fits", but the medium and large presets are sized for 24 GB and
+40 GB GPUs and train on a few CPU cores at a small fraction of the small preset's rate (measure
+it: ``benchmarks/train_throughput.py``). So on the CPU ``--auto`` takes the largest preset that
+fits *up to the small size* (the seed's local-development tier) and says so; ``--preset`` still
+trains anything that fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ehrplan.config import EHRModelConfig, get_preset, load_presets
+from ehrplan.errors import DeviceError, UsageError
+from ehrplan.output import fmt_bytes
+
+CPU_MAX_SIZE = "small"  # largest preset size --auto picks when there is no GPU (see above)
+SIZE_ORDER = ("tiny", "small", "medium", "large")
+
+
+@dataclass
+class Choice:
+    """The config to train and why."""
+
+    config: EHRModelConfig
+    source: str
+    preset: str | None
+    reasons: list[str] = field(default_factory=list)
+    budget: dict[str, Any] | None = None
+    hardware: dict[str, Any] | None = None
+    estimate_bytes: int | None = None
+
+
+def budget_for(device_type: str, headroom: float = 0.1) -> tuple[Any, dict[str, Any]]:
+    """The planner's budget for the device the run trains on, and the hardware report."""
+    from ehrplan.hardware import probe
+    from ehrplan.planner import Budget, budget_from_probe
+
+    report = probe(probe_mps=device_type == "mps")
+    hw = report.model_dump()
+    if device_type == "cpu":
+        if report.host.budget_bytes is None:
+            raise DeviceError("host RAM could not be read; cannot check that the model fits")
+        budget = Budget(
+            label=f"host RAM ({report.cpu.model or 'CPU'})",
+            source="probe",
+            device="cpu",
+            usable_bytes=report.host.budget_bytes,
+            headroom=headroom,
+            bf16=True,
+            notes=("training on the CPU",),
+        )
+        return budget, hw
+    budget = budget_from_probe(report, headroom=headroom)
+    if budget.device != device_type:
+        raise DeviceError(f"the hardware probe found no {device_type} device")
+    return budget, hw
+
+
+def estimate_bytes(config: EHRModelConfig, precision: str, device_type: str) -> int:
+    """The analytic peak of one training step as this run will train it."""
+    from ehrplan.estimator import estimate_memory
+
+    return estimate_memory(config, precision=precision, device=device_type).total_bytes
+
+
+def auto_choice(model_type: str, device_type: str) -> Choice:
+    """``--auto``: recommend's choice for this machine (capped at small on the CPU)."""
+    from ehrplan.planner import fit, plan
+
+    budget, hw = budget_for(device_type)
+    result = plan(budget, [model_type])
+    rec = result["recommendation"].get(model_type)
+    if rec is None:
+        raise UsageError(
+            f"no {model_type} preset fits {budget.label} "
+            f"(budget {fmt_bytes(budget.budget_bytes)}), even after the usual changes"
+        )
+    name, changes = rec["preset"], dict(rec["changes"] or {})
+    reasons = [
+        f"budget: {budget.label}, {fmt_bytes(budget.usable_bytes)} usable, "
+        f"{fmt_bytes(budget.budget_bytes)} after {budget.headroom:.0%} headroom",
+        f"recommend: {name} (estimated peak {fmt_bytes(rec['estimate_bytes'])})"
+        + (f" with {rec['change']}" if rec["change"] else ""),
+    ]
+    if device_type == "cpu" and SIZE_ORDER.index(name.split("-")[0]) > SIZE_ORDER.index(
+        CPU_MAX_SIZE
+    ):
+        capped = f"{CPU_MAX_SIZE}-{model_type}"
+        f = fit(get_preset(capped).config, budget, capped)
+        if f.fits:
+            reasons.append(
+                f"no GPU: taking {capped} instead of {name}; medium and large are sized for "
+                "24 GB / 40 GB GPUs and train far slower on CPU cores (use --preset to override)"
+            )
+            name, changes = capped, {}
+    base = get_preset(name).config
+    config = EHRModelConfig.model_validate({**base.model_dump(), **changes})
+    source = f"auto: preset {name}" + (
+        " + " + ", ".join(f"{k}={v}" for k, v in changes.items()) if changes else ""
+    )
+    return Choice(
+        config=config,
+        source=source,
+        preset=name,
+        reasons=reasons,
+        budget=budget.as_dict(),
+        hardware=hw,
+    )
+
+
+def explicit_choice(config: EHRModelConfig, source: str, device_type: str) -> Choice:
+    """A config the user named, with the budget of the device it will train on."""
+    budget, hw = budget_for(device_type)
+    preset = source.split(" + ")[0].removeprefix("preset ") if source.startswith("preset") else None
+    return Choice(config=config, source=source, preset=preset, budget=budget.as_dict(), hardware=hw)
+
+
+def check_fits(choice: Choice, precision: str, device_type: str) -> int:
+    """The run's estimated peak; a config that does not fit its device is a one-line error."""
+    est = estimate_bytes(choice.config, precision, device_type)
+    choice.estimate_bytes = est
+    budget = choice.budget or {}
+    limit = budget.get("budget_bytes")
+    if limit is not None and est > limit:
+        raise UsageError(
+            f"{choice.source} does not fit {budget.get('label')}: estimated peak "
+            f"{fmt_bytes(est)} ({precision}) > budget {fmt_bytes(limit)} "
+            "(see `ehrplan recommend`, or use --auto)"
+        )
+    return est
+
+
+def preset_sizes() -> list[str]:
+    return sorted({n.split("-")[0] for n in load_presets()}, key=SIZE_ORDER.index)

@@ -1,0 +1,256 @@
+"""`ehrplan train` from options to summary: choose, load data, prepare the run folder, train.
+
+The run folder (``--out``, default ``runs/<preset>``, numbered when taken) keeps:
+
+- ``config.json``: the resolved model config, where it came from (and ``--auto``'s reasons), the
+  training settings, the data set, device and precision;
+- ``vocab.json``, ``hardware.json``, ``estimate.json`` (the analytic peak of the preset shape);
+- ``metrics.jsonl``: one JSON line per optimizer step (``kind: step``) and per evaluation
+  (``kind: eval``); ``memory.json``: measured peaks beside the estimate for the same batches;
+- ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (lowest tuning loss), written atomically;
+- ``summary.json`` and ``curves.png`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ehrplan.config import EHRModelConfig, validate_config
+from ehrplan.errors import UsageError
+from ehrplan.output import fmt_bytes
+
+RUNS_ROOT = Path("runs")
+
+
+@dataclass
+class Request:
+    """What the command line asked for."""
+
+    auto: bool
+    model_type: str | None
+    config_options: tuple[Any, ...]
+    named: bool
+    data: Path | None
+    patients: int
+    device: str
+    precision: str
+    epochs: int | None
+    max_steps: int | None
+    out: Path | None
+    seed: int | None
+    resume: bool
+    lr: float | None
+    save_every: int
+    eval_every: int | None
+    json: bool
+    threads: int | None = None
+
+
+def _has_run(d: Path) -> bool:
+    return (d / "checkpoints" / "last.pt").is_file() or (d / "config.json").is_file()
+
+
+def new_run_dir(out: Path | None, name: str) -> Path:
+    """``--out`` (which must not hold a run), or ``runs/<name>``, ``runs/<name>-2``, ..."""
+    if out is not None:
+        if _has_run(out):
+            raise UsageError(f"{out} already holds a run: continue it with --resume, or pick --out")
+        return out
+    d = RUNS_ROOT / name
+    i = 2
+    while d.exists():
+        d = RUNS_ROOT / f"{name}-{i}"
+        i += 1
+    return d
+
+
+def resume_run_dir(out: Path | None) -> Path:
+    """``--out``, or the newest run under ``runs/``; it must hold a checkpoint."""
+    if out is None:
+        runs = [d for d in RUNS_ROOT.glob("*") if (d / "checkpoints" / "last.pt").is_file()]
+        if not runs:
+            raise UsageError(f"--resume: no run to resume under {RUNS_ROOT}/ (give --out DIR)")
+        out = max(runs, key=lambda d: (d / "checkpoints" / "last.pt").stat().st_mtime)
+    if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.json").is_file():
+        raise UsageError(f"--resume: {out} holds no run to resume (no checkpoints/last.pt)")
+    return out
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    from ehrplan.training.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _say(req: Request, message: str) -> None:
+    """A line for people: stdout normally, stderr under --json (stdout is the JSON document)."""
+    from rich.console import Console
+
+    Console(file=sys.stderr if req.json else sys.stdout, highlight=False, soft_wrap=True).print(
+        message
+    )
+
+
+def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig, str]]) -> dict:
+    """Do what ``req`` asks; return the summary."""
+    from ehrplan.training import choose
+    from ehrplan.training.data import load_training_data, synthetic_cohort
+    from ehrplan.training.device import auto_threads, resolve_device, resolve_precision
+    from ehrplan.training.loop import Trainer, TrainSettings
+
+    device = resolve_device(req.device)
+    saved: dict[str, Any] | None = None
+    if req.resume:
+        run_dir = resume_run_dir(req.out)
+        saved = json.loads((run_dir / "config.json").read_text())
+
+    # --- what to train
+    if req.named or saved is None:
+        if req.auto:
+            choice = choose.auto_choice(req.model_type or "lstm", device.type)
+            over = _overrides(req)
+            if over:  # --set / --batch-size on top of the choice
+                choice.config = validate_config({**choice.config.model_dump(), **over})
+                choice.source += " + " + ", ".join(f"{k}={v}" for k, v in over.items())
+        else:
+            config, source = resolve(req.config_options)
+            choice = choose.explicit_choice(config, source, device.type)
+    else:
+        choice = choose.explicit_choice(
+            validate_config(saved["config_requested"]), saved["source"], device.type
+        )
+        choice.preset = saved.get("preset")
+    requested = choice.config
+
+    # --- data
+    if req.data is not None:
+        data_root = req.data
+    elif saved is not None:
+        data_root = Path(saved["data"]["root"])
+    else:
+        data_root = synthetic_cohort(req.patients)
+    vocab_file = run_dir / "vocab.json" if saved is not None else None
+    data, config = load_training_data(data_root, requested, vocab_file)
+    choice.config = config
+
+    # --- settings (a resumed run keeps its own unless told otherwise)
+    base = saved["settings"] if saved is not None else {}
+    settings = TrainSettings(
+        **{
+            **{k: v for k, v in base.items() if k in TrainSettings.__dataclass_fields__},
+            **{
+                k: v
+                for k, v in {
+                    "epochs": req.epochs,
+                    "max_steps": req.max_steps,
+                    "seed": req.seed,
+                    "lr": req.lr,
+                    "eval_every": req.eval_every,
+                }.items()
+                if v is not None
+            },
+            "device": req.device,
+            "precision": req.precision if saved is None else base.get("precision", "auto"),
+            "save_every": req.save_every,
+        }
+    )
+    if req.threads is not None:
+        settings.threads = req.threads
+    elif device.type == "cpu" and settings.threads is None:
+        settings.threads = auto_threads()
+    precision = resolve_precision(config, device, settings.precision)
+    est = choose.check_fits(choice, precision, device.type)
+
+    if saved is None:
+        run_dir = new_run_dir(req.out, choice.preset or "custom")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(
+            run_dir / "config.json",
+            {
+                "config": config.model_dump(),
+                "config_requested": requested.model_dump(),
+                "source": choice.source,
+                "preset": choice.preset,
+                "reasons": choice.reasons,
+                "settings": asdict(settings),
+                "device": str(device),
+                "precision": precision,
+                "data": data.info,
+                "command": sys.argv,
+            },
+        )
+        (run_dir / "vocab.json").write_text(json.dumps(data.vocab) + "\n")
+        _write_json(
+            run_dir / "hardware.json", {"hardware": choice.hardware, "budget": choice.budget}
+        )
+        from ehrplan.estimator import estimate_memory
+
+        e = estimate_memory(config, precision=precision, device=device.type)
+        _write_json(
+            run_dir / "estimate.json",
+            {
+                "precision": precision,
+                "device": device.type,
+                "shape": "preset maxima (batch_size x max_visits x max_codes_per_visit)",
+                "total_bytes": e.total_bytes,
+                "is_lower_bound": e.is_lower_bound,
+                "breakdown": dict(e.breakdown),
+                "notes": list(e.notes),
+            },
+        )
+    elif saved["config"] != config.model_dump():
+        k = next(k for k in saved["config"] if saved["config"][k] != config.model_dump().get(k))
+        raise UsageError(
+            f"cannot resume {run_dir}: it was trained with a different config "
+            f"({k}={saved['config'][k]!r} there, {config.model_dump().get(k)!r} now)"
+        )
+
+    # --- say what was chosen and why
+    verb = "resuming" if saved is not None else "training"
+    _say(req, f"[bold]{verb}[/] {choice.source} -> {run_dir}")
+    for r in choice.reasons:
+        _say(req, f"  {r}")
+    info = data.info
+    _say(
+        req,
+        f"  data: {info['root']} ({info['patients']['train']} train / "
+        f"{info['patients']['tuning']} tuning / {info['patients']['held_out']} held-out "
+        f"patients, vocabulary {info['vocab_size']})",
+    )
+    _say(
+        req,
+        f"  device {device}, {precision}; batch {config.batch_size} x "
+        f"{config.gradient_accumulation_steps} accumulation = {config.effective_batch_size} "
+        f"patients per step; {settings.threads or 'default'} CPU threads; "
+        f"checkpointing {'on' if config.use_checkpoint else 'off'}; "
+        f"estimated peak at preset maxima {fmt_bytes(est)}",
+    )
+
+    trainer = Trainer(
+        config=config,
+        settings=settings,
+        data=data,
+        run_dir=run_dir,
+        stream=sys.stderr if req.json else sys.stdout,
+        estimate_bytes=est,
+    )
+    summary = trainer.run(resume=saved is not None)
+    summary["source"] = choice.source
+    summary["reasons"] = choice.reasons
+    summary["config"] = config.model_dump()
+    return summary
+
+
+def _overrides(req: Request) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items and ``--batch-size``, as given (coerced by validation)."""
+    from ehrplan.config import parse_override
+
+    out: dict[str, Any] = dict(parse_override(item) for item in req.config_options[4] or [])
+    if req.config_options[5] is not None:
+        out["batch_size"] = req.config_options[5]
+    return out
