@@ -16,6 +16,7 @@ from ehrplan.cli.data import data_app
 from ehrplan.cli import hardware as hardware_cmd
 from ehrplan.cli import recommend as recommend_cmd
 from ehrplan.cli import validate as validate_cmd
+from ehrplan.cli import train as train_cmd
 from ehrplan.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EhrplanError
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ app.add_typer(data_app, name="data")
 app.command("hardware")(hardware_cmd.hardware)
 app.command("recommend")(recommend_cmd.recommend)
 app.command("validate")(validate_cmd.validate)
+app.command("train")(train_cmd.train)
 
 
 def _fail(message: str, code: int) -> int:
