@@ -84,11 +84,12 @@ class MemoryEstimate:
 # kernel-level formulas
 
 
-def _onednn_ld(n: int) -> int:
-    """oneDNN's leading dimension for fp32 rows of ``n``: rounded up to 16 elements (64 bytes),
-    plus 16 more when that is a multiple of 256 (avoids cache-set aliasing; ``get_good_ld``)."""
-    ld = -(-n // 16) * 16
-    return ld + 16 if ld % 256 == 0 else ld
+def _onednn_ld(n: int, align: int = 16) -> int:
+    """oneDNN's leading dimension for rows of ``n``: rounded up to 64 bytes (16 fp32 or 32 bf16
+    elements, ``align``), plus one more such step when that is a multiple of 256 elements
+    (avoids cache-set aliasing; ``get_good_ld``)."""
+    ld = -(-n // align) * align
+    return ld + align if ld % 256 == 0 else ld
 
 
 def _pages(nbytes: int) -> int:
@@ -114,16 +115,35 @@ def mkldnn_lstm_workspace(n: int, steps: int, n_in: int, hidden: int) -> int:
     )
 
 
-def lstm_layer_saved(n: int, steps: int, n_in: int, hidden: int, kernel: str) -> int:
+def mkldnn_lstm_workspace_bf16(n: int, steps: int, n_in: int, hidden: int) -> int:
+    """Bytes of the oneDNN LSTM workspace under bf16 autocast (bf16 inputs and weights): per
+    sequence, ``steps + 1`` rows of layer states (four fp32 rows of ld16(max(in, H)) and two
+    bf16 rows of ld32(max(in, H))), per step the fp32 gates (ld(4H)), one bf16 row of
+    ld32(H) and one fp32 row of H, plus three fp32 H-rows. Fitted on torch 2.13.0+cpu to the
+    byte up to page alignment, for which eight half pages are added."""
+    ld_in = max(n_in, hidden)
+    per_seq = (
+        (steps + 1) * (16 * _onednn_ld(ld_in) + 4 * _onednn_ld(ld_in, 32))
+        + steps * (FP32 * _onednn_ld(4 * hidden) + 2 * _onednn_ld(hidden, 32) + FP32 * hidden)
+        + 3 * FP32 * hidden
+    )
+    return n * per_seq + 8 * 2048
+
+
+def lstm_layer_saved(
+    n: int, steps: int, n_in: int, hidden: int, kernel: str, act: int = FP32
+) -> int:
     """Bytes one LSTM layer keeps for backward beyond its input: output [steps, n, H],
-    final h and c [n, H] and the kernel's own state (oneDNN workspace, or native gates)."""
-    out = FP32 * n * steps * hidden + 2 * FP32 * n * hidden  # output + (h_n, c_n)
+    final h and c [n, H] (``act`` bytes each: 4 in fp32, 2 under autocast) and the kernel's
+    own state (oneDNN workspace, or the native kernel's gates)."""
+    out = act * n * steps * hidden + 2 * act * n * hidden  # output + (h_n, c_n)
     if kernel == "mkldnn":
-        return out + mkldnn_lstm_workspace(n, steps, n_in, hidden)
+        ws = mkldnn_lstm_workspace if act == FP32 else mkldnn_lstm_workspace_bf16
+        return out + ws(n, steps, n_in, hidden)
     # native ATen LSTM: per step it keeps the four gate activations [n, 4H], the cell state
     # [n, H], tanh(c) [n, H] and the hidden state [n, H]; the input projection is one GEMM
     # [steps, n, 4H] kept for backward.
-    return out + FP32 * n * steps * (4 * hidden + 3 * hidden + 4 * hidden)
+    return out + act * n * steps * (4 * hidden + 3 * hidden + 4 * hidden)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +215,7 @@ def _phase(
     grads: int,
     activations: int,
     temporaries: int,
+    weight_copies: bool = True,
 ) -> dict[str, int]:
     out = {
         "parameters": base["parameters"],
@@ -204,7 +225,8 @@ def _phase(
         "activations": activations,
         "temporaries": temporaries,
     }
-    if "autocast_weight_copies" in base:
+    # autocast's 16-bit weight copies are saved for backward and freed with the saved tensors
+    if weight_copies and "autocast_weight_copies" in base:
         out["autocast_weight_copies"] = base["autocast_weight_copies"]
     return out
 
@@ -220,24 +242,25 @@ def _lstm_phases(
     grads_all = FP32 * P
     grads_before = grads_all if d.micro > 1 else 0  # accumulated grads live from micro-batch 2
 
+    a = FP32 if precision == "fp32" else HALF  # bytes of a matmul/LSTM output under autocast
     # --- within-visit level (one oneDNN call over N visits of C codes) ---
     ids = I64 * N * C + 2 * I64 * N  # codes[real] int64 [N,C] (embedding); index rows + lengths
-    visit_lstm = FP32 * N * C * E + lstm_layer_saved(N, C, E, E, kernel)  # time-major input copy
-    last = FP32 * N * E  # out[arange, lengths-1]: visit_projection's input
+    visit_lstm = a * N * C * E + lstm_layer_saved(N, C, E, E, kernel, a)  # time-major input copy
+    last = a * N * E  # out[arange, lengths-1]: visit_projection's input
     within = ids + visit_lstm + last
     # --- visit level ---
     p = c.dropout > 0
-    scatter = FP32 * N * D  # visit vectors on the [B,V,D] grid (index_put output)
-    drop_v = 2 * FP32 * N * D if p else 0  # dropout mask (fp32) + output, [B,V,D]
-    packed = FP32 * N * (D + 2) + FP32 * N * (D + 2)  # cat [B,V,D+2] + packed data [N,D+2]
+    scatter = a * N * D  # visit vectors on the [B,V,D] grid (index_put output)
+    drop_v = 2 * a * N * D if p else 0  # dropout mask (same dtype) + output, [B,V,D]
+    packed = 2 * a * N * (D + 2)  # cat [B,V,D+2] + packed data [N,D+2]
     seq = 0
     for layer in range(L):
         n_in = D + 2 if layer == 0 else H
-        seq += lstm_layer_saved(B, V, n_in, H, kernel)
+        seq += lstm_layer_saved(B, V, n_in, H, kernel, a)
         if layer > 0 and p:
-            seq += 2 * FP32 * N * H  # inter-layer dropout: mask + output [N,H]
-    padded = FP32 * N * H  # pad_packed_sequence output [B,V,H]
-    heads = (2 * FP32 * N * H if p else 0) + FP32 * N * (S + 2)  # dropout; logits; time+softplus
+            seq += 2 * a * N * H  # inter-layer dropout: mask + output [N,H]
+    padded = a * N * H  # pad_packed_sequence output [B,V,H]
+    heads = (2 * a * N * H if p else 0) + a * N * (S + 2)  # dropout; logits; time+softplus
     visit_level = scatter + drop_v + packed + seq + padded + heads
     saved = {
         "encoder.code_embeddings+indices": ids,
@@ -251,14 +274,14 @@ def _lstm_phases(
     grads_no_emb = FP32 * (P - P_emb)
     # start of backward: every saved tensor alive (checkpointing keeps only segment inputs:
     # the [N,C] ids and the [B,V,D] visit vectors), plus the head's gradients
-    fwd_saved = (ids + FP32 * N * D + visit_level - seq - packed) if ckpt else within + visit_level
+    fwd_saved = (ids + a * N * D + visit_level - seq - packed) if ckpt else within + visit_level
     phases["forward"] = _phase(
-        base, inputs, grads_before, fwd_saved, 3 * FP32 * N * max(H, D)
+        base, inputs, grads_before, fwd_saved, 3 * a * N * max(H, D)
     )  # fmt: skip
     # inside the within-visit LSTM's backward: its saved state, the dense gradient of its
     # output [N,C,E] (index backward), its input gradient [N,C,E], dh/dc [N,E] and the
     # gradient of the visit vectors [N,D]; every gradient but the embedding's is made
-    temps = 2 * FP32 * N * C * E + 2 * FP32 * N * E + FP32 * N * D
+    temps = 2 * a * N * C * E + 2 * a * N * E + a * N * D
     phases["within_visit_backward"] = _phase(
         base,
         inputs,
@@ -267,19 +290,23 @@ def _lstm_phases(
         temps,
     )
     # the sequence LSTM's backward: its saved states with the within-visit level still saved
-    seq_temps = 3 * FP32 * N * max(H, D + 2)
+    seq_temps = 3 * a * N * max(H, D + 2)
     phases["sequence_backward"] = _phase(
         base,
         inputs,
         grads_before,
-        (within if not ckpt else ids + FP32 * N * D) + scatter + drop_v + packed + seq,
+        (within if not ckpt else ids + a * N * D) + scatter + drop_v + packed + seq,
         seq_temps,
     )
     # embedding backward: dense [vocab,E] gradient (in grads_all) while the gradient of the
     # embedding output [N,C,E] and the ids are alive
-    phases["embedding_backward"] = _phase(base, inputs, grads_all, ids, FP32 * N * C * E)
+    phases["embedding_backward"] = _phase(
+        base, inputs, grads_all, ids, FP32 * N * C * E, weight_copies=False
+    )
     # Adam (single-tensor on CPU): sqrt and div temporaries of the largest parameter tensor
-    phases["optimizer"] = _phase(base, inputs, grads_all, 0, 2 * FP32 * largest)
+    phases["optimizer"] = _phase(
+        base, inputs, grads_all, 0, 2 * FP32 * largest, weight_copies=False
+    )
     return phases, saved
 
 
@@ -295,20 +322,23 @@ def _transformer_phases(
     grads_all = FP32 * P
     grads_before = grads_all if d.micro > 1 else 0
     p = c.dropout > 0
-    T = FP32 * N * D  # one [B,V,D] fp32 tensor
-    FF = FP32 * N * F  # one [B,V,d_ff] tensor
-    A = FP32 * B * h * V * V  # one attention matrix [B,h,V,V]
+    a = FP32 if precision == "fp32" else HALF  # bytes of a matmul output under autocast
+    T = FP32 * N * D  # one [B,V,D] fp32 tensor: the residual stream stays fp32 under autocast
+    Ta = a * N * D  # one [B,V,D] matmul input/output (16-bit under autocast)
+    FF = a * N * F  # one [B,V,d_ff] tensor
+    A = a * B * h * V * V  # one attention matrix [B,h,V,V]
 
     # encode_visit: ids [N,C] int64 (embedding), ~mask [N,C] bool (masked_fill), counts [N]
     # int64 (div), pooled [N,E] (visit_projection input)
     ids = I64 * N * C + BOOL * N * C + 2 * I64 * N
-    pooled = FP32 * N * E
+    pooled = a * N * E
     # visit grid (visit vector + time projection + position): the dropout mask and output
     # (the first block's input); without dropout the sum itself is that input
     grid = 2 * T if p else T
-    # one block: LN1 out, q, k, v (contiguous copies), attention output copy, x1, LN2 out,
-    # the block output; dropout masks after attention and feed-forward; LN stats [B,V,1] x4
-    block = 8 * T + (2 * T if p else 0) + 4 * FP32 * N
+    # one block: LN1 out, q, k, v (contiguous copies), attention output copy, LN2 out (as the
+    # matmuls read them), the residual x1 and the block output (fp32); dropout masks after
+    # attention and feed-forward; LN stats [B,V,1] x4 (fp32)
+    block = 6 * Ta + 2 * T + (2 * Ta if p else 0) + 4 * FP32 * N
     # feed-forward: ff_in output (GELU input), GELU-dropout mask and output (ff_out input)
     block += FF + (2 * FF if p else FF)
     # attention: the math path keeps softmax output, dropout mask and output [B,h,V,V] (CPU
@@ -316,12 +346,12 @@ def _transformer_phases(
     # CUDA) keeps the output and logsumexp only
     fused_no_matrix = c.use_flash_attention and (device == "cuda" or not p)
     if fused_no_matrix:
-        block += T + FP32 * B * h * V
+        block += Ta + FP32 * B * h * V
     else:
         block += 3 * A if p else A
-    # heads: dropout mask and output (read by both linears; without dropout the final LN
-    # output), logits and time [B,V,S+1], softplus input [B,V,1]
-    final = (2 * T if p else T) + FP32 * N * (S + 2)
+    # heads: dropout mask (fp32), the input both linears read (fp32: shared; autocast: one
+    # 16-bit copy each), logits and time [B,V,S+1], softplus input [B,V,1]
+    final = (T if p else 0) + (T if a == FP32 else 2 * Ta) + a * N * (S + 2)
     saved = {
         "encoder.code_embeddings+indices": ids,
         "encoder.visit_projection": pooled,
@@ -331,24 +361,35 @@ def _transformer_phases(
     }
     phases: dict[str, dict[str, int]] = {}
     # forward transient: the embedding output [N,C,E] and its masked copy are both alive
+    # (before any matmul ran, so no autocast weight copy exists yet)
     phases["embedding_forward"] = _phase(
-        base, inputs, grads_before, ids, 2 * FP32 * N * C * E
-    )  # fmt: skip
+        base, inputs, grads_before, ids, 2 * FP32 * N * C * E, weight_copies=False
+    )
     # start of backward: everything saved; checkpointing keeps only each block's input (the
     # grid's output for the first, counted in grid) and the last block's output (final LN input)
     kept = ids + grid + (L * T if ckpt else L * block) + final + (0 if ckpt else pooled)
-    phases["forward"] = _phase(base, inputs, grads_before, kept, 3 * T)
+    # (checkpointed blocks save nothing, so their autocast weight copies are not kept)
+    phases["forward"] = _phase(base, inputs, grads_before, kept, 3 * Ta, weight_copies=not ckpt)
     if ckpt:
         # the top block recomputed inside backward (heads and final LN already done): its saved
         # tensors on top of the other blocks' inputs; the gradient of its output and of the
         # feed-forward are the temporaries
         phases["layer_backward"] = _phase(
-            base, inputs, grads_before, ids + grid + (L - 1) * T + block, 2 * T + FF
+            base,
+            inputs,
+            grads_before,
+            ids + grid + (L - 1) * T + block,
+            2 * Ta + FF,
+            weight_copies=False,
         )
     # embedding backward: dense [vocab,E] gradient while the [N,C,E] gradient of the masked
     # embedding output is alive
-    phases["embedding_backward"] = _phase(base, inputs, grads_all, ids, FP32 * N * C * E)
-    phases["optimizer"] = _phase(base, inputs, grads_all, 0, 2 * FP32 * largest)
+    phases["embedding_backward"] = _phase(
+        base, inputs, grads_all, ids, FP32 * N * C * E, weight_copies=False
+    )
+    phases["optimizer"] = _phase(
+        base, inputs, grads_all, 0, 2 * FP32 * largest, weight_copies=False
+    )
     del P_emb
     return phases, saved
 
@@ -398,8 +439,8 @@ def estimate_memory(
         )
     if device == "mps":
         notes.append("MPS path unmeasured: MPS has no peak counter; the dry run samples it")
-    if precision != "fp32":
-        notes.append("mixed precision: activation sizes are not yet calibrated (fp32 assumed)")
+    if precision == "fp16" and device == "cpu":
+        notes.append("fp16 on the CPU is modelled like bf16 and unmeasured")
     return MemoryEstimate(
         precision=precision,
         device=device,

@@ -146,3 +146,15 @@ def test_random_configs_within_the_bound(seed):
     cfg = random_config(random.Random(1000 + seed))
     err = _check(cfg, cfg.batch_size, cfg.use_checkpoint)
     assert abs(err) <= BOUND, (err, cfg.model_dump())
+
+
+@pytest.mark.parametrize("name", ["tiny-lstm", "tiny-transformer"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_bf16_autocast_within_the_bound(name, ckpt):
+    from ehrplan.measure import measure_step
+
+    cfg = get_preset(name).config
+    m = measure_step(cfg, batch_size=8, precision="bf16", checkpointing=ckpt)
+    est = estimate_memory(cfg, batch_size=8, precision="bf16", checkpointing=ckpt)
+    err = (est.total_bytes - m.measured_peak_bytes) / m.measured_peak_bytes
+    assert abs(err) <= BOUND, err
