@@ -454,6 +454,12 @@ class Trainer:
         every = self.settings.measure_every
         return first or (every is not None and every > 0 and nxt % every == 0)
 
+    def _last_peak(self) -> tuple[int, int] | None:
+        if not self.memory_records:
+            return None
+        m = self.memory_records[-1]
+        return m["measured_peak_bytes"], m["estimated_peak_bytes"]
+
     def _memory_record(self, rec: dict[str, Any], progress: TrainProgress) -> None:
         """Measured peak of this step beside the estimate for its largest micro-batch."""
         B, V, C = rec["max_batch_shape"]
@@ -583,6 +589,7 @@ class Trainer:
                         lr=rec["lr"],
                         memory_bytes=rec["memory_bytes"],
                         epoch=self.pos.epoch,
+                        peak=self._last_peak(),
                     )
                     if self.pos.step % self.settings.log_every == 0:
                         window = {"patients": 0, "seconds": 0.0}

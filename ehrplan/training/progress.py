@@ -57,9 +57,13 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.stop()
 
-    def _memory(self, in_use: int | None) -> str:
-        est = fmt_bytes(self.estimate_bytes) if self.estimate_bytes else "-"
-        return f"mem {fmt_bytes(in_use)} (est. peak {est})"
+    def _memory(self, in_use: int | None, peak: tuple[int, int] | None) -> str:
+        out = f"mem {fmt_bytes(in_use)}"
+        if peak is not None:
+            out += f" | step peak {fmt_bytes(peak[0])} vs est. {fmt_bytes(peak[1])}"
+        elif self.estimate_bytes:
+            out += f" | est. peak {fmt_bytes(self.estimate_bytes)}"
+        return out
 
     def update(
         self,
@@ -70,10 +74,13 @@ class TrainProgress:
         lr: float,
         memory_bytes: int | None,
         epoch: int,
+        peak: tuple[int, int] | None = None,
     ) -> None:
+        """``memory_bytes``: in use now (CPU: process RSS; GPU: allocated); ``peak``: the last
+        measured step peak and the estimate for the same batch."""
         stats = (
             f"epoch {epoch}  loss {loss:.4f}  {patients_per_s:,.0f} patients/s  lr {lr:.2e}  "
-            + self._memory(memory_bytes)
+            + self._memory(memory_bytes, peak)
         )
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step, stats=stats)
