@@ -158,3 +158,19 @@ def test_bf16_autocast_within_the_bound(name, ckpt):
     est = estimate_memory(cfg, batch_size=8, precision="bf16", checkpointing=ckpt)
     err = (est.total_bytes - m.measured_peak_bytes) / m.measured_peak_bytes
     assert abs(err) <= BOUND, err
+
+
+def test_native_lstm_kernel_within_the_bound():
+    """With oneDNN disabled the native ATen LSTM runs; the estimator models its saved state."""
+    import torch
+
+    from ehrplan.measure import measure_step
+
+    cfg = get_preset("tiny-lstm").config
+    with torch.backends.mkldnn.flags(enabled=False):
+        m = measure_step(cfg, batch_size=8)
+    assert m.lstm_kernel == "native"
+    est = estimate_memory(cfg, batch_size=8, lstm_kernel="native")
+    assert abs(est.total_bytes - m.measured_peak_bytes) / m.measured_peak_bytes <= BOUND
+    # the two kernels keep different amounts: the estimate must tell them apart
+    assert est.total_bytes != estimate_memory(cfg, batch_size=8).total_bytes
