@@ -79,7 +79,9 @@ def test_unknown_or_absent_device_exits_2(device, fragment):
     assert fragment in r.stderr and "Traceback" not in r.stderr
 
 
-def test_simulate_is_refused_for_lstms_with_a_reason():
-    r = run_cli("dry-run", "--preset", "tiny", "--simulate")
+@pytest.mark.parametrize("preset", ["tiny-lstm", "tiny-transformer"])
+def test_simulate_is_refused_with_a_reason(preset):
+    r = run_cli("dry-run", "--preset", preset, "--simulate")
     assert r.returncode == 2
     assert "fake tensors" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert ("nn.LSTM" in r.stderr) == (preset == "tiny-lstm")
