@@ -158,46 +158,51 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
-    t = Table(title=f"ehrplan train — {p['source']} — {p['run_dir']}")
+    t = Table(title=f"{p['source']}: best checkpoint (step {p['best_step']}) and last (step "
+              f"{p['steps']})")  # fmt: skip
     t.add_column("metric")
-    for col in ("tuning (last)", "held_out (last)", "tuning (best)", "held_out (best)"):
-        t.add_column(col, justify="right")
+    t.add_column("tuning", justify="right")
+    t.add_column("held-out", justify="right")
+    t.add_column("held-out, last", justify="right")
     rows = [
         ("loss", "loss", 4),
         ("stage accuracy", "stage_accuracy", 3),
+        ("  majority-stage baseline", "baseline_stage_accuracy", 3),
         ("stage macro-F1", "stage_macro_f1", 3),
-        ("  majority-stage macro-F1", "baseline_stage_macro_f1", 3),
-        ("stage macro AUROC (OvR)", "stage_macro_auroc", 3),
-        ("stage QW kappa", "stage_qw_kappa", 3),
-        ("C-index (time to progression)", "c_index", 3),
+        ("  majority-stage baseline", "baseline_stage_macro_f1", 3),
+        ("stage AUROC (macro OvR)", "stage_macro_auroc", 3),
+        ("stage kappa (quadratic)", "stage_qw_kappa", 3),
+        ("C-index, time to progression", "c_index", 3),
         ("MAE days (observed events)", "mae_days_observed", 1),
     ]
     for label, key, d in rows:
         t.add_row(
             label,
-            *(_f(p[which][split].get(key), d) for which in ("last", "best") for split in
-              ("tuning", "held_out")),
-        )  # fmt: skip
+            _f(p["best"]["tuning"].get(key), d),
+            _f(p["best"]["held_out"].get(key), d),
+            _f(p["last"]["held_out"].get(key), d),
+        )
     yield t
     mem = p.get("memory") or {}
-    run = Table(title="run", show_header=False)
+    run = Table(title=f"run {p['run_dir']}", show_header=False)
     run.add_column("")
     run.add_column("", justify="right")
     run.add_row("steps (epochs completed)", f"{p['steps']} ({p['epochs_completed']})")
-    run.add_row("best step (tuning loss)", str(p["best_step"]))
     run.add_row("device, precision", f"{p['device']}, {p['precision']}")
     run.add_row("patients trained", f"{p['patients_trained']:,}")
     run.add_row("patients / s", _f(p["patients_per_s"], 1))
     if mem.get("measured_peak_bytes") is not None:
+        shape = "x".join(str(x) for x in mem.get("batch_shape") or [])
         run.add_row(
-            f"measured peak ({mem.get('method')})",
-            f"{fmt_bytes(mem['measured_peak_bytes'])} at batch {mem.get('batch_shape')}",
+            f"step peak, measured (step {mem.get('step')})",
+            f"{fmt_bytes(mem['measured_peak_bytes'])} (batch {shape})",
         )
         run.add_row(
-            "estimated peak, same batch",
-            f"{fmt_bytes(mem.get('estimated_peak_bytes'))} (error {_pct(mem.get('error'))})",
+            "step peak, estimated",
+            f"{fmt_bytes(mem.get('estimated_peak_bytes'))} ({_pct(mem.get('error'))})",
         )
-    run.add_row("process RSS at most", fmt_bytes(p.get("peak_memory_bytes")))
+        run.add_row("memory measurements", str(p.get("memory_measurements")))
+    run.add_row("process RSS, largest", fmt_bytes(p.get("peak_memory_bytes")))
     run.add_row("curves", str(Path(p["run_dir"]) / "curves.png"))
     yield run
 

@@ -74,7 +74,7 @@ class TrainSettings:
     eval_every: int | None = None
     log_every: int = 10
     bucket: int = 50
-    measure_every: int | None = None
+    measure_every: int | None = 50
     threads: int | None = None
 
     def replay_keys(self) -> dict[str, Any]:
@@ -596,6 +596,7 @@ class Trainer:
                     if self.on_step is not None:
                         self.on_step(self, rec)
                     if epoch_done:
+                        self._epoch_record(self.pos.epoch)
                         self.pos.epoch += 1
                         self.pos.next_batch = 0
                     every = self.settings.eval_every
@@ -615,6 +616,31 @@ class Trainer:
                     if epoch_done:
                         break
         return self._finish(time.perf_counter() - t_start)
+
+    def _epoch_record(self, epoch: int) -> None:
+        """One JSON line per finished epoch: its steps' mean loss and throughput (from the step
+        lines, so a resumed epoch counts every step once)."""
+        steps = [
+            r
+            for r in read_records(self.files.metrics)
+            if r.get("kind") == "step" and r.get("epoch") == epoch
+        ]
+        seconds = sum(r["seconds"] for r in steps)
+        patients = sum(r["patients"] for r in steps)
+        self._record(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "step": self.pos.step,
+                "steps": len(steps),
+                "loss": sum(r["loss"] for r in steps) / max(1, len(steps)),
+                "stage_loss": sum(r["stage_loss"] for r in steps) / max(1, len(steps)),
+                "time_loss": sum(r["time_loss"] for r in steps) / max(1, len(steps)),
+                "patients": patients,
+                "seconds": seconds,
+                "patients_per_s": patients / seconds if seconds else None,
+            }
+        )
 
     def _eval_and_keep_best(self, progress: TrainProgress) -> None:
         res = self.evaluate("tuning")
