@@ -19,7 +19,9 @@ Rows for ehrplan:
 
 - ``ehrplan, random batches``: the same patients in the same batches as the reference, padded per
   batch (longest patient, largest visit), one within-visit LSTM call over all real visits;
-- ``ehrplan, bucketed``: what ``ehrplan train`` does by default (length-bucketed batches).
+- ``ehrplan, bucketed``: what ``ehrplan train --preset`` does (length-bucketed batches);
+- ``ehrplan, bucketed, no checkpointing``: what ``ehrplan train --auto`` trains where the step fits
+  in memory without gradient checkpointing (it then turns it off: no second forward pass).
 """
 
 from __future__ import annotations
@@ -243,12 +245,16 @@ def main() -> None:
         pad=(config.max_visits, config.max_codes_per_visit),
     )
     rows.append({"loop": "seed reference (padded to preset maxima)", **r})
-    for name, batches in (
-        ("ehrplan, random batches", random_batches),
-        ("ehrplan, bucketed", bucketed),
+    plain = config.model_copy(update={"use_checkpoint": False})
+    for name, batches, cfg in (
+        ("ehrplan, random batches", random_batches, config),
+        ("ehrplan, bucketed", bucketed, config),
+        ("ehrplan, bucketed, no checkpointing (--auto)", bucketed, plain),
     ):
+        if name.endswith("(--auto)") and not config.use_checkpoint:
+            continue
         torch.manual_seed(args.seed)
-        r = timed_training(build_model(config), groups(batches, args.steps), collate, pad=None)
+        r = timed_training(build_model(cfg), groups(batches, args.steps), collate, pad=None)
         rows.append({"loop": name, **r})
     base = rows[0]["patients_per_s"]
     for row in rows:

@@ -104,6 +104,18 @@ def auto_choice(model_type: str, device_type: str) -> Choice:
             name, changes = capped, {}
     base = get_preset(name).config
     config = EHRModelConfig.model_validate({**base.model_dump(), **changes})
+    if config.use_checkpoint and "use_checkpoint" not in changes:
+        # checkpointing trades a second forward pass for memory; when the step fits without it,
+        # that trade buys nothing
+        plain = config.model_copy(update={"use_checkpoint": False})
+        f = fit(plain, budget, name)
+        if f.fits:
+            reasons.append(
+                f"checkpointing off: the step fits without it ({fmt_bytes(f.estimate_bytes)} "
+                f"<= {fmt_bytes(budget.budget_bytes)}), which saves recomputing the forward pass"
+            )
+            config = plain
+            changes["use_checkpoint"] = False
     source = f"auto: preset {name}" + (
         " + " + ", ".join(f"{k}={v}" for k, v in changes.items()) if changes else ""
     )
