@@ -219,3 +219,42 @@ def apply_embeddings(
     return EmbeddingMatch(
         matched=len(rows), missing=vocab_codes - len(rows), unused=len(emb.codes) - len(rows)
     )
+
+
+CHECKPOINTS = ("best", "last")
+EMBEDDING_KEY = "encoder.code_embeddings.weight"
+
+
+def run_embeddings(run_dir: str | Path, checkpoint: str = "best") -> tuple[CodeEmbeddings, int]:
+    """A trained run's code embeddings (PAD and UNK left out: they are not codes) and the step of
+    the checkpoint they come from. Reads ``checkpoints/<checkpoint>.pt`` with
+    ``torch.load(weights_only=True)`` and the run's ``vocab.json``."""
+    from ehrplan.data.vocab import PAD_ID, UNK_ID, Vocab
+
+    run_dir = Path(run_dir)
+    if checkpoint not in CHECKPOINTS:
+        raise DataError(f"unknown checkpoint '{checkpoint}' (valid: {', '.join(CHECKPOINTS)})")
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not run_dir.is_dir():
+        raise DataError(f"run folder not found: {run_dir}")
+    if not path.is_file():
+        other = "last" if checkpoint == "best" else "best"
+        raise DataError(f"{run_dir}: no checkpoints/{path.name} (try --checkpoint {other})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weight = state["model"][EMBEDDING_KEY]
+    except Exception as err:  # a truncated or foreign file raises whatever its reader raises
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(
+            f"{path}: not an ehrplan checkpoint with code embeddings ({first})"
+        ) from None
+    vocab = Vocab.load(run_dir / "vocab.json")
+    if len(vocab) != weight.shape[0]:
+        raise DataError(
+            f"{run_dir}: vocab.json has {len(vocab)} tokens but the embedding table "
+            f"{weight.shape[0]} rows"
+        )
+    rows = [i for i in range(len(vocab)) if i not in (PAD_ID, UNK_ID)]
+    step = state.get("step", state.get("position", {}).get("step"))
+    emb = CodeEmbeddings(codes=[vocab.tokens[i] for i in rows], vectors=weight[rows].float())
+    return emb, int(step) if step is not None else -1

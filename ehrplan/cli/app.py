@@ -17,6 +17,8 @@ from ehrplan.cli import hardware as hardware_cmd
 from ehrplan.cli import recommend as recommend_cmd
 from ehrplan.cli import validate as validate_cmd
 from ehrplan.cli import train as train_cmd
+from ehrplan.cli import compare as compare_cmd
+from ehrplan.cli import embeddings as embeddings_cmd
 from ehrplan.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EhrplanError
 
 app = typer.Typer(
@@ -37,6 +39,8 @@ app.command("hardware")(hardware_cmd.hardware)
 app.command("recommend")(recommend_cmd.recommend)
 app.command("validate")(validate_cmd.validate)
 app.command("train")(train_cmd.train)
+app.command("compare")(compare_cmd.compare)
+app.command("export-embeddings")(embeddings_cmd.export_embeddings)
 
 
 def _fail(message: str, code: int) -> int:
