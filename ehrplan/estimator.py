@@ -31,6 +31,7 @@ from typing import Literal
 
 from ehrplan.config import EHRModelConfig
 from ehrplan.params import count_parameters
+from ehrplan.params import lstm_layer as lstm_layer_param_count
 
 Precision = Literal["fp32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
@@ -289,6 +290,8 @@ def _lstm_phases(
     # output [N,C,E] (index backward), its input gradient [N,C,E], dh/dc [N,E] and the
     # gradient of the visit vectors [N,D]; every gradient but the embedding's is made
     temps = 2 * a * N * C * E + 2 * a * N * E + a * N * D
+    if d.micro > 1:  # from micro-batch 2 its weight gradients are new tensors, then accumulated
+        temps += FP32 * lstm_layer_param_count(E, E)
     phases["within_visit_backward"] = _phase(
         base,
         inputs,
@@ -296,13 +299,20 @@ def _lstm_phases(
         ids + visit_lstm,
         temps,
     )
-    # the sequence LSTM's backward: its saved states with the within-visit level still saved
-    seq_temps = 3 * a * N * max(H, D + 2)
+    # the sequence LSTM's top layer's backward: the saved states of every layer with the
+    # within-visit level still saved; the heads' and this layer's weight gradients are made;
+    # temporaries: the gradient of its output twice (pad_packed backward, and its packed
+    # copy), its input gradient and dh/dc
+    top_in = H if L > 1 else D + 2
+    top_grads = FP32 * (lstm_layer_param_count(top_in, H) + (H + 1) * (S + 1))
+    seq_temps = 2 * a * N * H + a * N * top_in + 2 * a * B * H
+    if d.micro > 1:  # the new weight gradients before they are added to the accumulated ones
+        seq_temps += top_grads
     phases["sequence_backward"] = _phase(
         base,
         inputs,
-        grads_before,
-        (within if not ckpt else ids + a * N * D) + scatter + drop_v + packed + seq,
+        grads_all if d.micro > 1 else top_grads,
+        (within if not ckpt else ids) + scatter + drop_v + packed + seq,
         seq_temps,
     )
     # embedding backward: dense [vocab,E] gradient (in grads_all) while the gradient of the
