@@ -258,3 +258,69 @@ def run_embeddings(run_dir: str | Path, checkpoint: str = "best") -> tuple[CodeE
     step = state.get("step", state.get("position", {}).get("step"))
     emb = CodeEmbeddings(codes=[vocab.tokens[i] for i in rows], vectors=weight[rows].float())
     return emb, int(step) if step is not None else -1
+
+
+@dataclass(frozen=True)
+class PreparedEmbeddings:
+    """A checked embeddings file, ready to be written into a freshly built model."""
+
+    emb: CodeEmbeddings
+    vocab: dict[str, int]
+    project: bool
+    freeze: bool
+    info: dict[str, object]
+    """what the run folder records: file, format, width, counts, frozen, projected"""
+
+    def apply(self, model: nn.Module) -> EmbeddingMatch:
+        """Write the vectors into ``model.encoder.code_embeddings`` (PAD and UNK untouched)."""
+        from ehrplan.data.vocab import PAD_ID, UNK_ID
+
+        return apply_embeddings(
+            model.encoder.code_embeddings,
+            self.emb,
+            self.vocab,
+            project=self.project,
+            freeze=self.freeze,
+            special_ids=(PAD_ID, UNK_ID),
+        )
+
+
+def prepare_embeddings(
+    path: str | Path,
+    tokens: list[str],
+    code_embed_dim: int,
+    *,
+    project: bool = False,
+    freeze: bool = False,
+) -> PreparedEmbeddings:
+    """Read ``path`` and check it against a run's vocabulary (``tokens`` by id) and width, on a
+    scratch table, so that a bad or mismatched file is refused before anything is trained or
+    written. A file that shares no code with the vocabulary is refused too."""
+    from ehrplan.data.vocab import PAD_ID, UNK_ID
+
+    path = Path(path)
+    emb = load_embeddings(path)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    scratch = nn.Embedding(len(tokens), code_embed_dim)
+    match = apply_embeddings(
+        scratch, emb, vocab, project=project, freeze=freeze, special_ids=(PAD_ID, UNK_ID)
+    )
+    if match.matched == 0:
+        raise DataError(
+            f"{path}: none of its {len(emb.codes)} codes is in the vocabulary "
+            f"({len(tokens) - 2} codes, e.g. {tokens[2] if len(tokens) > 2 else '-'}): "
+            "embeddings for another data set?"
+        )
+    info: dict[str, object] = {
+        "file": str(path),
+        "format": path.suffix.lower().lstrip("."),
+        "codes_in_file": len(emb.codes),
+        "dim": emb.dim,
+        "code_embed_dim": code_embed_dim,
+        "projected": emb.dim != code_embed_dim,
+        "frozen": freeze,
+        "matched": match.matched,
+        "missing": match.missing,
+        "unused": match.unused,
+    }
+    return PreparedEmbeddings(emb=emb, vocab=vocab, project=project, freeze=freeze, info=info)
