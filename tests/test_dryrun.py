@@ -22,10 +22,23 @@ print("NO_TORCH_OK", code)
 """
 
 
-def test_tiny_json_reports_measured_and_estimated_peaks():
-    r = run_cli("dry-run", "--preset", "tiny", "--device", "cpu", "--json")
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
+def _in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (torch is already imported here: no start-up cost)."""
+    from ehrplan.cli.app import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_tiny_json_reports_measured_and_estimated_peaks(capsys):
+    code, out, err = _in_process(capsys, "dry-run", "--preset", "tiny", "--device", "cpu", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
     assert doc["command"] == "dry-run" and doc["device"] == "cpu"
     for key in ("measured_peak_bytes", "estimated_peak_bytes", "process_peak_rss_bytes"):
         assert isinstance(doc[key], int) and doc[key] > 0, key
@@ -37,12 +50,11 @@ def test_tiny_json_reports_measured_and_estimated_peaks():
     assert sum(doc["estimate_breakdown"].values()) == doc["estimated_peak_bytes"]
 
 
-def test_checkpointing_flag_reaches_the_step():
-    r = run_cli(
-        "dry-run", "--preset", "tiny-transformer", "--checkpointing", "--batch-size", "4", "--json"
-    )
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["checkpointing"] is True
+def test_checkpointing_flag_reaches_the_step(capsys):
+    args = ["dry-run", "--preset", "tiny-transformer", "--checkpointing", "-b", "4", "--json"]
+    code, out, err = _in_process(capsys, *args)
+    assert code == 0, err
+    assert json.loads(out)["checkpointing"] is True
 
 
 def test_a_batch_that_cannot_fit_is_refused_before_torch_is_imported():
