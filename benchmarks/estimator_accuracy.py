@@ -8,6 +8,7 @@ cross-check (it also holds allocator slack, oneDNN scratch space and lazily load
 
     python benchmarks/estimator_accuracy.py                  # every case, fp32 on the CPU
     python benchmarks/estimator_accuracy.py --quick          # the preset batch of each only
+    python benchmarks/estimator_accuracy.py --quick --precision bf16  # CPU bf16 autocast
     python benchmarks/estimator_accuracy.py --csv benchmarks/data/estimator_accuracy_cpu.csv
     python benchmarks/estimator_accuracy.py --measured benchmarks/data/estimator_accuracy_cpu.csv
 
@@ -43,6 +44,7 @@ CASES: dict[str, tuple[int, ...]] = {
 }
 FIELDS = (
     "preset",
+    "precision",
     "batch",
     "micro_batches",
     "checkpointing",
@@ -55,17 +57,22 @@ FIELDS = (
 )
 
 
-def _load_measured(path: Path) -> dict[tuple[str, int, bool], dict[str, str]]:
+def _load_measured(path: Path) -> dict[tuple[str, str, int, bool], dict[str, str]]:
     with path.open() as f:
         lines = [line for line in f if not line.startswith("#")]
     return {
-        (r["preset"], int(r["batch"]), r["checkpointing"] == "True"): r
+        (
+            r["preset"],
+            r.get("precision") or "fp32",
+            int(r["batch"]),
+            r["checkpointing"] == "True",
+        ): r
         for r in csv.DictReader(lines)
     }
 
 
 def run(
-    quick: bool, only: list[str] | None, measured: Path | None = None
+    quick: bool, only: list[str] | None, measured: Path | None = None, precision: str = "fp32"
 ) -> list[dict[str, object]]:
     """Estimate and measure every case (or take the measurements from a CSV written earlier)."""
     rows: list[dict[str, object]] = []
@@ -82,22 +89,27 @@ def run(
         cfg = get_preset(preset).config
         for b in batches[:1] if quick else batches:
             for ckpt in (False, True):
-                est = estimate_memory(cfg, batch_size=b, checkpointing=ckpt)
+                est = estimate_memory(
+                    cfg, batch_size=b, checkpointing=ckpt, precision=precision
+                )  # fmt: skip
                 t0 = time.perf_counter()
                 if stored:
-                    if (preset, b, ckpt) not in stored:
+                    if (preset, precision, b, ckpt) not in stored:
                         continue
-                    old = stored[(preset, b, ckpt)]
+                    old = stored[(preset, precision, b, ckpt)]
                     measured_bytes, micro = int(old["measured_bytes"]), int(old["micro_batches"])
                     rss, seconds = int(old["rss_growth_bytes"]), float(old["seconds"])
                 else:
-                    m = measure_in_subprocess(cfg, batch_size=b, checkpointing=ckpt)
+                    m = measure_in_subprocess(
+                        cfg, batch_size=b, checkpointing=ckpt, precision=precision
+                    )
                     measured_bytes, micro = m.measured_peak_bytes, m.micro_batches
                     rss = m.process_peak_rss_bytes - m.rss_before_bytes
                     seconds = round(time.perf_counter() - t0, 1)
                 err = (est.total_bytes - measured_bytes) / measured_bytes
                 row = {
                     "preset": preset,
+                    "precision": precision,
                     "batch": b,
                     "micro_batches": micro,
                     "checkpointing": ckpt,
@@ -148,8 +160,9 @@ def main() -> None:
         type=Path,
         help="take the measured peaks from this CSV (written by --csv) instead of measuring",
     )
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     args = ap.parse_args()
-    rows = run(args.quick, args.preset, args.measured)
+    rows = run(args.quick, args.preset, args.measured, args.precision)
     if args.csv:
         write_csv(rows, args.csv, "python " + " ".join(sys.argv))
 

@@ -54,6 +54,7 @@ def test_stored_preset_measurements_are_within_the_bound():
             get_preset(r["preset"]).config,
             batch_size=int(r["batch"]),
             checkpointing=r["checkpointing"] == "True",
+            precision=r.get("precision") or "fp32",
         )
         measured = int(r["measured_bytes"])
         err = (est.total_bytes - measured) / measured

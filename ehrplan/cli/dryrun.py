@@ -141,6 +141,16 @@ def dry_run(
     dev = resolve_device(device)
     if dev == "cpu" and available is None:
         available, available_source = _check_cpu_fits(cfg, precision, ckpt)
+    if dev == "cuda":  # UNMEASURED here (no GPU): refuse what cannot fit the free memory
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        est = estimate_memory(cfg, precision=precision, device="cuda", checkpointing=ckpt)
+        if est.total_bytes > free:
+            raise DoesNotFitError(
+                f"does not fit: the estimated peak {fmt_bytes(est.total_bytes)} exceeds the "
+                f"{fmt_bytes(free)} free on the GPU; the step was not run"
+            )
     kernel = cpu_lstm_kernel() if dev == "cpu" else "mkldnn"
     est = estimate_memory(
         cfg, precision=precision, device=dev, checkpointing=ckpt, lstm_kernel=kernel
