@@ -120,7 +120,8 @@ class Measurement:
     ``process_peak_rss_bytes - rss_before_bytes`` is the step's RSS growth, a cross-check."""
     step_seconds: float
     lstm_kernel: str | None
-    """CPU LSTM kernel in use: 'mkldnn' (oneDNN) or 'native'; None for other devices."""
+    """CPU LSTM kernel in use: 'mkldnn' (oneDNN) or 'native'; None off the CPU or for the
+    Transformer."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -318,7 +319,7 @@ def measure_step(
         process_peak_rss_bytes=peak_rss_bytes(),
         rss_before_bytes=rss_before,
         step_seconds=seconds,
-        lstm_kernel=cpu_lstm_kernel() if device == "cpu" else None,
+        lstm_kernel=cpu_lstm_kernel() if device == "cpu" and cfg.model_type == "lstm" else None,
     )
 
 
