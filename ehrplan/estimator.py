@@ -170,23 +170,18 @@ def _inputs(d: _Dims) -> int:
 
 
 def _static(config: EHRModelConfig, precision: str) -> tuple[dict[str, int], int, int]:
+    """Static bytes, the parameter count, and the element count of the largest parameter
+    *tensor* (Adam's single-tensor update makes two temporaries of its size)."""
     p = count_parameters(config)
-    base = static_memory(config, precision)
-    largest = max(p.modules.values())
-    if config.model_type == "lstm":  # an nn.LSTM holds one tensor per weight and bias
-        largest = max(
-            config.vocab_size * config.code_embed_dim,
-            4 * config.hidden_dim * max(config.visit_embed_dim + 2, config.hidden_dim),
-            4 * config.code_embed_dim * config.code_embed_dim,
-            config.code_embed_dim * config.visit_embed_dim,
-        )
+    E, D, H = config.code_embed_dim, config.visit_embed_dim, config.hidden_dim
+    if config.model_type == "lstm":
+        # embedding [vocab,E]; sequence LSTM weight_ih [4H, D+2] or weight_hh [4H, H];
+        # visit LSTM weights [4E, E]; visit projection [D, E]
+        largest = max(config.vocab_size * E, 4 * H * max(D + 2, H), 4 * E * E, E * D)
     else:
-        largest = max(
-            config.vocab_size * config.code_embed_dim,
-            3 * config.visit_embed_dim * config.visit_embed_dim,
-            config.visit_embed_dim * config.hidden_dim,
-        )
-    return base, p.total, largest
+        # embedding [vocab,E]; fused qkv [3D, D]; feed-forward [H, D] and [D, H]
+        largest = max(config.vocab_size * E, 3 * D * D, D * H, E * D)
+    return static_memory(config, precision), p.total, largest
 
 
 def static_memory(config: EHRModelConfig, precision: str = "fp32") -> dict[str, int]:
