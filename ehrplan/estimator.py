@@ -6,12 +6,25 @@ a few moments where the live set can peak; each is modelled as a `Phase` (a brea
 bytes by what holds them) and the estimate is the largest one:
 
 - ``forward``: the start of backward, when every tensor saved for backward is alive;
+- ``embedding_forward`` (Transformer): the ``[N, codes, E]`` embedding output and its masked
+  copy, both alive for a moment at the start of the forward pass;
+- ``within_visit_forward`` (native LSTM kernel): the end of its per-step loop;
 - ``within_visit_backward`` (LSTM): inside the backward of the within-visit LSTM, whose oneDNN
   workspace is by far the largest saved tensor;
+- ``sequence_backward`` (LSTM): inside the backward of the top visit-sequence LSTM layer;
 - ``layer_backward`` (Transformer, checkpointing): one block recomputed inside backward;
 - ``embedding_backward``: the dense gradient of the code embedding table is made while the
   gradient of the ``[N, codes, E]`` embedding output is alive;
 - ``optimizer``: Adam's step, all gradients alive plus the temporaries of its largest update.
+
+Gradient accumulation changes the micro-batch, not the memory per micro-batch, except that
+from the second micro-batch on the accumulated gradients are alive during the forward pass
+(`ehrplan.measure` runs two micro-batches when the config accumulates). Mixed precision
+(autocast, fp32 master weights): matmul and LSTM outputs are 16-bit, the Transformer's
+residual stream and the embeddings stay fp32, and the 16-bit weight copies live while saved.
+Per-device overhead (CUDA context, allocator reserve) is reported in ``device_overhead``,
+outside ``total_bytes``, as unmeasured assumptions: ``total_bytes`` predicts live tensor bytes
+(what ``torch.cuda.max_memory_allocated`` measures on CUDA).
 
 Notation: B patients per micro-batch, V visits, C codes per visit, N = B x V visits (all real at
 full padding), E = code_embed_dim, D = visit_embed_dim, H = hidden_dim, L = num_layers,
