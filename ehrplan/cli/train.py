@@ -84,6 +84,15 @@ ThreadsOpt = Annotated[
     ),
 ]
 
+TimeWeightOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--time-weight",
+        help="Weight of the time-to-progression NLL against the stage cross-entropy (default 1).",
+        min=0.0,
+    ),
+]
+
 
 def train(
     auto: AutoOpt = False,
@@ -106,6 +115,7 @@ def train(
     save_every: SaveEveryOpt = 50,
     eval_every: EvalEveryOpt = None,
     threads: ThreadsOpt = None,
+    time_weight: TimeWeightOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Train a model: --auto picks what fits this machine, or name it with --preset/--size/--type.
@@ -143,6 +153,7 @@ def train(
         eval_every=eval_every,
         json=json_,
         threads=threads,
+        time_weight=time_weight,
     )
     summary = runner.run(req, resolve=_resolve)
     emit("train", summary, as_json=json_, render=_render)

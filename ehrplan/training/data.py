@@ -60,15 +60,19 @@ def cache_dir() -> Path:
 
 def synthetic_cohort(patients: int, seed: int = SYNTH_SEED) -> Path:
     """The synthetic CKD cohort of ``patients`` patients, made once (atomically) and cached."""
-    from ehrplan.data.synth import write_cohort
+    import hashlib
 
-    root = cache_dir() / f"synth-ckd-{patients}-seed{seed}"
+    from ehrplan.data import synth
+
+    # keyed by the generator's source too: a changed generator never reuses a stale cohort
+    code = hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()[:10]
+    root = cache_dir() / f"synth-ckd-{patients}-seed{seed}-{code}"
     if (root / "metadata" / "dataset.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_cohort(tmp, patients, seed)
+    synth.write_cohort(tmp, patients, seed)
     try:
         os.replace(tmp, root)  # another process may have won the race: keep its copy
     except OSError:

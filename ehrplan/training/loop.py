@@ -67,6 +67,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     warmup_steps: int | None = None
     grad_clip: float = 1.0
+    time_weight: float = 1.0
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -285,7 +286,7 @@ class Trainer:
     def _build(self) -> None:
         torch.manual_seed(self.settings.seed)
         self.model = build_model(self.config).to(self.device)
-        self.loss_fn = ProgressionLoss().to(self.device)
+        self.loss_fn = ProgressionLoss(time_weight=self.settings.time_weight).to(self.device)
         decay, no_decay = [], []
         for p in [*self.model.parameters(), *self.loss_fn.parameters()]:
             if not p.requires_grad:

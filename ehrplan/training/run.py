@@ -49,6 +49,7 @@ class Request:
     eval_every: int | None
     json: bool
     threads: int | None = None
+    time_weight: float | None = None
 
 
 def _has_run(d: Path) -> bool:
@@ -150,6 +151,7 @@ def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig,
                     "max_steps": req.max_steps,
                     "seed": req.seed,
                     "lr": req.lr,
+                    "time_weight": req.time_weight,
                     "eval_every": req.eval_every,
                 }.items()
                 if v is not None
