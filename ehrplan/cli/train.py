@@ -93,6 +93,26 @@ TimeWeightOpt = Annotated[
     ),
 ]
 
+EmbeddingsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--embeddings",
+        help="Start the code embeddings from a file (.safetensors, .pt, word2vec .txt/.vec), "
+        "matched to the vocabulary by code; codes it lacks keep their random start.",
+    ),
+]
+FreezeEmbeddingsOpt = Annotated[
+    bool, typer.Option("--freeze-embeddings", help="Keep the --embeddings vectors fixed.")
+]
+ProjectEmbeddingsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--project-embeddings",
+        help="Fit --embeddings of another width onto code_embed_dim (top principal directions, "
+        "or zero-padding) instead of refusing them.",
+    ),
+]
+
 
 def train(
     auto: AutoOpt = False,
@@ -116,6 +136,9 @@ def train(
     eval_every: EvalEveryOpt = None,
     threads: ThreadsOpt = None,
     time_weight: TimeWeightOpt = None,
+    embeddings: EmbeddingsOpt = None,
+    freeze_embeddings: FreezeEmbeddingsOpt = False,
+    project_embeddings: ProjectEmbeddingsOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Train a model: --auto picks what fits this machine, or name it with --preset/--size/--type.
@@ -154,6 +177,9 @@ def train(
         json=json_,
         threads=threads,
         time_weight=time_weight,
+        embeddings=embeddings,
+        freeze_embeddings=freeze_embeddings,
+        project_embeddings=project_embeddings,
     )
     summary = runner.run(req, resolve=_resolve)
     emit("train", summary, as_json=json_, render=_render)

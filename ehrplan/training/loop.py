@@ -257,6 +257,9 @@ class Trainer:
     rich: bool | None = None
     estimate_bytes: int | None = None
     on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
+    init_model: Callable[[torch.nn.Module], Any] | None = None
+    """Applied to the freshly built, seeded model before the optimizer sees it (e.g. writing
+    pre-trained code embeddings into it); a resumed run takes its weights from the checkpoint."""
     files: RunFiles = field(init=False)
 
     def __post_init__(self) -> None:
@@ -285,7 +288,10 @@ class Trainer:
 
     def _build(self) -> None:
         torch.manual_seed(self.settings.seed)
-        self.model = build_model(self.config).to(self.device)
+        self.model = build_model(self.config)
+        if self.init_model is not None:
+            self.init_model(self.model)
+        self.model = self.model.to(self.device)
         self.loss_fn = ProgressionLoss(time_weight=self.settings.time_weight).to(self.device)
         decay, no_decay = [], []
         for p in [*self.model.parameters(), *self.loss_fn.parameters()]:

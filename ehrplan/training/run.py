@@ -50,6 +50,9 @@ class Request:
     json: bool
     threads: int | None = None
     time_weight: float | None = None
+    embeddings: Path | None = None
+    freeze_embeddings: bool = False
+    project_embeddings: bool = False
 
 
 def _has_run(d: Path) -> bool:
@@ -137,6 +140,9 @@ def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig,
         data_root = synthetic_cohort(req.patients)
     vocab_file = run_dir / "vocab.json" if saved is not None else None
     data, config = load_training_data(data_root, requested, vocab_file)
+    prepared = _embeddings(req, saved, data.vocab, config)
+    if prepared is not None and req.freeze_embeddings:
+        config = config.model_copy(update={"freeze_embeddings": True})
     choice.config = config
 
     # --- settings (a resumed run keeps its own unless told otherwise)
@@ -190,6 +196,8 @@ def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig,
         _write_json(
             run_dir / "hardware.json", {"hardware": choice.hardware, "budget": choice.budget}
         )
+        if prepared is not None:
+            _write_json(run_dir / "embeddings.json", prepared.info)
         from ehrplan.estimator import estimate_memory
 
         e = estimate_memory(config, precision=precision, device=device.type)
@@ -240,12 +248,36 @@ def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig,
         run_dir=run_dir,
         stream=sys.stderr if req.json else sys.stdout,
         estimate_bytes=est,
+        init_model=prepared.apply if prepared is not None else None,
     )
     summary = trainer.run(resume=saved is not None)
     summary["source"] = choice.source
     summary["reasons"] = choice.reasons
     summary["config"] = config.model_dump()
     return summary
+
+
+def _embeddings(
+    req: Request, saved: dict[str, Any] | None, vocab: dict[str, Any], config: EHRModelConfig
+) -> Any:
+    """Pre-trained code embeddings for a new run, checked against its vocabulary and width
+    before anything is written (`ehrplan.embeddings.prepare_embeddings`)."""
+    if req.embeddings is None:
+        if req.freeze_embeddings or req.project_embeddings:
+            flag = "--freeze-embeddings" if req.freeze_embeddings else "--project-embeddings"
+            raise UsageError(f"{flag} needs --embeddings")
+        return None
+    if saved is not None:
+        raise UsageError("--embeddings starts a new run; a resumed run keeps its own weights")
+    from ehrplan.embeddings import prepare_embeddings
+
+    return prepare_embeddings(
+        req.embeddings,
+        list(vocab["tokens"]),
+        config.code_embed_dim,
+        project=req.project_embeddings,
+        freeze=req.freeze_embeddings,
+    )
 
 
 def _overrides(req: Request) -> dict[str, Any]:
