@@ -230,12 +230,16 @@ def estimate_parallel(
     backend: str | None = None,
     checkpointing: bool | None = None,
     lstm_kernel: str = "mkldnn",
+    micro_batch: int | None = None,
+    accumulation: int | None = None,
 ) -> ParallelEstimate:
     """Per-device peak training-step memory of ``config`` data-parallel over ``world_size``
     devices. The effective batch is kept: each rank runs micro-batch x accumulation with
     ``micro x accumulation x world_size = config.effective_batch_size`` (`split_batch`).
 
-    ``backend``: ``nccl`` (default on CUDA) or ``gloo`` (default elsewhere).
+    ``backend``: ``nccl`` (default on CUDA) or ``gloo`` (default elsewhere). ``micro_batch`` and
+    ``accumulation`` replace that split (the planner grows the effective batch where it cannot be
+    split evenly, and says so).
     """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
@@ -244,7 +248,10 @@ def estimate_parallel(
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}' (valid: {', '.join(BACKENDS)})")
-    micro, accum = split_batch(config.effective_batch_size, config.batch_size, world_size)
+    if micro_batch is not None and accumulation is not None:
+        micro, accum = micro_batch, accumulation
+    else:
+        micro, accum = split_batch(config.effective_batch_size, config.batch_size, world_size)
     W = world_size
     P = count_parameters(config).total
     common: dict[str, Any] = {
@@ -417,18 +424,24 @@ def estimate_time(
     patients: int | None = None,
     checkpointing: bool | None = None,
     throughput_source: str = "",
+    micro_batch: int | None = None,
+    accumulation: int | None = None,
 ) -> TimeEstimate:
     """Seconds per optimizer step (every rank works in parallel on ``effective / W`` patients)
-    and per epoch of ``patients`` training patients."""
+    and per epoch of ``patients`` training patients (``micro_batch``/``accumulation``: a rank's
+    share, when not `split_batch`'s)."""
     check_utilisation(utilisation)
     if peak_tflops <= 0:
         raise UsageError(f"peak throughput must be positive, not {peak_tflops} TFLOPS")
-    micro, accum = split_batch(config.effective_batch_size, config.batch_size, world_size)
+    if micro_batch is not None and accumulation is not None:
+        micro, accum = micro_batch, accumulation
+    else:
+        micro, accum = split_batch(config.effective_batch_size, config.batch_size, world_size)
     rank = config.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum})
     # a rank's share of one optimizer step: accum micro-batches of `micro` patients
     flops = training_step_flops(rank, checkpointing=checkpointing).per_optimizer_step
     seconds = flops / (peak_tflops * 1e12 * utilisation)  # FLOPs / sustained FLOP/s
-    steps = -(-patients // config.effective_batch_size) if patients else None
+    steps = -(-patients // (micro * accum * world_size)) if patients else None
     return TimeEstimate(
         flops_per_step_per_device=flops,
         peak_tflops=peak_tflops,

@@ -10,8 +10,10 @@ Rules, written once:
   driver reserve and CUDA context; Apple: GPU working set; CPU: RAM or the cgroup limit).
 - Precision: fp32 unless the config asks for mixed precision; then bf16 where the device has it
   (NVIDIA compute capability >= 8.0, CPU autocast), fp16 on MPS and on T4-class GPUs.
-- Data parallel over N GPUs: each GPU holds a full replica and its own micro-batch, so the peak
-  per GPU is the single-GPU peak and the budget is that of the smallest GPU used.
+- Data parallel over N GPUs (`ehrplan.parallel`): DDP (default) holds a full replica, Adam state
+  and gradient buckets on every GPU; FSDP (``--strategy fsdp``) shards them and all-gathers one
+  unit at a time. Each GPU runs its share of the effective batch (`data_parallel_settings`); the
+  peak is per GPU, the budget that of the smallest GPU used, the job total is N x the peak.
 - The cheapest change, tried in this order (by how much it changes the training): (1) a smaller
   micro-batch with more accumulation steps, same effective batch (same gradient, less
   throughput); (2) gradient checkpointing (same gradient, one more forward per step); (3) both;
@@ -30,6 +32,7 @@ from ehrplan.config import EHRModelConfig, load_presets
 from ehrplan.errors import DeviceError, UsageError
 from ehrplan.estimator import estimate_memory
 from ehrplan.hardware import GIB, HardwareReport
+from ehrplan.parallel import DEFAULT_UTILISATION, estimate_parallel, estimate_time
 from ehrplan.units import Size
 
 DEFAULT_HEADROOM = 0.1
@@ -56,6 +59,10 @@ class Budget:
     gpus: int = 1
     nominal_bytes: int | None = None  # memory as sold, for the seed's tiers
     notes: tuple[str, ...] = ()
+    strategy: str = "ddp"  # with gpus > 1: ddp or fsdp (`ehrplan.parallel`)
+    fp32_tflops: float | None = None  # catalog: dense peaks, for the time estimate
+    half_tflops: float | None = None
+    utilisation: float = DEFAULT_UTILISATION
 
     @property
     def budget_bytes(self) -> int:
@@ -75,6 +82,7 @@ class Budget:
             "source": self.source,
             "device": self.device,
             "gpus": self.gpus,
+            "strategy": self.strategy if self.gpus > 1 else "single",
             "nominal_bytes": self.nominal_bytes,
             "usable_bytes": self.usable_bytes,
             "headroom": self.headroom,
@@ -114,6 +122,8 @@ def budget_from_target(
         gpus=gpus,
         nominal_bytes=row.memory_bytes,
         notes=tuple(notes),
+        fp32_tflops=row.fp32_tflops,
+        half_tflops=row.half_tflops,
     )
 
 
@@ -218,6 +228,9 @@ class Fit:
     lower_bound: bool
     budget_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
+    gpus: int = 1
+    parallel: dict[str, Any] | None = None  # `ParallelEstimate.as_dict()` when gpus > 1
+    time: dict[str, Any] | None = None  # `TimeEstimate.as_dict()` where the budget has a peak
 
     @property
     def fits(self) -> bool:
@@ -243,6 +256,10 @@ class Fit:
             "fits": self.fits,
             "shortfall_bytes": self.shortfall_bytes,
             "breakdown": dict(self.breakdown),
+            "per_gpu_bytes": self.estimate_bytes,
+            "job_bytes": self.estimate_bytes * self.gpus,  # every GPU of the job together
+            "parallel": self.parallel,
+            "time": self.time,
         }
 
 
@@ -253,21 +270,54 @@ def precision_for(config: EHRModelConfig, budget: Budget) -> str:
 
 def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
     precision = precision_for(config, budget)
-    est = estimate_memory(
-        config,
-        precision=precision,
-        device=budget.device,
-        batch_size=config.batch_size,
-        checkpointing=config.use_checkpoint,
-    )
+    parallel = None
+    dp = data_parallel_settings(config, budget.gpus)
+    if budget.gpus > 1:
+        pe = estimate_parallel(
+            config,
+            world_size=budget.gpus,
+            strategy=budget.strategy,
+            precision=precision,
+            device=budget.device,
+            checkpointing=config.use_checkpoint,
+            micro_batch=dp["batch_size"],
+            accumulation=dp["gradient_accumulation_steps"],
+        )
+        total, lower, breakdown = pe.per_device_bytes, pe.is_lower_bound, dict(pe.breakdown)
+        parallel = pe.as_dict()
+    else:
+        est = estimate_memory(
+            config,
+            precision=precision,
+            device=budget.device,
+            batch_size=config.batch_size,
+            checkpointing=config.use_checkpoint,
+        )
+        total, lower, breakdown = est.total_bytes, est.is_lower_bound, dict(est.breakdown)
+    peak = budget.fp32_tflops if precision == "fp32" else budget.half_tflops or budget.fp32_tflops
+    time = None
+    if peak:
+        time = estimate_time(
+            config,
+            peak_tflops=peak,
+            world_size=budget.gpus,
+            utilisation=budget.utilisation,
+            checkpointing=config.use_checkpoint,
+            micro_batch=dp["batch_size"],
+            accumulation=dp["gradient_accumulation_steps"],
+            throughput_source=f"{budget.label}: dense {precision} peak {peak} TFLOPS",
+        ).as_dict()
     return Fit(
         name=name,
         config=config,
         precision=precision,
-        estimate_bytes=est.total_bytes,
-        lower_bound=est.is_lower_bound,
+        estimate_bytes=total,
+        lower_bound=lower,
         budget_bytes=budget.budget_bytes,
-        breakdown=dict(est.breakdown),
+        breakdown=breakdown,
+        gpus=budget.gpus,
+        parallel=parallel,
+        time=time,
     )
 
 
@@ -401,7 +451,9 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
                 "changes": fix.changes if fix else {},
                 "precision": (fix.fit if fix else fits[rec]).precision,
                 "estimate_bytes": (fix.fit if fix else fits[rec]).estimate_bytes,
+                "job_bytes": (fix.fit if fix else fits[rec]).estimate_bytes * budget.gpus,
                 "budget_bytes": budget.budget_bytes,
+                "time": (fix.fit if fix else fits[rec]).time,
             }
         else:
             recommendation[t] = None

@@ -144,3 +144,47 @@ def test_catalog_throughput_by_precision():
     assert catalog_tflops(a100, "fp32")[0] == a100.fp32_tflops
     with pytest.raises(UsageError, match="no throughput"):
         catalog_tflops(get_target("m3-16gb"), "fp32")
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands
+
+
+def test_recommend_answers_per_gpu_and_for_the_job(cli):
+    import json
+
+    r = cli("recommend", "--target", "a100-40gb", "--gpus", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["budget"]["gpus"] == 8 and p["budget"]["strategy"] == "ddp"
+    rec = p["recommendation"]["lstm"]
+    assert rec["job_bytes"] == 8 * rec["estimate_bytes"]
+    row = next(x for x in p["presets"] if x["preset"] == rec["preset"])
+    assert row["parallel"]["per_device_bytes"] == row["estimate_bytes"]
+    assert row["time"]["seconds_per_step"] > 0
+
+
+def test_estimate_and_validate_take_gpus_and_strategy(cli):
+    import json
+
+    r = cli("estimate", "--preset", "tiny", "--gpus", "2", "--strategy", "fsdp", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["parallel"]
+    want = estimate_parallel(get_preset("tiny").config, world_size=2, strategy="fsdp", device="cpu")
+    assert got["per_device_bytes"] == want.per_device_bytes
+    v = cli("validate", "tiny", "--budget", "1GiB", "--gpus", "2", "--strategy", "fsdp")
+    assert v.returncode == 0, v.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("recommend", "--target", "a100-40gb", "--strategy", "fsdp"),
+        ("estimate", "--preset", "tiny", "--strategy", "fsdp"),
+        ("estimate", "--preset", "tiny", "--gpus", "2", "--strategy", "zero3"),
+    ],
+)
+def test_fsdp_on_one_device_is_refused(cli, args):
+    r = cli(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:")

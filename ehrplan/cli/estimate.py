@@ -9,6 +9,7 @@ import typer
 from rich.console import RenderableType
 from rich.table import Table
 
+from ehrplan.catalog import get_target
 from ehrplan.cli.options import (
     BatchSizeOpt,
     ConfigOpt,
@@ -19,17 +20,32 @@ from ehrplan.cli.options import (
     TypeOpt,
     config_from_options,
 )
+from ehrplan.cli.parallel import (
+    GpusOpt,
+    PatientsOpt,
+    StrategyOpt,
+    TargetOpt,
+    TflopsOpt,
+    UtilisationOpt,
+    parallel_payload,
+    render_parallel,
+    time_payload,
+)
 from ehrplan.config import get_preset
 from ehrplan.errors import UsageError
 from ehrplan.estimator import DEVICES, PRECISIONS, estimate_memory, static_memory
 from ehrplan.flops import training_step_flops
 from ehrplan.output import emit, fmt_bytes, fmt_count, warn
+from ehrplan.parallel import DEFAULT_UTILISATION
 from ehrplan.params import count_parameters
 
 PrecisionOpt = Annotated[
     str, typer.Option("--precision", help="fp32, or mixed precision: fp16 or bf16 autocast.")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Device to estimate for: cpu, cuda, mps.")]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", help="Device to estimate for: cpu (default), cuda, mps."),
+]
 CheckpointOpt = Annotated[
     bool | None,
     typer.Option(
@@ -49,6 +65,12 @@ def estimate(
     precision: PrecisionOpt = "fp32",
     device: DeviceOpt = "cpu",
     checkpointing: CheckpointOpt = None,
+    gpus: GpusOpt = 1,
+    strategy: StrategyOpt = "ddp",
+    target: TargetOpt = None,
+    tflops: TflopsOpt = None,
+    utilisation: UtilisationOpt = DEFAULT_UTILISATION,
+    patients: PatientsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Exact parameter count by component, and the memory of one training step.
@@ -58,6 +80,8 @@ def estimate(
     """
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision '{precision}' (valid: {', '.join(PRECISIONS)})")
+    row = get_target(target) if target is not None else None
+    device = device or (row.device if row is not None else "cpu")
     if device not in DEVICES:
         raise UsageError(f"unknown device '{device}' (valid: {', '.join(DEVICES)})")
     cfg, source = config_from_options(preset, size, model_type, config, set_, batch_size=batch_size)
@@ -101,6 +125,10 @@ def estimate(
         },
         "notes": est.notes,
         "config": cfg.model_dump(),
+        "parallel": parallel_payload(cfg, gpus, strategy, precision, device, est.checkpointing),
+        "time": time_payload(
+            cfg, row, tflops, precision, gpus, utilisation, patients, est.checkpointing
+        ),
     }
     emit("estimate", payload, as_json=json_, render=_render)
     if not json_:
@@ -150,3 +178,4 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         f"FLOPs per micro-batch {p['flops']['per_micro_batch']:.3e}, "
         f"per optimizer step {p['flops']['per_optimizer_step']:.3e}"
     )
+    yield from render_parallel(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
+from ehrplan.distributed import STRATEGIES
 from ehrplan.errors import UsageError
 from ehrplan.output import emit, fmt_bytes
 from ehrplan.planner import (
@@ -36,7 +38,16 @@ MemoryOpt = Annotated[
     ),
 ]
 GpusOpt = Annotated[
-    int | None, typer.Option("--gpus", help="Data-parallel GPUs (each holds a full replica).")
+    int | None,
+    typer.Option("--gpus", help="Data-parallel GPUs; memory is answered per GPU and for the job."),
+]
+StrategyOpt = Annotated[
+    str,
+    typer.Option(
+        "--strategy",
+        help="With --gpus: ddp (a full replica per GPU) or fsdp (sharded parameters, gradients "
+        "and optimizer state).",
+    ),
 ]
 ModelTypeOpt = Annotated[
     str | None, typer.Option("--type", "-t", help="Only this model family: lstm or transformer.")
@@ -59,8 +70,25 @@ def resolve_budget(
     device: str | None,
     *,
     memory_flag: str = "--memory",
+    strategy: str = "ddp",
 ) -> Budget:
     """The budget from --target, --memory (or --budget), or this machine's probe."""
+    b = _budget(target, memory, gpus, headroom, device, memory_flag)
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
+    if strategy == "fsdp" and b.gpus < 2:
+        raise UsageError("--strategy fsdp shards over several GPUs: give --gpus 2 or more")
+    return replace(b, strategy=strategy)
+
+
+def _budget(
+    target: str | None,
+    memory: str | None,
+    gpus: int | None,
+    headroom: float,
+    device: str | None,
+    memory_flag: str,
+) -> Budget:
     if target is not None and memory is not None:
         raise UsageError(f"give either --target or {memory_flag}, not both")
     if device is not None and memory is None:
@@ -78,6 +106,7 @@ def recommend(
     target: TargetOpt = None,
     memory: MemoryOpt = None,
     gpus: GpusOpt = None,
+    strategy: StrategyOpt = "ddp",
     model_type: ModelTypeOpt = None,
     headroom: HeadroomOpt = DEFAULT_HEADROOM,
     device: DeviceOpt = None,
@@ -89,7 +118,7 @@ def recommend(
     (as shipped, or after a named change) is the recommendation. Never imports torch.
     """
     types = check_sizes_known(model_type)
-    budget = resolve_budget(target, memory, gpus, headroom, device)
+    budget = resolve_budget(target, memory, gpus, headroom, device, strategy=strategy)
     emit("recommend", plan(budget, types), as_json=json_, render=_render)
 
 
@@ -103,7 +132,8 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         yield Text(f"  {n}")
     label = p["estimate_label"]
     lower = f" ({label})" if p["estimate_is_lower_bound"] else ""
-    table = Table(title=f"Presets: estimated peak training-step memory{lower}")
+    per = f" per GPU, {b['strategy'].upper()} over {b['gpus']}" if b["gpus"] > 1 else ""
+    table = Table(title=f"Presets: estimated peak training-step memory{per}{lower}")
     for col in ("", "preset", "precision", "batch x accum", "estimated peak", "budget", "fits"):
         table.add_column(col, justify="right" if col in ("estimated peak", "budget") else "left")
     recs = {r["preset"] for r in p["recommendation"].values() if r}
@@ -119,7 +149,8 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
             "*" if r["preset"] in recs else "",
             r["preset"],
             r["precision"],
-            f"{r['batch_size']} x {r['gradient_accumulation_steps']}",
+            f"{r['data_parallel']['batch_size']} x "
+            f"{r['data_parallel']['gradient_accumulation_steps']}",
             fmt_bytes(r["estimate_bytes"]),
             fmt_bytes(r["budget_bytes"]),
             verdict,
@@ -155,8 +186,16 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
                 else f"the effective batch becomes {dp['effective_batch_size']}, "
                 f"not {row['effective_batch_size']}"
             )
+            how = "a full replica each" if b["strategy"] == "ddp" else "sharded"
             yield Text(
-                f"  data parallel over {b['gpus']} GPUs (a full replica each): micro-batch "
+                f"  {b['strategy'].upper()} over {b['gpus']} GPUs ({how}): micro-batch "
                 f"{dp['batch_size']} per GPU x {dp['gradient_accumulation_steps']} accumulation "
-                f"step(s) {keep}"
+                f"step(s) {keep}; {fmt_bytes(rec['estimate_bytes'])} per GPU, "
+                f"{fmt_bytes(rec['estimate_bytes'] * b['gpus'])} for the job"
+            )
+        t = (rec or {}).get("time")
+        if t:
+            yield Text(
+                f"  time: {t['seconds_per_step']:.3g} s per optimizer step at "
+                f"{t['utilisation']:.0%} of the dense peak (assumed; --utilisation in estimate)"
             )

@@ -13,7 +13,14 @@ from rich.table import Table
 from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
-from ehrplan.cli.recommend import DeviceOpt, HeadroomOpt, TargetOpt, resolve_budget
+from ehrplan.cli.recommend import (
+    DeviceOpt,
+    GpusOpt,
+    HeadroomOpt,
+    StrategyOpt,
+    TargetOpt,
+    resolve_budget,
+)
 from ehrplan.config import EHRModelConfig, get_preset, resolve_config
 from ehrplan.errors import DoesNotFitError, UsageError
 from ehrplan.output import emit, fmt_bytes
@@ -49,6 +56,8 @@ def validate(
     target: TargetOpt = None,
     headroom: HeadroomOpt = DEFAULT_HEADROOM,
     device: DeviceOpt = None,
+    gpus: GpusOpt = None,
+    strategy: StrategyOpt = "ddp",
     json_: JsonOpt = False,
 ) -> None:
     """Check that configs fit a memory budget (--budget SIZE or --target NAME): a CI gate.
@@ -58,7 +67,9 @@ def validate(
     """
     if (budget is None) == (target is None):
         raise UsageError("give exactly one of --budget SIZE or --target NAME")
-    b = resolve_budget(target, budget, None, headroom, device, memory_flag="--budget")
+    b = resolve_budget(
+        target, budget, gpus, headroom, device, memory_flag="--budget", strategy=strategy
+    )
     configs = [load_item(i) for i in items]  # every input is checked before any verdict
     fits = [fit(cfg, b, name) for name, cfg in configs]
     lower = any(f.lower_bound for f in fits)

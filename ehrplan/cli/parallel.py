@@ -1,0 +1,147 @@
+"""Options and payload pieces for plans over several GPUs and the time estimate (no torch).
+
+Used by `ehrplan estimate`; `recommend`/`validate` take ``--gpus``/``--strategy`` through the
+planner's budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+import typer
+from rich.console import RenderableType
+from rich.text import Text
+
+from ehrplan.catalog import CatalogDevice
+from ehrplan.config import EHRModelConfig
+from ehrplan.errors import UsageError
+from ehrplan.output import fmt_bytes
+from ehrplan.parallel import (
+    DEFAULT_UTILISATION,
+    catalog_tflops,
+    estimate_parallel,
+    estimate_time,
+)
+
+GpusOpt = Annotated[
+    int,
+    typer.Option(
+        "--gpus", min=1, help="Data-parallel devices: the memory is answered per device and for "
+        "the job; each runs its share of the effective batch.",
+    ),
+]  # fmt: skip
+StrategyOpt = Annotated[
+    str,
+    typer.Option(
+        "--strategy",
+        help="With --gpus: ddp (a full replica per device) or fsdp (sharded parameters, "
+        "gradients and optimizer state).",
+    ),
+]
+TargetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target",
+        help="A machine from the hardware catalog: estimate for its device and give the time "
+        "per step from its dense peak throughput.",
+    ),
+]
+TflopsOpt = Annotated[
+    float | None,
+    typer.Option("--tflops", help="Dense peak TFLOPS of a device not in the catalog (time)."),
+]
+UtilisationOpt = Annotated[
+    float,
+    typer.Option(
+        "--utilisation",
+        help=f"Fraction of the dense peak a step reaches, for the time estimate (default "
+        f"{DEFAULT_UTILISATION}: an assumption, not a measurement; small LSTMs reach far less).",
+    ),
+]
+PatientsOpt = Annotated[
+    int | None,
+    typer.Option("--patients", min=1, help="Training patients per epoch (time per epoch)."),
+]
+
+
+def parallel_payload(
+    config: EHRModelConfig,
+    gpus: int,
+    strategy: str,
+    precision: str,
+    device: str,
+    checkpointing: bool,
+) -> dict[str, Any] | None:
+    """Per-device and job memory over ``gpus`` devices (None on one device with DDP)."""
+    if strategy == "fsdp" and gpus < 2:
+        raise UsageError("--strategy fsdp shards over several devices: give --gpus 2 or more")
+    if gpus < 2:
+        return None
+    pe = estimate_parallel(
+        config,
+        world_size=gpus,
+        strategy=strategy,
+        precision=precision,
+        device=device,
+        checkpointing=checkpointing,
+    )
+    return pe.as_dict()
+
+
+def time_payload(
+    config: EHRModelConfig,
+    row: CatalogDevice | None,
+    tflops: float | None,
+    precision: str,
+    gpus: int,
+    utilisation: float,
+    patients: int | None,
+    checkpointing: bool,
+) -> dict[str, Any] | None:
+    """Seconds per step (and per epoch) from --target's catalog peak or --tflops; else None."""
+    if tflops is not None:
+        peak, source = tflops, f"--tflops {tflops}"
+    elif row is not None:
+        peak, source = catalog_tflops(row, precision)
+    else:
+        return None
+    t = estimate_time(
+        config,
+        peak_tflops=peak,
+        world_size=gpus,
+        utilisation=utilisation,
+        patients=patients,
+        checkpointing=checkpointing,
+        throughput_source=source,
+    )
+    return t.as_dict()
+
+
+def render_parallel(p: dict[str, Any]) -> Iterable[RenderableType]:
+    """Lines for the people's view of `estimate`."""
+    pe = p.get("parallel")
+    if pe:
+        terms = ", ".join(
+            f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in pe["breakdown"].items() if v
+        )
+        moment = pe["peak_moment"].replace("_", " ")
+        yield Text(
+            f"{pe['strategy'].upper()} over {pe['world_size']} devices: micro-batch "
+            f"{pe['micro_batch']} x {pe['accumulation']} accumulation per device; peak "
+            f"{fmt_bytes(pe['per_device_bytes'])} per device at {moment}, "
+            f"{fmt_bytes(pe['job_bytes'])} for the job ({terms})"
+        )
+    t = p.get("time")
+    if t:
+        epoch = (
+            f", {t['seconds_per_epoch']:.4g} s per epoch of {t['patients']:,} patients "
+            f"({t['steps_per_epoch']:,} steps)"
+            if t["seconds_per_epoch"] is not None
+            else ""
+        )
+        yield Text(
+            f"time: {t['seconds_per_step']:.4g} s per optimizer step{epoch}, at "
+            f"{t['utilisation']:.0%} of {t['peak_tflops']:g} TFLOPS ({t['throughput_source']}; "
+            "utilisation assumed, full padding)"
+        )
