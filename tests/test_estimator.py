@@ -43,11 +43,14 @@ def test_workspace_formula_matches_the_live_kernel(shape):
     assert mkldnn_lstm_workspace(*shape) == workspace_bytes(*shape)
 
 
-def test_stored_preset_measurements_are_within_the_bound():
+@pytest.mark.parametrize(
+    "csv_name", ["estimator_accuracy_cpu.csv", "estimator_accuracy_cpu_bf16.csv"]
+)
+def test_stored_preset_measurements_are_within_the_bound(csv_name):
     """Every row the accuracy benchmark measured, re-estimated with today's estimator."""
-    path = DATA / "estimator_accuracy_cpu.csv"
+    path = DATA / csv_name
     if not path.exists():
-        pytest.skip("benchmarks/data/estimator_accuracy_cpu.csv not written yet")
+        pytest.skip(f"benchmarks/data/{csv_name} not written yet")
     rows = _rows(path)
     for r in rows:
         est = estimate_memory(
