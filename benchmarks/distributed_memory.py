@@ -3,9 +3,9 @@
 Each strategy runs under ``torchrun --standalone --nproc-per-node W`` (default W = 2); every rank
 builds the model (same seed), wraps it as `ehrplan.distributed.wrap_model` does, runs one
 optimizer step (Adam's state is made), then measures the second step's peak of live tensor bytes
-with a subclass of `ehrplan.measure.LiveTensorBytes`. One row per strategy: the largest per-rank
-peak, the estimate for the same per-rank micro-batch and the error (estimate - measured) /
-measured.
+with `ehrplan.distributed.live_bytes_tracker` (a subclass of `ehrplan.measure.LiveTensorBytes`).
+One row per strategy: the largest per-rank peak, the estimate for the same per-rank micro-batch
+and the error (estimate - measured) / measured.
 
 Why a subclass: FSDP2 frees an all-gathered parameter by ``untyped_storage().resize_(0)`` and
 re-allocates it by resizing, outside the dispatcher, and copies all-gathered data into it with an
@@ -49,41 +49,15 @@ def _worker(args: argparse.Namespace) -> None:
     from torch.distributed.tensor import DTensor
 
     from ehrplan.batch import synthetic_batch
-    from ehrplan.distributed import DistEnv, init_process_group, split_batch, wrap_model
+    from ehrplan.distributed import (
+        DistEnv,
+        init_process_group,
+        live_bytes_tracker,
+        split_batch,
+        wrap_model,
+    )
     from ehrplan.loss import progression_loss
-    from ehrplan.measure import LiveTensorBytes
     from ehrplan.models import build_model
-
-    class Tracker(LiveTensorBytes):
-        """Live tensor bytes that also see storages resized outside the dispatcher."""
-
-        def _charge(self, t: torch.Tensor) -> None:
-            if isinstance(t, DTensor):
-                t = t._local_tensor
-            super()._charge(t)
-
-        def _resync(self) -> None:
-            total = 0
-            for entry in self._live.values():
-                storage = entry[1]()
-                if storage is not None:
-                    entry[0] = storage.nbytes()
-                    total += entry[0]
-            self.current = total
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            from torch.utils._pytree import tree_flatten
-
-            for t in tree_flatten((args, kwargs or {}))[0]:
-                if isinstance(t, torch.Tensor):
-                    self._charge(t)
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self._charge(t)
-            self._resync()
-            self.peak = max(self.peak, self.current)
-            return out
 
     torch.set_num_threads(1)
     env = DistEnv.from_environ()
@@ -115,7 +89,7 @@ def _worker(args: argparse.Namespace) -> None:
     def local(t: Any) -> Any:
         return t._local_tensor if isinstance(t, DTensor) else t
 
-    tracker = Tracker()
+    tracker: Any = live_bytes_tracker()
     tracker.track(
         [local(p) for p in model.parameters()],
         [local(p.grad) for p in model.parameters() if p.grad is not None],

@@ -7,7 +7,9 @@ import pytest
 from ehrplan.config import get_preset
 from ehrplan.distributed import (
     DistEnv,
+    check_resume,
     check_strategy,
+    rank_share,
     shard_blocks,
     split_batch,
     torchrun_argv,
@@ -71,3 +73,42 @@ def test_torchrun_argv():
     assert "--nproc-per-node=2" in argv and argv[-3:] == ["train", "--preset", "tiny"]
     with pytest.raises(UsageError):
         torchrun_argv(0, [])
+
+
+def _env(rank, world):
+    return DistEnv(rank=rank, world_size=world, local_rank=rank)
+
+
+def test_rank_share_gives_each_rank_the_single_process_micro_batches():
+    group = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    shares = [rank_share(group, 4, 2, _env(r, 2)) for r in range(2)]
+    assert shares[0] == ([[0, 1, 2, 3], [4, 5, 6, 7]], 4)
+    assert shares[1] == ([[8, 9, 10, 11], [12, 13, 14, 15]], 4)
+    # a smaller per-rank micro-batch cuts each micro-batch, never mixes two
+    mine, n = rank_share([[0, 1, 2, 3], [4, 5]], 2, 1, _env(2, 4))
+    assert (mine, n) == ([[4, 5]], 3)
+    # an epoch's short last group: the last rank gets an empty micro-batch
+    assert rank_share([[0, 1, 2]], 4, 1, _env(1, 2)) == ([[]], 1)
+    # one process: the group itself
+    assert rank_share(group, 8, 2, DistEnv()) == (group, 4)
+
+
+def test_rank_share_covers_every_patient_once():
+    group = [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]  # micro 6 x 2, world 3: micro 4
+    got = [rank_share(group, 4, 1, _env(r, 3))[0] for r in range(3)]
+    assert sorted(i for share in got for b in share for i in b) == list(range(12))
+
+
+def test_resume_rules():
+    assert check_resume({"strategy": "ddp", "world_size": 2}, "ddp", _env(0, 2)) is None
+    assert "not bit-identical" in check_resume(
+        {"strategy": "ddp", "world_size": 2}, "ddp", _env(0, 4)
+    )
+    assert check_resume(None, "ddp", _env(0, 2)) is not None  # single -> DDP: allowed
+    assert check_resume({"strategy": "fsdp", "world_size": 2}, "fsdp", _env(1, 2)) is None
+    with pytest.raises(UsageError, match="on 2 processes"):
+        check_resume({"strategy": "fsdp", "world_size": 2}, "fsdp", _env(0, 4))
+    with pytest.raises(UsageError, match="on 2 processes"):
+        check_resume({"strategy": "fsdp", "world_size": 2}, "ddp", DistEnv())
+    with pytest.raises(UsageError, match="without FSDP"):
+        check_resume({"strategy": "ddp", "world_size": 2}, "fsdp", _env(0, 2))
