@@ -13,7 +13,12 @@ from scipy import stats
 from ehrplan.batch import IGNORE_INDEX, Batch
 from ehrplan.errors import UsageError
 from ehrplan.training import checkpoint as ckpt
-from ehrplan.training.loss import ProgressionLoss, days_to_years, lognormal_nll
+from ehrplan.training.loss import (
+    ProgressionLoss,
+    days_to_years,
+    lognormal_nll,
+    population_median_years,
+)
 from ehrplan.training.metrics import Predictions, concordance, evaluate_predictions, macro_auroc
 
 # ---------------------------------------------------------------------------------- the loss
@@ -165,3 +170,13 @@ def test_macro_auroc_skips_absent_classes_and_metrics_have_baselines() -> None:
     assert m["stage_macro_f1"] == 1.0 and m["stage_qw_kappa"] == 1.0
     assert m["baseline_stage_macro_f1"] < 0.5
     assert m["c_index"] == 1.0 and m["mae_days_observed"] == 0.0
+
+
+def test_population_median_recovers_a_censored_lognormal() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = torch.exp(torch.randn(20000, generator=g) * 0.8 + 1.0) * 365.25  # median e years
+    c = torch.rand(20000, generator=g) * 3000  # censoring days, hits about half
+    m = population_median_years(torch.minimum(t, c), t <= c)
+    assert abs(m - math.e) / math.e < 0.03
+    naive = float(days_to_years(torch.minimum(t, c)).median())
+    assert naive < 0.8 * math.e  # ignoring censoring would say "sooner"

@@ -47,6 +47,9 @@ class TrainData:
     majority_stage: int
     source: str
     info: dict[str, Any] = field(default_factory=dict)
+    train_times: tuple[np.ndarray, np.ndarray] | None = None
+    """Days to progression (or censoring) and whether it was seen, at every labelled train visit:
+    the loss's time unit is fitted on them."""
 
     def split(self, name: str) -> Split:
         return self.splits[name]
@@ -134,6 +137,7 @@ def load_training_data(
         ]
     )
     stages = cohort.stage[train_visits]
+    labelled_train = train_visits[stages != IGNORE_INDEX]
     stages = stages[stages != IGNORE_INDEX]
     if len(stages) == 0:
         raise DataError(f"{root}: the train split has no labelled visits")
@@ -158,5 +162,9 @@ def load_training_data(
         majority_stage=majority,
         source=str(root),
         info=info,
+        train_times=(
+            cohort.time_to_event[labelled_train],
+            cohort.event_observed[labelled_train],
+        ),
     )
     return data, config

