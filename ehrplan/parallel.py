@@ -202,6 +202,8 @@ def _dynamic_phases(
     device: str,
     checkpointing: bool | None,
     lstm_kernel: str,
+    visits: int | None = None,
+    codes: int | None = None,
 ) -> tuple[dict[str, int], bool, list[str], dict[str, int], int]:
     """D of every phase at micro-batch ``micro``: the estimator's accumulating step (full fp32
     gradients in every phase) less its 16 bytes per parameter of static state."""
@@ -213,6 +215,8 @@ def _dynamic_phases(
         batch_size=micro,
         checkpointing=checkpointing,
         lstm_kernel=lstm_kernel,
+        visits=visits,
+        codes=codes,
     )
     P = count_parameters(config).total
     static = 4 * FP32 * P  # parameters 4P + gradients 4P + Adam exp_avg, exp_avg_sq 8P
@@ -232,6 +236,8 @@ def estimate_parallel(
     lstm_kernel: str = "mkldnn",
     micro_batch: int | None = None,
     accumulation: int | None = None,
+    visits: int | None = None,
+    codes: int | None = None,
 ) -> ParallelEstimate:
     """Per-device peak training-step memory of ``config`` data-parallel over ``world_size``
     devices. The effective batch is kept: each rank runs micro-batch x accumulation with
@@ -239,7 +245,8 @@ def estimate_parallel(
 
     ``backend``: ``nccl`` (default on CUDA) or ``gloo`` (default elsewhere). ``micro_batch`` and
     ``accumulation`` replace that split (the planner grows the effective batch where it cannot be
-    split evenly, and says so).
+    split evenly, and says so). ``visits``/``codes``: the padded batch shape (default: the
+    config's maxima, full padding).
     """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
@@ -267,7 +274,7 @@ def estimate_parallel(
         one = config.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum})
         est = estimate_memory(
             one, precision=precision, device=device, checkpointing=checkpointing,
-            lstm_kernel=lstm_kernel,
+            lstm_kernel=lstm_kernel, visits=visits, codes=codes,
         )  # fmt: skip
         if strategy == "fsdp":
             raise UsageError("FSDP needs a world size of at least 2 (--gpus 2 or more)")
@@ -283,9 +290,10 @@ def estimate_parallel(
         )
 
     dyn, lower, notes, overhead, _ = _dynamic_phases(
-        config, micro, precision, device, checkpointing, lstm_kernel
+        config, micro, precision, device, checkpointing, lstm_kernel, visits, codes
     )
-    N_C = micro * config.max_visits * config.max_codes_per_visit  # code slots of a micro-batch
+    # code slots of a micro-batch
+    N_C = micro * (visits or config.max_visits) * (codes or config.max_codes_per_visit)
     emb = config.vocab_size * config.code_embed_dim  # code embedding table [vocab, E]
     trainable_emb = 0 if config.freeze_embeddings else emb
     biggest = largest_tensor(config)
