@@ -304,12 +304,23 @@ def clip_grad_norm(model_params: Sequence[object], other_params: Sequence[object
     return total
 
 
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 keeps the root unit all-gathered after a forward without backward (evaluation);
+    (re)storing state needs every unit sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def model_state(model: nn.Module, strategy: str, env: DistEnv) -> dict[str, object]:
     """The whole model's state dict, unsharded, on CPU (FSDP: gathered, a collective; only rank
     0 gets it, the others an empty dict). Keys are those of the plain model."""
     if env.is_distributed and strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        _reshard(model)
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return dict(get_model_state_dict(model, options=opts))
     return unwrap(model).state_dict()
@@ -321,6 +332,7 @@ def load_model_state(
     if env.is_distributed and strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        _reshard(model)
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))  # type: ignore[arg-type]
         return
     unwrap(model).load_state_dict(state)
