@@ -1,13 +1,15 @@
 """Training throughput: the seed's reference LSTM loop against ehrplan's, same data, same run.
 
-    python benchmarks/train_throughput.py [--preset small-lstm] [--patients 2000]
-        [--ref-steps 3] [--steps 10] [--json]
+    python benchmarks/train_throughput.py [--preset small-lstm] [--patients 2000] [--threads N]
+        [--rounds 3] [--ref-steps 1] [--steps 5] [--json]
 
 Both train the same preset (default small-lstm: micro-batch 4 x 8 accumulation steps = 32 patients
 per optimizer step, Adam, fp32 on the CPU) on the same synthetic CKD cohort (the default cohort of
 `ehrplan train`, made and cached on first use), on this machine, in this process, one after the
-other. Each gets one untimed warm-up optimizer step; then ``--ref-steps`` / ``--steps`` optimizer
-steps are timed, data collation included. Printed: patients per second for each and the ratio.
+other. Each gets one untimed warm-up optimizer step; then ``--rounds`` interleaved rounds of
+``--ref-steps`` (reference) / ``--steps`` (ehrplan) optimizer steps are timed, data collation
+included, so a burst of load from other processes hits every loop alike. Printed: the median
+round's patients per second for each, and the ratio to the reference.
 
 The reference is the seed document's code (shared/seed/resource-aware-model-configs.md, Part 2)
 as written: every batch padded to the preset maxima (``max_visits x max_codes_per_visit``), a Python
@@ -158,51 +160,74 @@ def pad_to_maxima(batch: Batch, V: int, C: int) -> Batch:
     )
 
 
-def timed_training(
-    model: nn.Module,
-    groups: list[list[list[int]]],
-    collate: Any,
-    *,
-    pad: tuple[int, int] | None,
-) -> dict[str, Any]:
-    """Train on ``groups`` (optimizer steps of micro-batches); time all but the first step."""
-    loss_fn = ProgressionLoss()
-    params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    model.train()
-    patients, seconds, cells = 0, 0.0, 0
-    for i, group in enumerate(groups):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        n = 0
-        for idx in group:
-            batch = collate(idx)
-            if pad is not None:
-                batch = pad_to_maxima(batch, *pad)
-            stage_logits, time_pred = model(*batch.model_inputs())
-            loss = loss_fn(stage_logits, time_pred, batch).total / len(group)
-            loss.backward()
-            n += batch.num_patients
-            cells += batch.codes.numel() if i else 0
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if i:  # the first step is the warm-up
-            seconds += time.perf_counter() - t0
-            patients += n
-    return {
-        "patients": patients,
-        "seconds": seconds,
-        "patients_per_s": patients / seconds,
-        "padded_code_slots_per_patient": cells / max(patients, 1),
-    }
+class Loop:
+    """One model training on its own stream of optimizer steps (micro-batch index lists)."""
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        batches: list[list[int]],
+        accumulation: int,
+        collate: Any,
+        pad: tuple[int, int] | None,
+    ) -> None:
+        self.name, self.model, self.collate, self.pad = name, model, collate, pad
+        self.groups = [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
+        self.next = 0
+        self.loss_fn = ProgressionLoss()
+        self.params = [
+            p for p in [*model.parameters(), *self.loss_fn.parameters()] if p.requires_grad
+        ]
+        self.opt = torch.optim.Adam(self.params, lr=1e-3)
+        self.rates: list[float] = []
+        self.patients = 0
+        self.seconds = 0.0
+        self.slots = 0
+
+    def steps(self, n: int, timed: bool = True) -> None:
+        """``n`` optimizer steps, data collation included; timed ones are recorded."""
+        self.model.train()
+        t0, patients, slots = time.perf_counter(), 0, 0
+        for _ in range(n):
+            group = self.groups[self.next % len(self.groups)]
+            self.next += 1
+            self.opt.zero_grad(set_to_none=True)
+            for idx in group:
+                batch = self.collate(idx)
+                if self.pad is not None:
+                    batch = pad_to_maxima(batch, *self.pad)
+                stage_logits, time_pred = self.model(*batch.model_inputs())
+                (self.loss_fn(stage_logits, time_pred, batch).total / len(group)).backward()
+                patients += batch.num_patients
+                slots += batch.codes.numel()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+        if timed:
+            seconds = time.perf_counter() - t0
+            self.rates.append(patients / seconds)
+            self.patients += patients
+            self.seconds += seconds
+            self.slots += slots
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "loop": self.name,
+            "patients": self.patients,
+            "seconds": self.seconds,
+            "patients_per_s": float(np.median(self.rates)),
+            "patients_per_s_by_round": self.rates,
+            "padded_code_slots_per_patient": self.slots / max(self.patients, 1),
+        }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small-lstm")
     ap.add_argument("--patients", type=int, default=2000)
-    ap.add_argument("--ref-steps", type=int, default=3, help="timed steps of the reference")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps of ehrplan")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
+    ap.add_argument("--ref-steps", type=int, default=1, help="reference steps per round")
+    ap.add_argument("--steps", type=int, default=5, help="ehrplan steps per round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both")
     ap.add_argument("--json", action="store_true")
@@ -219,15 +244,11 @@ def main() -> None:
     collate = lambda idx: data.collate([train.dataset[i] for i in idx])  # noqa: E731
     B, acc = config.batch_size, config.gradient_accumulation_steps
 
-    def groups(batches: list[list[int]], steps: int) -> list[list[list[int]]]:
-        return [batches[i * acc : (i + 1) * acc] for i in range(steps + 1)]
-
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(train.dataset)).tolist()
     random_batches = [order[i : i + B] for i in range(0, len(order), B)]
     bucketed = epoch_batches(train.lengths, B, args.seed, 0, 50)
 
-    rows = []
     torch.manual_seed(args.seed)
     ref = SeedLSTMProgressionModel(
         vocab_size=config.vocab_size,
@@ -238,13 +259,16 @@ def main() -> None:
         num_layers=config.num_layers,
         dropout=config.dropout,
     )
-    r = timed_training(
-        ref,
-        groups(random_batches, args.ref_steps),
-        collate,
-        pad=(config.max_visits, config.max_codes_per_visit),
-    )
-    rows.append({"loop": "seed reference (padded to preset maxima)", **r})
+    loops = [
+        Loop(
+            "seed reference (padded to preset maxima)",
+            ref,
+            random_batches,
+            acc,
+            collate,
+            pad=(config.max_visits, config.max_codes_per_visit),
+        )
+    ]
     plain = config.model_copy(update={"use_checkpoint": False})
     for name, batches, cfg in (
         ("ehrplan, random batches", random_batches, config),
@@ -254,8 +278,15 @@ def main() -> None:
         if name.endswith("(--auto)") and not config.use_checkpoint:
             continue
         torch.manual_seed(args.seed)
-        r = timed_training(build_model(cfg), groups(batches, args.steps), collate, pad=None)
-        rows.append({"loop": name, **r})
+        loops.append(Loop(name, build_model(cfg), batches, acc, collate, pad=None))
+    for loop in loops:  # warm-up, untimed
+        loop.steps(1, timed=False)
+    # interleaved rounds: a burst of load from other processes hits every loop alike; the
+    # median round is reported
+    for _ in range(args.rounds):
+        for loop in loops:
+            loop.steps(args.ref_steps if loop.pad is not None else args.steps)
+    rows = [loop.row() for loop in loops]
     base = rows[0]["patients_per_s"]
     for row in rows:
         row["speedup"] = row["patients_per_s"] / base
