@@ -87,7 +87,9 @@ def check_strategy(strategy: str, world_size: int) -> None:
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
     if strategy == "fsdp" and world_size < 2:
-        raise UsageError("--shard (FSDP) needs a world size of at least 2; run under torchrun")
+        raise UsageError(
+            "--shard (FSDP) needs at least 2 processes: add --nproc N, or run under torchrun"
+        )
 
 
 def shard_blocks(model: nn.Module) -> list[nn.Module]:
