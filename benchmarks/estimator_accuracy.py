@@ -42,6 +42,9 @@ CASES: dict[str, tuple[int, ...]] = {
     "large-lstm": (2, 1, 3, 4),  # preset batch 64: estimated 71.7 GiB
     "large-transformer": (32, 2, 8, 16),  # preset batch 32: estimated 3.95 GiB
 }
+#: Presets whose other batch sizes are measured with the preset's own checkpointing setting only
+#: (both settings at the main batch): each of their cases takes many minutes on two shared cores.
+MAIN_BATCH_ONLY_BOTH_CHECKPOINTING = {"large-lstm"}
 FIELDS = (
     "preset",
     "precision",
@@ -72,11 +75,24 @@ def _load_measured(path: Path) -> dict[tuple[str, str, int, bool], dict[str, str
 
 
 def run(
-    quick: bool, only: list[str] | None, measured: Path | None = None, precision: str = "fp32"
+    quick: bool,
+    only: list[str] | None,
+    measured: Path | None = None,
+    precision: str = "fp32",
+    out: Path | None = None,
+    resume: bool = False,
 ) -> list[dict[str, object]]:
-    """Estimate and measure every case (or take the measurements from a CSV written earlier)."""
+    """Estimate and measure every case (or take the measurements from a CSV written earlier).
+
+    With ``out`` the CSV is rewritten after every row; with ``resume`` the rows already in
+    ``out`` are kept and only the missing cases are measured.
+    """
     rows: list[dict[str, object]] = []
     stored = _load_measured(measured) if measured else {}
+    done = _load_measured(out) if resume and out and out.exists() else {}
+    header_lines: list[str] = []
+    if done and out:
+        header_lines = [line for line in out.read_text().splitlines() if line.startswith("#")]
     header = (
         f"{'preset':<19}{'batch':>6}{'ckpt':>6}{'estimate':>16}{'measured':>16}{'error':>8}"
         f"{'RSS growth':>16}  peak phase"
@@ -87,13 +103,23 @@ def run(
         if only and preset not in only:
             continue
         cfg = get_preset(preset).config
-        for b in batches[:1] if quick else batches:
-            for ckpt in (False, True):
+        for i, b in enumerate(batches[:1] if quick else batches):
+            settings = (False, True)
+            if i > 0 and preset in MAIN_BATCH_ONLY_BOTH_CHECKPOINTING:
+                other = (preset, precision, b, not cfg.use_checkpoint)
+                settings = (False, True) if other in done else (cfg.use_checkpoint,)
+            for ckpt in settings:
                 est = estimate_memory(
                     cfg, batch_size=b, checkpointing=ckpt, precision=precision
                 )  # fmt: skip
                 t0 = time.perf_counter()
-                if stored:
+                key = (preset, precision, b, ckpt)
+                if key in done:
+                    old = done[key]
+                    measured_bytes, micro = int(old["measured_bytes"]), int(old["micro_batches"])
+                    rss = int(old["rss_growth_bytes"])
+                    seconds = float(old["seconds"]) if old.get("seconds") else float("nan")
+                elif stored:
                     if (preset, precision, b, ckpt) not in stored:
                         continue
                     old = stored[(preset, precision, b, ckpt)]
@@ -121,6 +147,8 @@ def run(
                     "seconds": seconds,
                 }
                 rows.append(row)
+                if out:
+                    write_csv(rows, out, "python " + " ".join(sys.argv), header_lines)
                 print(
                     f"{preset:<19}{b:>6}{'on' if ckpt else 'off':>6}{est.total_bytes:>16,}"
                     f"{measured_bytes:>16,}{err:>+8.1%}{row['rss_growth_bytes']:>16,}"
@@ -132,13 +160,18 @@ def run(
     return rows
 
 
-def write_csv(rows: list[dict[str, object]], path: Path, command: str) -> None:
-    """Write the rows with the command and machine in comment lines; temp file + os.replace."""
+def write_csv(
+    rows: list[dict[str, object]], path: Path, command: str, earlier: list[str] | None = None
+) -> None:
+    """Write the rows with the command(s) and machine in comment lines; temp file + replace."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as f:
+        for line in earlier or []:
+            if line.startswith("# command:"):
+                f.write(line + "\n")
         f.write(f"# command: {command}\n")
         f.write(
             f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -161,10 +194,13 @@ def main() -> None:
         help="take the measured peaks from this CSV (written by --csv) instead of measuring",
     )
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --csv, measure the rest"
+    )
     args = ap.parse_args()
-    rows = run(args.quick, args.preset, args.measured, args.precision)
-    if args.csv:
-        write_csv(rows, args.csv, "python " + " ".join(sys.argv))
+    if args.resume and not args.csv:
+        ap.error("--resume needs --csv")
+    run(args.quick, args.preset, args.measured, args.precision, args.csv, args.resume)
 
 
 if __name__ == "__main__":
