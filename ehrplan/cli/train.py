@@ -113,6 +113,24 @@ ProjectEmbeddingsOpt = Annotated[
     ),
 ]
 
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        help="Train on N processes of this machine: re-runs this command under torchrun "
+        "(data parallel; the effective batch is split over the processes).",
+        min=1,
+    ),
+]
+ShardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--shard",
+        help="Under torchrun / --nproc: FSDP2 (shard parameters, gradients and optimizer "
+        "state) instead of DDP.",
+    ),
+]
+
 
 def train(
     auto: AutoOpt = False,
@@ -139,6 +157,8 @@ def train(
     embeddings: EmbeddingsOpt = None,
     freeze_embeddings: FreezeEmbeddingsOpt = False,
     project_embeddings: ProjectEmbeddingsOpt = False,
+    nproc: NprocOpt = None,
+    shard: ShardOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Train a model: --auto picks what fits this machine, or name it with --preset/--size/--type.
@@ -152,6 +172,11 @@ def train(
     # spinning OpenMP threads on cores other processes hold stall every small kernel; must be
     # set before torch (and its OpenMP runtime) is imported
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from ehrplan.distributed import DistEnv
+
+    env = DistEnv.from_environ()
+    if nproc is not None and nproc > 1 and not env.is_distributed:
+        _relaunch(nproc, device)
     from ehrplan.training import run as runner
 
     named = preset or size or model_type or config
@@ -180,9 +205,37 @@ def train(
         embeddings=embeddings,
         freeze_embeddings=freeze_embeddings,
         project_embeddings=project_embeddings,
+        shard=shard,
     )
     summary = runner.run(req, resolve=_resolve)
-    emit("train", summary, as_json=json_, render=_render)
+    if env.is_main:  # under torchrun only rank 0 prints
+        emit("train", summary, as_json=json_, render=_render)
+
+
+def _relaunch(nproc: int, device: str) -> None:
+    """Run this very command again under torchrun on ``nproc`` processes, and exit with its
+    status (torchrun sets the ranks; ``--nproc`` is dropped from the arguments)."""
+    import os
+    import subprocess
+
+    from ehrplan.distributed import torchrun_argv
+
+    cores = os.cpu_count() or 1
+    if device in ("auto", "cpu") and nproc > cores:
+        import torch
+
+        if device == "cpu" or not torch.cuda.is_available():
+            raise UsageError(
+                f"--nproc {nproc}: this machine has {cores} CPU cores; on the CPU every process "
+                "needs a core of its own"
+            )
+    args = list(sys.argv[1:])
+    i = args.index("--nproc") if "--nproc" in args else -1
+    if i >= 0:
+        del args[i : i + 2]
+    else:
+        args = [a for a in args if not a.startswith("--nproc=")]
+    raise typer.Exit(subprocess.call(torchrun_argv(nproc, args)))
 
 
 def _resolve(options: tuple[Any, ...]) -> tuple[Any, str]:

@@ -29,8 +29,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from ehrplan import distributed as dist_
 from ehrplan.config import EHRModelConfig
 from ehrplan.data.sampler import batches as sampler_batches
+from ehrplan.distributed import DistEnv
 from ehrplan.errors import EhrplanError, UsageError
 from ehrplan.models import build_model
 from ehrplan.output import fmt_bytes
@@ -258,6 +260,9 @@ class Trainer:
     estimate_bytes: int | None = None
     on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
     init_model: Callable[[torch.nn.Module], Any] | None = None
+    env: DistEnv = field(default_factory=DistEnv)
+    """Where this process stands in a torchrun job (one process: rank 0 of 1)."""
+    strategy: str = "ddp"
     """Applied to the freshly built, seeded model before the optimizer sees it (e.g. writing
     pre-trained code embeddings into it); a resumed run takes its weights from the checkpoint."""
     files: RunFiles = field(init=False)
@@ -283,6 +288,14 @@ class Trainer:
             if s.warmup_steps is not None
             else max(1, min(100, self.total_steps // 20))
         )
+        # per rank: micro-batch x accumulation x world size = the config's effective batch
+        self.micro, self.accumulation = (
+            dist_.split_batch(
+                self.config.effective_batch_size, self.config.batch_size, self.env.world_size
+            )
+            if self.env.is_distributed
+            else (self.config.batch_size, self.config.gradient_accumulation_steps)
+        )
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -292,6 +305,8 @@ class Trainer:
         if self.init_model is not None:
             self.init_model(self.model)
         self.model = self.model.to(self.device)
+        self.model = dist_.wrap_model(self.model, self.strategy, self.env, self.device.type)
+        self.raw_model = dist_.unwrap(self.model)
         unit = 1.0
         if self.data.train_times is not None:
             days, seen = self.data.train_times
@@ -324,15 +339,22 @@ class Trainer:
         return {
             "config": self.config.model_dump(),
             "settings": self.settings.replay_keys(),
-            "model": self.model.state_dict(),
+            "model": dist_.model_state(self.model, self.strategy, self.env),
             "loss_fn": self.loss_fn.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": dist_.optimizer_state(self.optimizer, self.strategy, self.env),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "position": asdict(self.pos),
             "best": {"loss": self.best_loss, "step": self.best_step},
             "precision": self.precision,
+            "distributed": self._dist_info(),
+        }
+
+    def _dist_info(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy if self.env.is_distributed else "single",
+            "world_size": self.env.world_size,
         }
 
     def _check_same_run(self, state: dict[str, Any]) -> None:
@@ -353,11 +375,14 @@ class Trainer:
                 f"not {mine_s[k]!r}"
             )
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _restore(self, state: dict[str, Any], progress_log: Callable[[str], None]) -> None:
         self._check_same_run(state)
-        self.model.load_state_dict(state["model"])
+        warning = dist_.check_resume(state.get("distributed"), self.strategy, self.env)
+        if warning and self.env.is_main:
+            progress_log(f"warning: {warning}")
+        dist_.load_model_state(self.model, state["model"], self.strategy, self.env)
         self.loss_fn.load_state_dict(state["loss_fn"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        dist_.load_optimizer_state(self.optimizer, state["optimizer"], self.strategy, self.env)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -365,18 +390,26 @@ class Trainer:
         self.best_loss = state["best"]["loss"]
         self.best_step = state["best"]["step"]
         # forget what was logged after the checkpoint: those steps are about to be replayed
-        kept = [r for r in read_records(self.files.metrics) if r.get("step", 0) <= self.pos.step]
-        atomic_write_text(self.files.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.env.is_main:
+            kept = [
+                r for r in read_records(self.files.metrics) if r.get("step", 0) <= self.pos.step
+            ]
+            atomic_write_text(self.files.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ----------------------------------------------------------------------------- logging
 
     def _record(self, rec: dict[str, Any]) -> None:
+        if not self.env.is_main:  # only rank 0 writes
+            return
         with self.files.metrics.open("a") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
 
     def _save_last(self) -> None:
-        save_checkpoint(self.files.last, self._state())
+        state = self._state()  # a collective under FSDP: every rank takes part
+        if self.env.is_main:
+            save_checkpoint(self.files.last, state)
+        dist_.barrier(self.env)
 
     # ----------------------------------------------------------------------------- steps
 
@@ -396,7 +429,7 @@ class Trainer:
         if measure and self.device.type == "cpu":
             from ehrplan.measure import LiveTensorBytes
 
-            tracker = LiveTensorBytes()
+            tracker = dist_.live_bytes_tracker() if self.env.is_distributed else LiveTensorBytes()
             tracker.track(
                 list(self.model.parameters()),
                 list(self.model.buffers()),
@@ -420,24 +453,42 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "stage_loss": 0.0, "time_loss": 0.0}
         patients, shape = 0, (0, 0, 0)
-        for idx in group:
-            batch = self._batch(self.train_split, idx)
+        mine, n = dist_.rank_share(group, self.micro, self.accumulation, self.env)
+        # each micro-batch's share of the step's mean; DDP/FSDP average over the ranks on top
+        weight = self.env.world_size / n
+        for idx in mine:
+            scale = weight if idx else 0.0  # an empty piece: a zero-weighted stand-in
+            batch = self._batch(self.train_split, idx or group[0][:1])
             if tracker is not None:  # made by numpy, outside the dispatcher's view
                 tracker.track([getattr(batch, f.name) for f in fields(batch)])
             shape = max(shape, tuple(batch.codes.shape), key=lambda s: s[0] * s[1] * s[2])
             with self._autocast():
                 stage_logits, time_pred = self.model(*batch.model_inputs())
             parts = self.loss_fn(stage_logits, time_pred, batch)
-            if not torch.isfinite(parts.total):
+            if not torch.isfinite(parts.total) and not self.env.is_distributed:
                 raise DivergedError(self._diverged_message(f"loss is {parts.total.item()}"))
-            self.scaler.scale(parts.total / len(group)).backward()
-            totals["loss"] += parts.total.item() / len(group)
-            totals["stage_loss"] += parts.stage.item() / len(group)
-            totals["time_loss"] += parts.time.item() / len(group)
-            patients += batch.num_patients
+            self.scaler.scale(parts.total * scale).backward()
+            totals["loss"] += parts.total.item() * scale / self.env.world_size
+            totals["stage_loss"] += parts.stage.item() * scale / self.env.world_size
+            totals["time_loss"] += parts.time.item() * scale / self.env.world_size
+            patients += batch.num_patients if idx else 0
+        if self.env.is_distributed:
+            reduced = dist_.all_reduce_sum([*totals.values(), patients], self.env)
+            totals = dict(zip(totals, reduced[:3], strict=True))
+            patients = int(reduced[3])
+            if not math.isfinite(totals["loss"]):
+                raise DivergedError(self._diverged_message(f"loss is {totals['loss']}"))
+            dist_.average_gradients(list(self.loss_fn.parameters()), self.env)
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+        if self.env.is_distributed and self.strategy == "fsdp":
+            grad_norm = dist_.clip_grad_norm(
+                [p for p in self.model.parameters() if p.requires_grad],
+                list(self.loss_fn.parameters()),
+                self.settings.grad_clip,
+            )
+        else:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
         if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
             raise DivergedError(self._diverged_message(f"gradient norm is {grad_norm.item()}"))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -490,7 +541,8 @@ class Trainer:
             "error": (est - measured) / measured if measured else None,
         }
         self.memory_records.append(m)
-        write_json(self.files.root / "memory.json", self.memory_records)
+        if self.env.is_main:
+            write_json(self.files.root / "memory.json", self.memory_records)
         progress.log(
             f"memory step {m['step']}: measured peak {fmt_bytes(measured)} ({m['method']}), "
             f"estimate for batch {B}x{V}x{C} {fmt_bytes(est)}"
@@ -513,8 +565,10 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, split: Split) -> tuple[Predictions, float]:
-        """Predictions at every real visit of ``split`` and the mean loss per visit."""
-        self.model.eval()
+        """Predictions at every real visit of ``split`` and the mean loss per visit (every rank
+        evaluates the whole split: under FSDP the forward pass is a collective)."""
+        model = self.model if self.strategy == "fsdp" else self.raw_model
+        model.eval()
         ys, probs, times, obs, pred_days = [], [], [], [], []
         loss_sum, visits = 0.0, 0
         n = len(split.dataset)
@@ -523,7 +577,7 @@ class Trainer:
         for i in range(0, n, bs):
             batch = self._batch(split, order[i : i + bs].tolist())
             with self._autocast():
-                stage_logits, time_pred = self.model(*batch.model_inputs())
+                stage_logits, time_pred = model(*batch.model_inputs())
             parts = self.loss_fn(stage_logits, time_pred, batch)
             loss_sum += parts.total.item() * parts.visits
             visits += parts.visits
@@ -556,10 +610,13 @@ class Trainer:
         summary (also written to ``summary.json``)."""
         self._build()
         if resume:
-            self._restore(load_checkpoint(self.files.last))
-        else:
+            from ehrplan.output import warn
+
+            self._restore(load_checkpoint(self.files.last), warn)
+        elif self.env.is_main:
             self.files.metrics.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.files.metrics, "")
+        dist_.barrier(self.env)
         t_start = time.perf_counter()
         delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
         progress = TrainProgress(
@@ -611,6 +668,8 @@ class Trainer:
                         self._epoch_record(self.pos.epoch)
                         self.pos.epoch += 1
                         self.pos.next_batch = 0
+                    if self.env.is_distributed:  # every rank stops at the same step
+                        flag["stop"] = dist_.all_reduce_sum([float(flag["stop"])], self.env)[0] > 0
                     every = self.settings.eval_every
                     final = self.pos.step >= self.total_steps
                     if epoch_done or final or (every and self.pos.step % every == 0):
@@ -663,16 +722,15 @@ class Trainer:
         )
         if self.best_loss is None or res["loss"] < self.best_loss:
             self.best_loss, self.best_step = res["loss"], self.pos.step
-            save_checkpoint(
-                self.files.best,
-                {
-                    "config": self.config.model_dump(),
-                    "model": self.model.state_dict(),
-                    "loss_fn": self.loss_fn.state_dict(),
-                    "step": self.pos.step,
-                    "tuning_loss": res["loss"],
-                },
-            )
+            best = {
+                "config": self.config.model_dump(),
+                "model": dist_.model_state(self.model, self.strategy, self.env),
+                "loss_fn": self.loss_fn.state_dict(),
+                "step": self.pos.step,
+                "tuning_loss": res["loss"],
+            }
+            if self.env.is_main:
+                save_checkpoint(self.files.best, best)
         self._save_last()
 
     def _finish(self, seconds: float) -> dict[str, Any]:
@@ -680,7 +738,7 @@ class Trainer:
         steps = [r for r in records if r.get("kind") == "step"]
         final = {s: self.evaluate(s) for s in ("tuning", "held_out")}
         best_state = load_checkpoint(self.files.best)
-        self.model.load_state_dict(best_state["model"])
+        dist_.load_model_state(self.model, best_state["model"], self.strategy, self.env)
         self.loss_fn.load_state_dict(best_state["loss_fn"])
         best = {s: self.evaluate(s) for s in ("tuning", "held_out")}
         trained = sum(r["patients"] for r in steps)
@@ -708,10 +766,18 @@ class Trainer:
             "last": final,
             "best": best,
         }
-        write_json(self.files.summary, summary)
-        from ehrplan.training.plot import plot_curves
+        if self.env.is_distributed:
+            summary["distributed"] = {
+                "strategy": self.strategy,
+                "world_size": self.env.world_size,
+                "micro_batch_per_rank": self.micro,
+                "accumulation_per_rank": self.accumulation,
+            }
+        if self.env.is_main:
+            write_json(self.files.summary, summary)
+            from ehrplan.training.plot import plot_curves
 
-        plot_curves(records, self.files.curves, title=f"{self.run_dir.name}")
+            plot_curves(records, self.files.curves, title=f"{self.run_dir.name}")
         return summary
 
 

@@ -53,6 +53,8 @@ class Request:
     embeddings: Path | None = None
     freeze_embeddings: bool = False
     project_embeddings: bool = False
+    shard: bool = False
+    """FSDP2 over the ranks of a torchrun job (default under torchrun: DDP)."""
 
 
 def _has_run(d: Path) -> bool:
@@ -92,9 +94,14 @@ def _write_json(path: Path, doc: Any) -> None:
 
 
 def _say(req: Request, message: str) -> None:
-    """A line for people: stdout normally, stderr under --json (stdout is the JSON document)."""
+    """A line for people: stdout normally, stderr under --json (stdout is the JSON document);
+    only rank 0 of a torchrun job speaks."""
     from rich.console import Console
 
+    from ehrplan.distributed import DistEnv
+
+    if not DistEnv.from_environ().is_main:
+        return
     Console(file=sys.stderr if req.json else sys.stdout, highlight=False, soft_wrap=True).print(
         message
     )
@@ -102,16 +109,47 @@ def _say(req: Request, message: str) -> None:
 
 def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig, str]]) -> dict:
     """Do what ``req`` asks; return the summary."""
+    from ehrplan import distributed as dist_
+    from ehrplan.distributed import DistEnv
+    from ehrplan.training.device import resolve_device
+
+    env = DistEnv.from_environ()
+    strategy = "fsdp" if req.shard else "ddp"
+    dist_.check_strategy(strategy, env.world_size)
+    device = resolve_device(req.device)
+    if env.is_distributed:
+        import torch
+
+        device = torch.device(dist_.setup(env, device.type))
+    try:
+        return _run(req, resolve, env, strategy, device)
+    finally:
+        dist_.teardown(env)
+
+
+def _run(
+    req: Request,
+    resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig, str]],
+    env: Any,
+    strategy: str,
+    device: Any,
+) -> dict:
+    from ehrplan import distributed as dist_
     from ehrplan.training import choose
     from ehrplan.training.data import load_training_data, synthetic_cohort
-    from ehrplan.training.device import auto_threads, resolve_device, resolve_precision
+    from ehrplan.training.device import auto_threads, resolve_precision
     from ehrplan.training.loop import Trainer, TrainSettings
 
-    device = resolve_device(req.device)
     saved: dict[str, Any] | None = None
     if req.resume:
         run_dir = resume_run_dir(req.out)
         saved = json.loads((run_dir / "config.json").read_text())
+        from ehrplan.training.checkpoint import load_checkpoint
+
+        # refuse a job shape the checkpoint cannot continue on before saying anything
+        last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        dist_.check_resume(last.get("distributed"), strategy, env)
+        del last
 
     # --- what to train
     if req.named or saved is None:
@@ -137,6 +175,9 @@ def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig,
     elif saved is not None:
         data_root = Path(saved["data"]["root"])
     else:
+        if env.is_main:  # one rank makes the cohort, the others read it
+            synthetic_cohort(req.patients)
+        dist_.barrier(env)
         data_root = synthetic_cohort(req.patients)
     vocab_file = run_dir / "vocab.json" if saved is not None else None
     data, config = load_training_data(data_root, requested, vocab_file)
@@ -175,7 +216,16 @@ def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig,
     est = choose.check_fits(choice, precision, device.type)
 
     if saved is None:
-        run_dir = new_run_dir(req.out, choice.preset or "custom")
+        picked: tuple[Path | None, str | None] = (None, None)
+        if env.is_main:  # rank 0 names the run folder; every rank uses its answer
+            try:
+                picked = (new_run_dir(req.out, choice.preset or "custom"), None)
+            except UsageError as err:
+                picked = (None, str(err))
+        run_dir, error = dist_.broadcast_object(picked, env)  # type: ignore[misc]
+        if error:
+            raise UsageError(error)
+    if saved is None and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(
             run_dir / "config.json",
@@ -213,15 +263,21 @@ def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig,
                 "notes": list(e.notes),
             },
         )
-    elif saved["config"] != config.model_dump():
+    elif saved is not None and saved["config"] != config.model_dump():
         k = next(k for k in saved["config"] if saved["config"][k] != config.model_dump().get(k))
         raise UsageError(
             f"cannot resume {run_dir}: it was trained with a different config "
             f"({k}={saved['config'][k]!r} there, {config.model_dump().get(k)!r} now)"
         )
 
+    dist_.barrier(env)
+
     # --- say what was chosen and why
     verb = "resuming" if saved is not None else "training"
+    if env.is_distributed:
+        choice.reasons.append(
+            f"torchrun: {env.world_size} processes, {strategy}; rank {env.rank} of them"
+        )
     _say(req, f"[bold]{verb}[/] {choice.source} -> {run_dir}")
     for r in choice.reasons:
         _say(req, f"  {r}")
@@ -246,15 +302,24 @@ def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig,
         settings=settings,
         data=data,
         run_dir=run_dir,
-        stream=sys.stderr if req.json else sys.stdout,
+        stream=(sys.stderr if req.json else sys.stdout) if env.is_main else _devnull(),
+        rich=None if env.is_main else False,
         estimate_bytes=est,
         init_model=prepared.apply if prepared is not None else None,
+        env=env,
+        strategy=strategy,
     )
     summary = trainer.run(resume=saved is not None)
     summary["source"] = choice.source
     summary["reasons"] = choice.reasons
     summary["config"] = config.model_dump()
     return summary
+
+
+def _devnull() -> Any:
+    import os
+
+    return open(os.devnull, "w")  # lives as long as the process
 
 
 def _embeddings(
