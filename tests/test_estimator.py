@@ -171,8 +171,11 @@ def test_native_lstm_kernel_within_the_bound():
     from ehrplan.measure import measure_step
 
     cfg = get_preset("tiny-lstm").config
-    with torch.backends.mkldnn.flags(enabled=False):
+    torch.backends.mkldnn.enabled = False
+    try:
         m = measure_step(cfg, batch_size=8)
+    finally:
+        torch.backends.mkldnn.enabled = True
     assert m.lstm_kernel == "native"
     est = estimate_memory(cfg, batch_size=8, lstm_kernel="native")
     assert abs(est.total_bytes - m.measured_peak_bytes) / m.measured_peak_bytes <= BOUND

@@ -22,8 +22,12 @@ def test_flops_match_the_flop_counter(name, ckpt):
     model = build_model(cfg)
     # FlopCounterMode has no formula for oneDNN's fused LSTM op; the native LSTM runs the
     # same products as aten mm/addmm, which it counts
-    with torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as counter:
-        progression_loss(*model(*batch.model_inputs()), batch).backward()
+    torch.backends.mkldnn.enabled = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            progression_loss(*model(*batch.model_inputs()), batch).backward()
+    finally:
+        torch.backends.mkldnn.enabled = True
     analytic = training_step_flops(cfg, batch_size=3, visits=min(cfg.max_visits, 10))
     assert analytic.per_micro_batch == counter.get_total_flops()
 
