@@ -107,7 +107,9 @@ def run(
             settings = (False, True)
             if i > 0 and preset in MAIN_BATCH_ONLY_BOTH_CHECKPOINTING:
                 other = (preset, precision, b, not cfg.use_checkpoint)
-                settings = (False, True) if other in done else (cfg.use_checkpoint,)
+                settings = (
+                    (False, True) if other in done or other in stored else (cfg.use_checkpoint,)
+                )
             for ckpt in settings:
                 est = estimate_memory(
                     cfg, batch_size=b, checkpointing=ckpt, precision=precision
