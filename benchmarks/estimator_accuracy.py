@@ -11,6 +11,7 @@ cross-check (it also holds allocator slack, oneDNN scratch space and lazily load
     python benchmarks/estimator_accuracy.py --quick --precision bf16  # CPU bf16 autocast
     python benchmarks/estimator_accuracy.py --csv benchmarks/data/estimator_accuracy_cpu.csv
     python benchmarks/estimator_accuracy.py --measured benchmarks/data/estimator_accuracy_cpu.csv
+    python benchmarks/estimator_accuracy.py --random 40 --seed 1        # random small configs
 
 The preset's own micro-batch is reduced where its measured peak would pass ~6 GiB; the first
 batch size listed for each preset is its "main" batch (the preset's own, or the reduced one).
@@ -22,12 +23,13 @@ import argparse
 import csv
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ehrplan.config import get_preset
+from ehrplan.config import EHRModelConfig, get_preset, validate_config
 from ehrplan.estimator import estimate_memory
 from ehrplan.measure import measure_in_subprocess
 
@@ -58,6 +60,57 @@ FIELDS = (
     "peak_phase",
     "seconds",
 )
+
+
+def random_config(rng: random.Random) -> EHRModelConfig:
+    """A random valid small config (either family, any dropout, accumulation, attention path)."""
+    kind = rng.choice(["lstm", "transformer"])
+    d: dict[str, object] = dict(
+        model_type=kind,
+        code_embed_dim=rng.choice([8, 16, 24, 32, 40, 64]),
+        visit_embed_dim=rng.choice([8, 16, 32, 48, 64]),
+        hidden_dim=rng.choice([8, 16, 32, 64, 96]),
+        num_layers=rng.randint(1, 3),
+        dropout=rng.choice([0.0, 0.1, 0.3]),
+        vocab_size=rng.choice([50, 300, 2000]),
+        max_visits=rng.randint(2, 20),
+        max_codes_per_visit=rng.randint(1, 20),
+        batch_size=rng.randint(1, 16),
+        gradient_accumulation_steps=rng.choice([1, 2, 4]),
+        num_stages=rng.randint(2, 6),
+        use_checkpoint=rng.random() < 0.5,
+    )
+    if kind == "transformer":
+        width = int(d["visit_embed_dim"])  # type: ignore[call-overload]
+        d["num_heads"] = rng.choice([h for h in (1, 2, 4, 8) if width % h == 0])
+        d["use_flash_attention"] = rng.random() < 0.5
+    return validate_config(d)
+
+
+def run_random(n: int, seed: int) -> None:
+    """Estimate and measure ``n`` random small configs (in this process: they are small)."""
+    from ehrplan.measure import measure_step
+
+    rng = random.Random(seed)
+    errors = []
+    print(
+        f"{'#':>3} {'type':<12}{'batch':>6}{'ckpt':>6}{'estimate':>13}{'measured':>13}{'error':>8}"
+    )
+    for i in range(n):
+        cfg = random_config(rng)
+        m = measure_step(cfg).measured_peak_bytes
+        e = estimate_memory(cfg).total_bytes
+        errors.append((e - m) / m)
+        ckpt = "on" if cfg.use_checkpoint else "off"
+        print(
+            f"{i:>3} {cfg.model_type:<12}{cfg.batch_size:>6}{ckpt:>6}{e:>13,}{m:>13,}"
+            f"{errors[-1]:>+8.1%}",
+            flush=True,
+        )
+    print(
+        f"\n{n} random configs (seed {seed}); error from {min(errors):+.1%} to "
+        f"{max(errors):+.1%}, mean |error| {sum(map(abs, errors)) / n:.1%}"
+    )
 
 
 def _load_measured(path: Path) -> dict[tuple[str, str, int, bool], dict[str, str]]:
@@ -199,7 +252,12 @@ def main() -> None:
     ap.add_argument(
         "--resume", action="store_true", help="keep the rows already in --csv, measure the rest"
     )
+    ap.add_argument("--random", type=int, metavar="N", help="instead: N random small configs")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --random")
     args = ap.parse_args()
+    if args.random:
+        run_random(args.random, args.seed)
+        return
     if args.resume and not args.csv:
         ap.error("--resume needs --csv")
     run(args.quick, args.preset, args.measured, args.precision, args.csv, args.resume)

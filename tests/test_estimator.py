@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from ehrplan.config import EHRModelConfig, get_preset, validate_config
+from ehrplan.config import EHRModelConfig, get_preset
 from ehrplan.estimator import estimate_memory, mkldnn_lstm_workspace
 
 DATA = REPO / "benchmarks" / "data"
@@ -121,27 +121,10 @@ def test_tiny_presets_within_the_bound(name, ckpt):
 
 
 def random_config(rng: random.Random) -> EHRModelConfig:
-    """A random valid small config (either family, any dropout, accumulation, attention path)."""
-    kind = rng.choice(["lstm", "transformer"])
-    d = dict(
-        model_type=kind,
-        code_embed_dim=rng.choice([8, 16, 24, 32, 40, 64]),
-        visit_embed_dim=rng.choice([8, 16, 32, 48, 64]),
-        hidden_dim=rng.choice([8, 16, 32, 64, 96]),
-        num_layers=rng.randint(1, 3),
-        dropout=rng.choice([0.0, 0.1, 0.3]),
-        vocab_size=rng.choice([50, 300, 2000]),
-        max_visits=rng.randint(2, 20),
-        max_codes_per_visit=rng.randint(1, 20),
-        batch_size=rng.randint(1, 16),
-        gradient_accumulation_steps=rng.choice([1, 2, 4]),
-        num_stages=rng.randint(2, 6),
-        use_checkpoint=rng.random() < 0.5,
-    )
-    if kind == "transformer":
-        d["num_heads"] = rng.choice([h for h in (1, 2, 4, 8) if d["visit_embed_dim"] % h == 0])
-        d["use_flash_attention"] = rng.random() < 0.5
-    return validate_config(d)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from estimator_accuracy import random_config as draw
+
+    return draw(rng)
 
 
 @pytest.mark.slow
