@@ -136,6 +136,17 @@ def test_the_estimate_of_the_frozen_run_drops_by_the_table(source: Path, frozen:
     assert before["optimizer_state"] - after["optimizer_state"] == table * ADAM_STATE_BYTES
 
 
+@pytest.mark.slow
+def test_a_frozen_run_resumes_frozen(
+    frozen: Path, exported: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _exit(capsys, "train", "--resume", "--out", str(frozen), "--json")
+    assert code == 0, err
+    assert json.loads(out)["config"]["freeze_embeddings"] is True
+    table = torch.load(frozen / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert torch.equal(table[EMBEDDING_KEY][2:], load_embeddings(exported).vectors)
+
+
 @pytest.mark.parametrize(
     "name", ["tiny-lstm", "tiny-transformer", "small-lstm", "large-transformer"]
 )

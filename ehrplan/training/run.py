@@ -182,7 +182,10 @@ def _run(
     vocab_file = run_dir / "vocab.json" if saved is not None else None
     data, config = load_training_data(data_root, requested, vocab_file)
     prepared = _embeddings(req, saved, data.vocab, config)
-    if prepared is not None and req.freeze_embeddings:
+    # frozen embeddings: no gradient, no Adam state, and the estimate counts that; a resumed run
+    # keeps the flag its config.json recorded
+    frozen = saved["config"].get("freeze_embeddings") if saved is not None else False
+    if (prepared is not None and req.freeze_embeddings) or frozen:
         config = config.model_copy(update={"freeze_embeddings": True})
     choice.config = config
 
@@ -296,6 +299,16 @@ def _run(
         f"checkpointing {'on' if config.use_checkpoint else 'off'}; "
         f"estimated peak at preset maxima {fmt_bytes(est)}",
     )
+    if prepared is not None:
+        e = prepared.info
+        _say(
+            req,
+            f"  embeddings: {e['file']} ({e['codes_in_file']} codes x {e['dim']}"
+            + (f", projected to {e['code_embed_dim']}" if e["projected"] else "")
+            + f"): {e['matched']} vocabulary codes matched, {e['missing']} missing (initialised "
+            f"as usual), {e['unused']} in the file unused; "
+            + ("frozen (no gradients, no optimizer state)" if e["frozen"] else "trained further"),
+        )
 
     trainer = Trainer(
         config=config,
@@ -311,6 +324,8 @@ def _run(
     )
     summary = trainer.run(resume=saved is not None)
     summary["source"] = choice.source
+    if prepared is not None:
+        summary["embeddings"] = prepared.info
     summary["reasons"] = choice.reasons
     summary["config"] = config.model_dump()
     return summary
