@@ -69,11 +69,12 @@ def _train(tmp: Path, name: str, *extra: str, torchrun: int = 0) -> tuple[dict, 
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"]
     cmd = [*launcher, "-m", "ehrplan", *COMMON, "--out", str(run_dir), *extra]
+    log = tmp / f"writes-{run_dir.name}.log"
+    log.unlink(missing_ok=True)  # this command's writes only
     proc = subprocess.run(
         cmd, capture_output=True, text=True, cwd=tmp, env=_env(tmp, run_dir), timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    log = tmp / f"writes-{run_dir.name}.log"
     writes = log.read_text().splitlines() if log.exists() else []
     return json.loads(proc.stdout), run_dir, writes
 
