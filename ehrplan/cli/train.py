@@ -218,17 +218,22 @@ def _relaunch(nproc: int, device: str) -> None:
     import os
     import subprocess
 
+    import torch
+
     from ehrplan.distributed import torchrun_argv
 
     cores = os.cpu_count() or 1
-    if device in ("auto", "cpu") and nproc > cores:
-        import torch
-
-        if device == "cpu" or not torch.cuda.is_available():
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        if nproc > cores:
             raise UsageError(
                 f"--nproc {nproc}: this machine has {cores} CPU cores; on the CPU every process "
                 "needs a core of its own"
             )
+    elif device in ("auto", "cuda") and nproc > torch.cuda.device_count():
+        # one GPU per process (NCCL refuses two ranks on one GPU)
+        raise UsageError(
+            f"--nproc {nproc}: {torch.cuda.device_count()} CUDA device(s) visible here"
+        )
     args = list(sys.argv[1:])
     i = args.index("--nproc") if "--nproc" in args else -1
     if i >= 0:

@@ -526,7 +526,17 @@ class Trainer:
     def _memory_record(self, rec: dict[str, Any], progress: TrainProgress) -> None:
         """Measured peak of this step beside the estimate for its largest micro-batch."""
         B, V, C = rec["max_batch_shape"]
-        est, lower = estimate_for_batch(self.config, self.precision, self.device.type, B, V, C)
+        if self.env.is_distributed:  # this rank's peak: the strategy's per-device terms
+            from ehrplan.parallel import estimate_parallel
+
+            pe = estimate_parallel(
+                self.config, world_size=self.env.world_size, strategy=self.strategy,
+                precision=self.precision, device=self.device.type, micro_batch=B,
+                accumulation=self.accumulation, visits=V, codes=C,
+            )  # fmt: skip
+            est, lower = pe.per_device_bytes, pe.is_lower_bound
+        else:
+            est, lower = estimate_for_batch(self.config, self.precision, self.device.type, B, V, C)
         measured = rec["measured_peak_bytes"]
         m = {
             "session": self.session,
