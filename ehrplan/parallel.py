@@ -174,6 +174,7 @@ def _units_in_flight(config: EHRModelConfig, units: dict[str, int]) -> dict[str,
     runs and the one FSDP2 prefetches next: in forward the next unit, in backward the previous
     one), and of the unit whose unsharded gradients are being made."""
     emb = units["encoder.code_embeddings"]
+    emb_grad = 0 if config.freeze_embeddings else emb  # a frozen table makes no gradient
     if config.model_type == "lstm":
         visit, seq = units["encoder.visit_lstm"], units["encoder.sequence_lstm"]
         return {
@@ -181,7 +182,7 @@ def _units_in_flight(config: EHRModelConfig, units: dict[str, int]) -> dict[str,
             "forward": (seq + visit, 0),  # start of backward: sequence LSTM, visit LSTM next
             "sequence_backward": (seq + visit, seq),
             "within_visit_backward": (visit + emb, visit),  # the embeddings are prefetched
-            "embedding_backward": (emb, emb),  # the last unit of backward
+            "embedding_backward": (emb, emb_grad),  # the last unit of backward
         }
     pos = units["encoder.position_embeddings"]
     L = config.num_layers
@@ -191,7 +192,7 @@ def _units_in_flight(config: EHRModelConfig, units: dict[str, int]) -> dict[str,
         "embedding_forward": (emb + pos, 0),  # code embeddings run, position table next
         "forward": (top + below, 0),  # start of backward: the top block, the one below next
         "layer_backward": (top + below, top),
-        "embedding_backward": (emb, emb),
+        "embedding_backward": (emb, emb_grad),
     }
 
 
