@@ -146,3 +146,11 @@ def test_too_many_visits_for_the_transformer_is_a_clear_error():
     batch = synthetic_batch(config, 1, visits=config.max_visits + 1)
     with pytest.raises(ValueError, match="exceed max_visits"):
         model(*batch.model_inputs())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_final_hidden_is_the_state_at_the_last_real_visit(name):
+    config, model = make(name)
+    ids, times, mask = pad(*patient(config, visits=4, codes=3), visits=3)
+    out, final = model.encoder(ids, times, mask)
+    torch.testing.assert_close(final, out[:, 3])

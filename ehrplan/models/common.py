@@ -32,6 +32,14 @@ def real_visits(visit_mask: torch.Tensor) -> torch.Tensor:
     return visit_mask.to(torch.bool).any(-1)
 
 
+def last_real(sequence: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``sequence [B, V, D]`` at each patient's last non-empty visit (visit 0 if none)."""
+    B, V = real.shape
+    positions = torch.arange(1, V + 1, device=real.device)
+    last = (real * positions).amax(-1).clamp(min=1) - 1
+    return sequence[torch.arange(B, device=sequence.device), last]
+
+
 def scatter_visits(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Place per-real-visit rows ``[N, D]`` back into a zero ``[B, V, D]`` grid."""
     B, V = real.shape

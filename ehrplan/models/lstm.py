@@ -3,14 +3,16 @@
 Level 1 (within a visit): code embeddings -> one LSTM layer over the visit's codes (hidden =
 ``code_embed_dim``) -> the hidden state at the visit's *last real code* -> linear projection to
 ``visit_embed_dim``. Level 2 (over visits): visit vectors concatenated with two time features ->
-a ``num_layers`` LSTM with ``hidden_dim`` units, run on a packed sequence of each patient's real
-visits.
+a ``num_layers`` LSTM with ``hidden_dim`` units over the padded visit axis (causal, so trailing
+padded visits cannot reach a real one; one fused oneDNN call instead of the per-step loop that a
+packed sequence takes on the CPU).
 
 What changed from the seed:
 
 - The padding mask is honoured: the seed took ``hidden[-1]`` after running over the padding; here
-  the state at the last real code is gathered, and empty visits are skipped entirely. The visit
-  LSTM runs packed, so trailing padded or empty visits change neither outputs nor final states.
+  the state at the last real code is gathered, and empty visits are skipped entirely. Trailing
+  padded or empty visits come after every real one, so the causal visit LSTM never sees them
+  before a real visit; ``final_hidden`` is gathered at each patient's last real visit.
 - All real visits of a batch go through the within-visit LSTM in one call (a ``[N, codes]`` batch
   of N real visits), instead of a Python loop over visit positions.
 - Gradient checkpointing (``use_checkpoint``) is a real option: both levels are recomputed in
@@ -23,9 +25,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ehrplan.models.common import ProgressionHeads, maybe_checkpoint, real_visits, scatter_visits
+from ehrplan.models.common import (
+    ProgressionHeads,
+    last_real,
+    maybe_checkpoint,
+    real_visits,
+    scatter_visits,
+)
 
 if TYPE_CHECKING:
     from ehrplan.config import EHRModelConfig
@@ -70,34 +77,23 @@ class LSTMVisitEncoder(nn.Module):
         last = out[torch.arange(out.shape[0], device=out.device), lengths - 1]
         return self.visit_projection(last)
 
-    def _sequence(
-        self, visits: torch.Tensor, time_features: torch.Tensor, n_visits: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sequence(self, visits: torch.Tensor, time_features: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.dropout(visits), time_features.to(visits.dtype)], dim=-1)
-        packed = pack_padded_sequence(
-            x, n_visits.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
-        )
-        out, (h, _) = self.sequence_lstm(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return out, h
+        out, _ = self.sequence_lstm(x)
+        return out
 
     def forward(
         self, patient_visits: torch.Tensor, time_features: torch.Tensor, visit_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``sequence_output [B, V, hidden]`` and ``final_hidden [layers, B, hidden]``
-        (the states after each patient's last non-empty visit)."""
+        """Return ``sequence_output [B, V, hidden]`` and ``final_hidden [B, hidden]``: the top
+        layer's state after each patient's last non-empty visit."""
         real = real_visits(visit_mask)
-        V = real.shape[1]
-        # visits up to and including the last non-empty one
-        positions = torch.arange(1, V + 1, device=real.device)
-        n_visits = (real * positions).amax(dim=-1)
         visit_vectors = maybe_checkpoint(
             self.use_checkpoint, self.encode_visit, patient_visits[real], visit_mask[real]
         )
         visits = scatter_visits(visit_vectors, real)
-        return maybe_checkpoint(
-            self.use_checkpoint, self._sequence, visits, time_features, n_visits
-        )
+        out = maybe_checkpoint(self.use_checkpoint, self._sequence, visits, time_features)
+        return out, last_real(out, real)
 
 
 class LSTMProgressionModel(nn.Module):

@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ehrplan.models.common import ProgressionHeads, maybe_checkpoint, real_visits, scatter_visits
+from ehrplan.models.common import (
+    ProgressionHeads,
+    last_real,
+    maybe_checkpoint,
+    real_visits,
+    scatter_visits,
+)
 
 if TYPE_CHECKING:
     from ehrplan.config import EHRModelConfig
@@ -126,7 +132,7 @@ class TransformerVisitEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``sequence_output [B, V, D]`` and ``final_hidden [B, D]``, the output at each
         patient's last non-empty visit."""
-        B, V, _ = patient_visits.shape
+        V = patient_visits.shape[1]
         if V > self.max_visits:
             raise ValueError(f"{V} visits exceed max_visits={self.max_visits}; truncate first")
         real = real_visits(visit_mask)
@@ -144,8 +150,7 @@ class TransformerVisitEncoder(nn.Module):
         for layer in self.layers:
             x = maybe_checkpoint(self.use_checkpoint, layer, x)
         x = self.final_norm(x)
-        last = (real * torch.arange(1, V + 1, device=x.device)).amax(-1).clamp(min=1) - 1
-        return x, x[torch.arange(B, device=x.device), last]
+        return x, last_real(x, real)
 
 
 class TransformerProgressionModel(nn.Module):
