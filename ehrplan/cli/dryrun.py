@@ -7,7 +7,6 @@ the estimate alone says the step cannot fit the CPU's memory.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -57,25 +56,17 @@ SimulateOpt = Annotated[
 
 
 def cpu_available_bytes() -> tuple[int, str]:
-    """Memory a CPU step may use now: psutil's available RAM, capped by the cgroup v2 limit
-    (``/sys/fs/cgroup/memory.max`` less ``memory.current``). Returns bytes and where from.
+    """Memory a CPU step may use now, from the hardware probe: available RAM, within the
+    container's cgroup v1/v2 limit where one applies. Returns bytes and where from."""
+    from ehrplan.hardware import Sources, probe_host
 
-    Local stand-in for the cgroup-aware probe of `ehrplan.hardware` (to be unified).
-    """
-    import psutil
-
-    available = int(psutil.virtual_memory().available)
-    source = "psutil available memory"
-    root = Path("/sys/fs/cgroup")
-    try:
-        limit_text = (root / "memory.max").read_text().strip()
-        if limit_text != "max":
-            room = int(limit_text) - int((root / "memory.current").read_text().strip())
-            if room < available:
-                available, source = max(room, 0), "cgroup memory.max less memory.current"
-    except (OSError, ValueError):
-        pass
-    return available, source
+    notes: list[str] = []
+    host = probe_host(Sources(), notes)
+    if host.available_bytes is None:
+        raise DeviceError("cannot tell how much memory is available: " + "; ".join(notes))
+    if host.cgroup_limit_bytes is not None:
+        return host.available_bytes, f"cgroup v{host.cgroup_version} limit ({host.cgroup_file})"
+    return host.available_bytes, "available RAM"
 
 
 def _check_cpu_fits(cfg: EHRModelConfig, precision: str, ckpt: bool) -> tuple[int, str]:
