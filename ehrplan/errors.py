@@ -8,6 +8,7 @@ Exit codes (documented in the README):
 - 0: success
 - 1: the config does not fit the memory budget or device (a valid answer, not a crash)
 - 2: bad input (unknown preset, invalid field, malformed file, unknown device, ...)
+- 3: training diverged (a NaN or infinite loss); the last good checkpoint is kept
 - 70: an internal error (a bug in ehrplan; the message says how to get the traceback)
 - 130: interrupted (Ctrl-C)
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_DOES_NOT_FIT = 1
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
@@ -47,3 +49,9 @@ class DoesNotFitError(EhrplanError):
     """The model does not fit the memory budget: an answer, not a crash."""
 
     exit_code = EXIT_DOES_NOT_FIT
+
+
+class DivergedError(EhrplanError):
+    """The loss or the gradient became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = EXIT_DIVERGED

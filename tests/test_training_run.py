@@ -19,9 +19,10 @@ import torch
 
 from ehrplan.cli.app import main
 from ehrplan.config import get_preset
+from ehrplan.errors import DivergedError
 from ehrplan.training.checkpoint import load_checkpoint
 from ehrplan.training.data import load_training_data
-from ehrplan.training.loop import STEP_DELAY_ENV, DivergedError, Trainer, TrainSettings
+from ehrplan.training.loop import STEP_DELAY_ENV, Trainer, TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -33,7 +33,7 @@ from ehrplan import distributed as dist_
 from ehrplan.config import EHRModelConfig
 from ehrplan.data.sampler import batches as sampler_batches
 from ehrplan.distributed import DistEnv
-from ehrplan.errors import EhrplanError, UsageError
+from ehrplan.errors import DivergedError, UsageError
 from ehrplan.models import build_model
 from ehrplan.output import fmt_bytes
 from ehrplan.training.checkpoint import (
@@ -49,14 +49,7 @@ from ehrplan.training.loss import ProgressionLoss, population_median_years
 from ehrplan.training.metrics import Predictions, evaluate_predictions
 from ehrplan.training.progress import TrainProgress
 
-EXIT_DIVERGED = 3
 STEP_DELAY_ENV = "EHRPLAN_TRAIN_STEP_DELAY"  # tests only: seconds to sleep after each step
-
-
-class DivergedError(EhrplanError):
-    """The loss or the gradient became NaN or infinite; the last good checkpoint is kept."""
-
-    exit_code = EXIT_DIVERGED
 
 
 @dataclass
