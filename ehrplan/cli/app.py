@@ -10,15 +10,15 @@ import sys
 
 import typer
 
+from ehrplan.cli import compare as compare_cmd
 from ehrplan.cli import dryrun, estimate, presets
-from ehrplan.cli import synth as synth_cmd
-from ehrplan.cli.data import data_app
+from ehrplan.cli import embeddings as embeddings_cmd
 from ehrplan.cli import hardware as hardware_cmd
 from ehrplan.cli import recommend as recommend_cmd
-from ehrplan.cli import validate as validate_cmd
+from ehrplan.cli import synth as synth_cmd
 from ehrplan.cli import train as train_cmd
-from ehrplan.cli import compare as compare_cmd
-from ehrplan.cli import embeddings as embeddings_cmd
+from ehrplan.cli import validate as validate_cmd
+from ehrplan.cli.data import data_app
 from ehrplan.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EhrplanError
 
 app = typer.Typer(
