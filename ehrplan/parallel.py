@@ -48,7 +48,7 @@ from typing import Any
 from ehrplan.config import EHRModelConfig
 from ehrplan.distributed import STRATEGIES, split_batch
 from ehrplan.errors import UsageError
-from ehrplan.estimator import CUDA_RESERVED_FACTOR, estimate_memory
+from ehrplan.estimator import CUDA_RESERVED_FACTOR, estimate_memory, static_memory
 from ehrplan.flops import training_step_flops
 from ehrplan.params import count_parameters, lstm_layer, transformer_block
 
@@ -219,8 +219,10 @@ def _dynamic_phases(
         visits=visits,
         codes=codes,
     )
-    P = count_parameters(config).total
-    static = 4 * FP32 * P  # parameters 4P + gradients 4P + Adam exp_avg, exp_avg_sq 8P
+    # what the estimator holds in every phase of an accumulating step: parameters, the
+    # gradients and Adam's exp_avg, exp_avg_sq (16 bytes per trainable parameter in fp32)
+    sm = static_memory(acc, precision)
+    static = sm["parameters"] + sm["gradients"] + sm["optimizer_state"]
     dyn = {k: v - static for k, v in est.phases.items()}
     return dyn, est.is_lower_bound, list(est.notes), dict(est.device_overhead), est.total_bytes
 
@@ -261,7 +263,8 @@ def estimate_parallel(
     else:
         micro, accum = split_batch(config.effective_batch_size, config.batch_size, world_size)
     W = world_size
-    P = count_parameters(config).total
+    counts = count_parameters(config)
+    P, T = counts.total, counts.trainable  # T: parameters with gradients and Adam state
     common: dict[str, Any] = {
         "world_size": W,
         "backend": backend,
@@ -303,8 +306,8 @@ def estimate_parallel(
     if strategy == "ddp":
         static = {
             "parameters": FP32 * P,  # the full replica on every rank
-            "optimizer_state": 2 * FP32 * P,  # Adam's exp_avg and exp_avg_sq, fp32
-            "gradient_buckets": FP32 * P,  # DDP's flat buckets; param.grad are views into them
+            "optimizer_state": 2 * FP32 * T,  # Adam's exp_avg and exp_avg_sq, fp32
+            "gradient_buckets": FP32 * T,  # DDP's flat buckets; param.grad are views into them
         }
         for k, d in dyn.items():
             moments[k] = {**static, "batch_activations_temporaries": d}
@@ -318,8 +321,8 @@ def estimate_parallel(
         in_flight = _units_in_flight(config, units)
         sharded = {
             "parameters_sharded": FP32 * P // W,  # each rank's 1/W of every parameter
-            "optimizer_state_sharded": 2 * FP32 * P // W,  # Adam state of its shard only
-            "gradients_sharded": FP32 * P // W,  # reduce-scatter outputs, 1/W of each gradient
+            "optimizer_state_sharded": 2 * FP32 * T // W,  # Adam state of its shard only
+            "gradients_sharded": FP32 * T // W,  # reduce-scatter outputs, 1/W of each gradient
         }
         for k, d in dyn.items():
             if k == "optimizer":
