@@ -183,33 +183,37 @@ def _inputs(d: _Dims) -> int:
 
 
 def _static(config: EHRModelConfig, precision: str) -> tuple[dict[str, int], int, int]:
-    """Static bytes, the parameter count, and the element count of the largest parameter
-    *tensor* (Adam's single-tensor update makes two temporaries of its size)."""
+    """Static bytes, the count of parameters that get a gradient, and the element count of the
+    largest parameter *tensor* Adam updates (its single-tensor update makes two temporaries of
+    its size)."""
     p = count_parameters(config)
     E, D, H = config.code_embed_dim, config.visit_embed_dim, config.hidden_dim
+    table = 0 if config.freeze_embeddings else config.vocab_size * E  # frozen: Adam skips it
     if config.model_type == "lstm":
         # embedding [vocab,E]; sequence LSTM weight_ih [4H, D+2] or weight_hh [4H, H];
         # visit LSTM weights [4E, E]; visit projection [D, E]
-        largest = max(config.vocab_size * E, 4 * H * max(D + 2, H), 4 * E * E, E * D)
+        largest = max(table, 4 * H * max(D + 2, H), 4 * E * E, E * D)
     else:
         # embedding [vocab,E]; fused qkv [3D, D]; feed-forward [H, D] and [D, H]
-        largest = max(config.vocab_size * E, 3 * D * D, D * H, E * D)
-    return static_memory(config, precision), p.total, largest
+        largest = max(table, 3 * D * D, D * H, E * D)
+    return static_memory(config, precision), p.trainable, largest
 
 
 def static_memory(config: EHRModelConfig, precision: str = "fp32") -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state for one model.
 
     - parameters: fp32 in every precision (autocast keeps fp32 master weights)
-    - gradients: one fp32 ``.grad`` per parameter, same dtype as the parameter
-    - optimizer_state: Adam's ``exp_avg`` and ``exp_avg_sq``, fp32, two per parameter
+    - gradients: one fp32 ``.grad`` per trainable parameter, same dtype as the parameter
+    - optimizer_state: Adam's ``exp_avg`` and ``exp_avg_sq``, fp32, two per trainable parameter
       (the scalar ``step`` tensors are negligible and left out)
+    - a frozen code-embedding table (``freeze_embeddings``) is a parameter but gets neither a
+      gradient nor optimizer state: it saves ``vocab_size x code_embed_dim x (4 + 8)`` bytes
     - autocast_weight_copies (mixed precision only): autocast casts each weight a matmul reads
       (LSTM and Linear weights, not embeddings) to 16 bits and caches the copy for the step
     """
     p = count_parameters(config)
-    n = p.total
-    out = {"parameters": FP32 * n, "gradients": FP32 * n, "optimizer_state": 2 * FP32 * n}
+    n, t = p.total, p.trainable  # t: parameters that get a gradient (frozen table excluded)
+    out = {"parameters": FP32 * n, "gradients": FP32 * t, "optimizer_state": 2 * FP32 * t}
     if precision != "fp32":
         matmul_params = n - p.components["embeddings"]
         if config.model_type == "transformer":
@@ -246,7 +250,7 @@ def _lstm_phases(
     E, D, H, L, S = c.code_embed_dim, c.visit_embed_dim, c.hidden_dim, c.num_layers, c.num_stages
     N, B, V, C = d.N, d.B, d.V, d.C
     base, P, largest = _static(c, precision)
-    P_emb = c.vocab_size * E
+    P_emb = 0 if c.freeze_embeddings else c.vocab_size * E  # the table's share of P
     inputs = _inputs(d)
     grads_all = FP32 * P
     grads_before = grads_all if d.micro > 1 else 0  # accumulated grads live from micro-batch 2
@@ -324,10 +328,11 @@ def _lstm_phases(
         seq_temps,
     )
     # embedding backward: dense [vocab,E] gradient (in grads_all) while the gradient of the
-    # embedding output [N,C,E] and the ids are alive
-    phases["embedding_backward"] = _phase(
-        base, inputs, grads_all, ids, FP32 * N * C * E, weight_copies=False
-    )
+    # embedding output [N,C,E] and the ids are alive; a frozen table has no such step
+    if not c.freeze_embeddings:
+        phases["embedding_backward"] = _phase(
+            base, inputs, grads_all, ids, FP32 * N * C * E, weight_copies=False
+        )
     # Adam (single-tensor on CPU): sqrt and div temporaries of the largest parameter tensor
     phases["optimizer"] = _phase(
         base, inputs, grads_all, 0, 2 * FP32 * largest, weight_copies=False
@@ -342,7 +347,7 @@ def _transformer_phases(
     h = c.num_heads or 1
     N, B, V, C = d.N, d.B, d.V, d.C
     base, P, largest = _static(c, precision)
-    P_emb = c.vocab_size * E
+    P_emb = 0 if c.freeze_embeddings else c.vocab_size * E  # the table's share of P
     inputs = _inputs(d)
     grads_all = FP32 * P
     grads_before = grads_all if d.micro > 1 else 0
@@ -408,10 +413,11 @@ def _transformer_phases(
             weight_copies=False,
         )
     # embedding backward: dense [vocab,E] gradient while the [N,C,E] gradient of the masked
-    # embedding output is alive
-    phases["embedding_backward"] = _phase(
-        base, inputs, grads_all, ids, FP32 * N * C * E, weight_copies=False
-    )
+    # embedding output is alive; a frozen table has no such step
+    if not c.freeze_embeddings:
+        phases["embedding_backward"] = _phase(
+            base, inputs, grads_all, ids, FP32 * N * C * E, weight_copies=False
+        )
     phases["optimizer"] = _phase(
         base, inputs, grads_all, 0, 2 * FP32 * largest, weight_copies=False
     )
