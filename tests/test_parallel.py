@@ -188,3 +188,34 @@ def test_fsdp_on_one_device_is_refused(cli, args):
     r = cli(*args)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [
+            "estimate",
+            "--preset",
+            "tiny",
+            "--gpus",
+            "8",
+            "--strategy",
+            "fsdp",
+            "--target",
+            "a100-40gb",
+        ],
+        ["recommend", "--target", "a100-40gb", "--gpus", "8", "--strategy", "fsdp", "--json"],
+        ["validate", "tiny", "--budget", "1GiB", "--gpus", "2", "--strategy", "fsdp"],
+    ],
+)
+def test_plans_over_gpus_never_import_torch(args):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_cli_core import NO_TORCH
+
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH.format(args=args)], capture_output=True, text=True, cwd=REPO
+    )
+    assert "NO_TORCH_OK 0" in out.stdout, out.stderr
