@@ -87,8 +87,18 @@ def load_embeddings(path: str | Path) -> CodeEmbeddings:
     except DataError as err:
         raise DataError(f"{path}: {err}") from None
     except Exception as err:  # a corrupt file raises whatever its parser raises
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"{path}: not a readable {suffix} embeddings file ({first})") from None
+        raise DataError(
+            f"{path}: not a readable {suffix} embeddings file ({_reason(err)})"
+        ) from None
+
+
+def _reason(err: Exception) -> str:
+    """One line on why a reader failed (torch's safe unpickler hides it in a long text)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # torch.load(weights_only=True) refused the file
+        tail = text.split("WeightsUnpickler error:", 1)[1].splitlines()
+        return "the safe unpickler refused it: " + next((t.strip() for t in tail if t.strip()), "")
+    return (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def _load_safetensors(path: Path) -> CodeEmbeddings:
@@ -244,7 +254,7 @@ def run_embeddings(run_dir: str | Path, checkpoint: str = "best") -> tuple[CodeE
         state = torch.load(path, map_location="cpu", weights_only=True)
         weight = state["model"][EMBEDDING_KEY]
     except Exception as err:  # a truncated or foreign file raises whatever its reader raises
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = _reason(err)
         raise DataError(
             f"{path}: not an ehrplan checkpoint with code embeddings ({first})"
         ) from None
@@ -302,9 +312,12 @@ def prepare_embeddings(
     emb = load_embeddings(path)
     vocab = {t: i for i, t in enumerate(tokens)}
     scratch = nn.Embedding(len(tokens), code_embed_dim)
-    match = apply_embeddings(
-        scratch, emb, vocab, project=project, freeze=freeze, special_ids=(PAD_ID, UNK_ID)
-    )
+    try:
+        match = apply_embeddings(
+            scratch, emb, vocab, project=project, freeze=freeze, special_ids=(PAD_ID, UNK_ID)
+        )
+    except DataError as err:  # name the file
+        raise DataError(f"{path}: {err}") from None
     if match.matched == 0:
         raise DataError(
             f"{path}: none of its {len(emb.codes)} codes is in the vocabulary "
