@@ -301,6 +301,21 @@ NOTES = (
 )
 
 
+def notes(payload: dict[str, Any]) -> list[str]:
+    """How to read the table, and where the two runs were not alike."""
+    out = list(NOTES)
+    a, b = payload["models"]["lstm"], payload["models"]["transformer"]
+    if a["batch"][1:] != b["batch"][1:]:
+        out.append(
+            f"the presets keep different maxima (visits x codes: LSTM {a['batch'][1]}x"
+            f"{a['batch'][2]}, Transformer {b['batch'][1]}x{b['batch'][2]}), so their held-out "
+            "metrics cover the visits each keeps"
+        )
+    if a["patients_per_step"] != b["patients_per_step"]:
+        out.append("the presets train on different numbers of patients per step")
+    return out
+
+
 def table_rows(payload: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """The table as strings: label, LSTM, Transformer, ratio or difference."""
     a, b = payload["models"]["lstm"], payload["models"]["transformer"]
@@ -331,7 +346,7 @@ def markdown(payload: dict[str, Any]) -> str:
         indent = "&nbsp;&nbsp;" if label.startswith("  ") else ""  # Markdown drops the spaces
         row = [indent + label.strip(), *cells]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
-    lines += [""] + [f"- {n}" for n in NOTES]
+    lines += [""] + [f"- {n}" for n in notes(payload)]
     lines += ["", "Runs: " + ", ".join(f"`{s['run_dir']}`" for s in payload["models"].values())]
     return "\n".join(lines) + "\n"
 

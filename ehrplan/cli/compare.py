@@ -100,7 +100,7 @@ def compare(
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
-    from ehrplan.compare import HEADER, NOTES, table_rows, title
+    from ehrplan.compare import HEADER, notes, table_rows, title
 
     t = Table(title=title(p), caption=f"held-out: {p['held_out_metrics_of']}")
     t.add_column(HEADER[0])
@@ -109,6 +109,6 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     for row in table_rows(p):
         t.add_row(*row)
     yield t
-    yield from NOTES
+    yield from notes(p)
     for name, path in p["files"].items():
         yield f"{name}: {path}"
