@@ -159,40 +159,43 @@ def largest_tensor(config: EHRModelConfig) -> int:
 # memory
 
 
-#: Phases (of `ehrplan.estimator`) that come before any gradient is made.
-_BEFORE_BACKWARD = ("forward", "embedding_forward", "within_visit_forward")
-
-
-def _two_largest(units: dict[str, int]) -> tuple[int, int]:
-    """Unknown phase: the two largest units unsharded, the largest one's gradient made."""
+def _two_largest(units: dict[str, int]) -> tuple[int, int, int, int]:
+    """Unknown phase: the two largest units unsharded, the largest one's gradient made, every
+    unit's sharded gradient made and the largest one's reduce-scatter input held (an upper
+    bound)."""
     blocks = sorted((v for k, v in units.items() if k != "root"), reverse=True)
-    return sum(blocks[:2]), blocks[0]
+    return sum(blocks[:2]), blocks[0], sum(blocks), blocks[0]
 
 
-def _units_in_flight(config: EHRModelConfig, units: dict[str, int]) -> dict[str, tuple[int, int]]:
-    """For each estimator phase: parameters of the non-root units unsharded then (the unit that
+def _units_in_flight(
+    config: EHRModelConfig, units: dict[str, int]
+) -> dict[str, tuple[int, int, int, int]]:
+    """For each estimator phase, parameters of: the non-root units unsharded then (the unit that
     runs and the one FSDP2 prefetches next: in forward the next unit, in backward the previous
-    one), and of the unit whose unsharded gradients are being made."""
+    one); the unit whose unsharded gradients are being made; the units whose backward is done
+    (reduce-scattered: their sharded gradients exist even in the first micro-batch); the unit
+    reduce-scattered last, whose flat reduce-scatter input FSDP2 holds until the next unit's
+    reduce-scatter (measured: ``benchmarks/distributed_memory.py``)."""
     emb = units["encoder.code_embeddings"]
     emb_grad = 0 if config.freeze_embeddings else emb  # a frozen table makes no gradient
     if config.model_type == "lstm":
         visit, seq = units["encoder.visit_lstm"], units["encoder.sequence_lstm"]
         return {
-            "within_visit_forward": (emb + visit, 0),  # the visit LSTM runs, embeddings done
-            "forward": (seq + visit, 0),  # start of backward: sequence LSTM, visit LSTM next
-            "sequence_backward": (seq + visit, seq),
-            "within_visit_backward": (visit + emb, visit),  # the embeddings are prefetched
-            "embedding_backward": (emb, emb_grad),  # the last unit of backward
+            "within_visit_forward": (emb + visit, 0, 0, 0),  # the visit LSTM runs after the table
+            "forward": (seq + visit, 0, 0, 0),  # start of backward: sequence LSTM, visit LSTM next
+            "sequence_backward": (seq + visit, seq, 0, 0),
+            "within_visit_backward": (visit + emb, visit, seq, seq),  # the table is prefetched
+            "embedding_backward": (emb, emb_grad, seq + visit, visit),  # the last unit
         }
     pos = units["encoder.position_embeddings"]
     L = config.num_layers
-    top = units[f"encoder.layers.{L - 1}"]
-    below = units[f"encoder.layers.{L - 2}"] if L > 1 else pos
+    blocks = [units[f"encoder.layers.{i}"] for i in range(L)]
+    below = blocks[-2] if L > 1 else pos
     return {
-        "embedding_forward": (emb + pos, 0),  # code embeddings run, position table next
-        "forward": (top + below, 0),  # start of backward: the top block, the one below next
-        "layer_backward": (top + below, top),
-        "embedding_backward": (emb, emb_grad),
+        "embedding_forward": (emb + pos, 0, 0, 0),  # code embeddings run, position table next
+        "forward": (blocks[-1] + below, 0, 0, 0),  # start of backward: the top block, then below
+        "layer_backward": (blocks[-1] + below, blocks[-1], 0, 0),
+        "embedding_backward": (emb, emb_grad, sum(blocks) + pos, pos),
     }
 
 
@@ -327,17 +330,18 @@ def estimate_parallel(
         for k, d in dyn.items():
             if k == "optimizer":
                 continue
-            running, grads_of = in_flight.get(k, _two_largest(units))
+            running, grads_of, done, held = in_flight.get(k, _two_largest(units))
             m = {
                 **sharded,
                 "batch_activations_temporaries": d,
                 "unsharded_root": FP32 * root,  # the root stays all-gathered through the step
                 "unsharded_units": FP32 * running,  # the unit running + the one prefetched
                 "unsharded_gradients": FP32 * grads_of,  # of the unit whose backward runs
+                "reduce_scatter_input_held": FP32 * held,  # of the unit reduced last
             }
-            if accum == 1 and k in _BEFORE_BACKWARD:
-                # one micro-batch: no gradient exists before the first reduce-scatter
-                m["gradients_sharded"] = 0
+            if accum == 1:
+                # one micro-batch: sharded gradients exist for the units already reduced
+                m["gradients_sharded"] = FP32 * done // W
             moments[k] = m
         # reduce-scatter of the code embedding table, the last unit of backward: its unsharded
         # gradient [vocab, E] and the flat reduce-scatter input it is copied into (gloo: and the
@@ -350,6 +354,8 @@ def estimate_parallel(
             copies = 3 if backend == "gloo" else 2
             moments["embedding_reduce_scatter"] = {
                 **sharded,
+                # every unit but the root is reduced (the table's output is its shard)
+                "gradients_sharded": FP32 * (T if accum > 1 else T - root) // W,
                 "batch_activations_temporaries": d,
                 "unsharded_root": FP32 * root,
                 "unsharded_gradient_and_reduce_scatter_buffers": copies * FP32 * trainable_emb,
