@@ -216,6 +216,9 @@ def _run(
     elif device.type == "cpu" and settings.threads is None:
         settings.threads = auto_threads()
     precision = resolve_precision(config, device, settings.precision)
+    if strategy == "fsdp" and env.is_distributed and precision == "fp16":
+        # fp16's GradScaler unscales plain tensors; FSDP2's gradients are sharded DTensors
+        raise UsageError("--shard trains in fp32 or bf16, not fp16: give --precision bf16")
     est = choose.check_fits(choice, precision, device.type)
 
     if saved is None:
