@@ -89,10 +89,6 @@ class MemoryEstimate:
     def total_bytes(self) -> int:
         return sum(self.breakdown.values())
 
-    @property
-    def is_lower_bound(self) -> bool:
-        return "activations" not in self.breakdown
-
 
 # ---------------------------------------------------------------------------------------------
 # kernel-level formulas

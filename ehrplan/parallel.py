@@ -83,7 +83,6 @@ class ParallelEstimate:
     """FSDP: parameters of each sharded unit (the root holds what no unit does)."""
     device_overhead: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    is_lower_bound: bool = False
 
     @property
     def per_device_bytes(self) -> int:
@@ -111,7 +110,6 @@ class ParallelEstimate:
             "moments": dict(self.moments),
             "units": dict(self.units),
             "device_overhead": dict(self.device_overhead),
-            "is_lower_bound": self.is_lower_bound,
             "notes": list(self.notes),
         }
 
@@ -227,7 +225,7 @@ def _dynamic_phases(
     sm = static_memory(acc, precision)
     static = sm["parameters"] + sm["gradients"] + sm["optimizer_state"]
     dyn = {k: v - static for k, v in est.phases.items()}
-    return dyn, est.is_lower_bound, list(est.notes), dict(est.device_overhead), est.total_bytes
+    return dyn, list(est.notes), dict(est.device_overhead), est.total_bytes
 
 
 def estimate_parallel(
@@ -292,11 +290,10 @@ def estimate_parallel(
             moments=dict(est.phases),
             device_overhead=dict(est.device_overhead),
             notes=list(est.notes),
-            is_lower_bound=est.is_lower_bound,
             **common,
         )
 
-    dyn, lower, notes, overhead, _ = _dynamic_phases(
+    dyn, notes, overhead, _ = _dynamic_phases(
         config, micro, precision, device, checkpointing, lstm_kernel, visits, codes
     )
     # code slots of a micro-batch
@@ -391,7 +388,6 @@ def estimate_parallel(
         units=shard_units(config) if strategy == "fsdp" else {},
         device_overhead=overhead,
         notes=notes,
-        is_lower_bound=lower,
         **common,
     )
 

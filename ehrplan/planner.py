@@ -1,8 +1,8 @@
 """What fits: budgets per device, every preset against them, and the cheapest change that helps.
 
 The logic behind `ehrplan recommend` and `ehrplan validate`. No torch: memory comes from
-`ehrplan.estimator.estimate_memory` (analytic); while that estimate is a lower bound
-(``is_lower_bound``), every answer here says so.
+`ehrplan.estimator.estimate_memory` (analytic); its caveats for the device (an unmeasured CUDA or
+MPS path) travel with every answer as ``estimate_notes``.
 
 Rules, written once:
 
@@ -36,7 +36,6 @@ from ehrplan.parallel import DEFAULT_UTILISATION, estimate_parallel, estimate_ti
 from ehrplan.units import Size
 
 DEFAULT_HEADROOM = 0.1
-LOWER_BOUND_LABEL = "lower bound: activations not modelled"
 
 #: The seed's hardware tiers (shared/seed/resource-aware-model-configs.md, Overview).
 SEED_TIERS: dict[str, str] = {
@@ -225,12 +224,12 @@ class Fit:
     config: EHRModelConfig
     precision: str
     estimate_bytes: int
-    lower_bound: bool
     budget_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
     gpus: int = 1
     parallel: dict[str, Any] | None = None  # `ParallelEstimate.as_dict()` when gpus > 1
     time: dict[str, Any] | None = None  # `TimeEstimate.as_dict()` where the budget has a peak
+    notes: tuple[str, ...] = ()  # the estimator's caveats (e.g. an unmeasured device path)
 
     @property
     def fits(self) -> bool:
@@ -251,7 +250,7 @@ class Fit:
             "effective_batch_size": c.effective_batch_size,
             "checkpointing": c.use_checkpoint,
             "estimate_bytes": self.estimate_bytes,
-            "estimate_is_lower_bound": self.lower_bound,
+            "estimate_notes": list(self.notes),
             "budget_bytes": self.budget_bytes,
             "fits": self.fits,
             "shortfall_bytes": self.shortfall_bytes,
@@ -283,7 +282,7 @@ def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
             micro_batch=dp["batch_size"],
             accumulation=dp["gradient_accumulation_steps"],
         )
-        total, lower, breakdown = pe.per_device_bytes, pe.is_lower_bound, dict(pe.breakdown)
+        total, notes, breakdown = pe.per_device_bytes, pe.notes, dict(pe.breakdown)
         parallel = pe.as_dict()
     else:
         est = estimate_memory(
@@ -293,7 +292,7 @@ def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
             batch_size=config.batch_size,
             checkpointing=config.use_checkpoint,
         )
-        total, lower, breakdown = est.total_bytes, est.is_lower_bound, dict(est.breakdown)
+        total, notes, breakdown = est.total_bytes, est.notes, dict(est.breakdown)
     peak = budget.fp32_tflops if precision == "fp32" else budget.half_tflops or budget.fp32_tflops
     time = None
     if peak:
@@ -312,7 +311,7 @@ def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
         config=config,
         precision=precision,
         estimate_bytes=total,
-        lower_bound=lower,
+        notes=tuple(notes),
         budget_bytes=budget.budget_bytes,
         breakdown=breakdown,
         gpus=budget.gpus,
@@ -422,7 +421,7 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
     recommendation: dict[str, Any] = {}
     next_up: dict[str, Any] = {}
     seed: dict[str, Any] = {}
-    any_lower_bound = False
+    notes: list[str] = []
     tier = _seed_tier(budget)
     for t in types:
         presets = [(n, p) for n, p in load_presets().items() if p.config.model_type == t]
@@ -432,7 +431,7 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
             f = fit(p.config, budget, name)
             fits[name] = f
             fixes[name] = None if f.fits else cheapest_fix(p.config, budget, name)
-            any_lower_bound |= f.lower_bound
+            notes += [n for n in f.notes if n not in notes]
             row = {"preset": name, "size": _size_of(name), "seed_target": p.meta.target}
             row.update(f.as_dict())
             fix = fixes[name]
@@ -482,8 +481,7 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
         "recommendation": recommendation,
         "next_size_up": next_up,
         "seed_check": seed,
-        "estimate_is_lower_bound": any_lower_bound,
-        "estimate_label": LOWER_BOUND_LABEL if any_lower_bound else "estimated peak",
+        "estimate_notes": notes,
     }
 
 
@@ -544,7 +542,6 @@ def _seed_check(
     f = fits.get(seed_preset)
     if f is None:
         return {"seed_tier": tier, "agrees": None, "statement": f"no preset {seed_preset}"}
-    bound = f" ({LOWER_BOUND_LABEL})" if f.lower_bound else ""
     largest = as_shipped[-1] if as_shipped else None
     last = list(fits)[-1]
     claim = f"seed: {seed_preset} for {SEED_TIERS[tier]}"
@@ -553,7 +550,7 @@ def _seed_check(
         then = f"; it fits with {fix.description}" if fix else "; no single change makes it fit"
         statement = (
             f"{claim}; estimator disagrees: {_gib(f.estimate_bytes)} > budget "
-            f"{_gib(budget.budget_bytes)}{then}{bound}"
+            f"{_gib(budget.budget_bytes)}{then}"
         )
         agrees = False
     elif largest == seed_preset:
@@ -568,14 +565,14 @@ def _seed_check(
             )
         statement = (
             f"{claim}; estimator agrees: it fits ({_gib(f.estimate_bytes)} <= "
-            f"{_gib(budget.budget_bytes)}) and {above}{bound}"
+            f"{_gib(budget.budget_bytes)}) and {above}"
         )
         agrees = True
     else:
         statement = (
             f"{claim}; estimator agrees it fits ({_gib(f.estimate_bytes)}) but says "
             f"{largest} fits too ({_gib(fits[largest].estimate_bytes)} <= "
-            f"{_gib(budget.budget_bytes)}): the seed is conservative here{bound}"
+            f"{_gib(budget.budget_bytes)}): the seed is conservative here"
         )
         agrees = False
     return {"seed_tier": tier, "seed_preset": seed_preset, "agrees": agrees, "statement": statement}

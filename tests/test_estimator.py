@@ -70,7 +70,6 @@ def test_breakdown_is_integer_bytes_and_sums_to_the_total():
         assert est.breakdown and all(isinstance(v, int) for v in est.breakdown.values())
         assert est.total_bytes == sum(est.breakdown.values())
         assert est.total_bytes == max(est.phases.values())
-        assert not est.is_lower_bound
 
 
 def test_estimate_grows_with_the_batch_and_checkpointing_never_adds():

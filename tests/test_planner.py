@@ -210,15 +210,13 @@ def test_seed_check_is_consistent_with_the_rows(target: str) -> None:
         seed = rows[s["seed_preset"]]
         largest = [r["preset"] for r in p["presets"] if r["model_type"] == t and r["fits"]][-1]
         assert s["agrees"] == (seed["fits"] and largest == s["seed_preset"])
-        if p["estimate_is_lower_bound"]:
-            assert planner.LOWER_BOUND_LABEL in s["statement"]
 
 
-def test_lower_bound_is_labelled() -> None:
-    p = plan(budget_from_target("a10"))
-    lower = estimate_memory(get_preset("large-lstm").config).is_lower_bound
-    assert p["estimate_is_lower_bound"] == lower
-    assert (p["estimate_label"] == planner.LOWER_BOUND_LABEL) == lower
+def test_device_caveats_travel_with_the_plan() -> None:
+    cuda = plan(budget_from_target("a10"))
+    assert any("CUDA path unmeasured" in n for n in cuda["estimate_notes"])
+    cpu = plan(budget_from_size(parse_size("16GiB"), device="cpu"))
+    assert not any("CUDA" in n for n in cpu["estimate_notes"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +308,6 @@ def test_plan_names_the_change_for_the_next_size_up(monkeypatch: pytest.MonkeyPa
     rows = {r["preset"]: r for r in p["presets"]}
     rec = p["recommendation"]["lstm"]
     assert rec is not None
-    assert not p["estimate_is_lower_bound"]
     up = p["next_size_up"]["lstm"]
     assert up is not None and not rows[up["preset"]]["fits"]
     if up["fits_after_change"]:

@@ -106,7 +106,6 @@ def estimate(
         "checkpointing": est.checkpointing,
         "memory": dict(est.breakdown),
         "total_bytes": est.total_bytes,
-        "total_is_lower_bound": est.is_lower_bound,
         "peak_phase": est.peak_phase,
         "phases": dict(est.phases),
         "saved_for_backward_by_module": dict(est.saved_by_module),
@@ -166,7 +165,7 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     mem.add_column("", justify="right")
     for key, b in p["memory"].items():
         mem.add_row(key.replace("_", " "), f"{b:,}", fmt_bytes(b))
-    label = "total (lower bound)" if p["total_is_lower_bound"] else "total (estimated peak)"
+    label = "total (estimated peak)"
     mem.add_row(
         f"[bold]{label}", f"[bold]{p['total_bytes']:,}", f"[bold]{fmt_bytes(p['total_bytes'])}"
     )

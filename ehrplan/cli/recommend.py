@@ -130,10 +130,10 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     )
     for n in b["notes"]:
         yield Text(f"  {n}")
-    label = p["estimate_label"]
-    lower = f" ({label})" if p["estimate_is_lower_bound"] else ""
+    for n in p["estimate_notes"]:
+        yield Text(f"  estimate: {n}")
     per = f" per GPU, {b['strategy'].upper()} over {b['gpus']}" if b["gpus"] > 1 else ""
-    table = Table(title=f"Presets: estimated peak training-step memory{per}{lower}")
+    table = Table(title=f"Presets: estimated peak training-step memory{per}")
     for col in ("", "preset", "precision", "batch x accum", "estimated peak", "budget", "fits"):
         table.add_column(col, justify="right" if col in ("estimated peak", "budget") else "left")
     recs = {r["preset"] for r in p["recommendation"].values() if r}

@@ -24,7 +24,7 @@ from ehrplan.cli.recommend import (
 from ehrplan.config import EHRModelConfig, get_preset, resolve_config
 from ehrplan.errors import DoesNotFitError, UsageError
 from ehrplan.output import emit, fmt_bytes
-from ehrplan.planner import DEFAULT_HEADROOM, LOWER_BOUND_LABEL, fit
+from ehrplan.planner import DEFAULT_HEADROOM, fit
 
 ItemsArg = Annotated[
     list[str],
@@ -72,25 +72,22 @@ def validate(
     )
     configs = [load_item(i) for i in items]  # every input is checked before any verdict
     fits = [fit(cfg, b, name) for name, cfg in configs]
-    lower = any(f.lower_bound for f in fits)
+    notes = list(dict.fromkeys(n for f in fits for n in f.notes))
     payload = {
         "budget": b.as_dict(),
         "results": [f.as_dict() for f in fits],
         "ok": all(f.fits for f in fits),
-        "estimate_is_lower_bound": lower,
-        "estimate_label": LOWER_BOUND_LABEL if lower else "estimated peak",
+        "estimate_notes": notes,
     }
     emit("validate", payload, as_json=json_, render=_render)
     failing = [f for f in fits if not f.fits]
     if failing:
-        tag = f" ({LOWER_BOUND_LABEL})" if lower else ""
         raise DoesNotFitError(
             "; ".join(
                 f"{f.name} does not fit: estimated {fmt_bytes(f.estimate_bytes)} ({f.precision}) > "
                 f"budget {fmt_bytes(f.budget_bytes)}, short by {fmt_bytes(f.shortfall_bytes)}"
                 for f in failing
             )
-            + tag
         )
 
 
@@ -102,8 +99,9 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     )
     for n in b["notes"]:
         yield Text(f"  {n}")
-    lower = f" ({p['estimate_label']})" if p["estimate_is_lower_bound"] else ""
-    table = Table(title=f"Estimated peak training-step memory{lower}")
+    for n in p["estimate_notes"]:
+        yield Text(f"  estimate: {n}")
+    table = Table(title="Estimated peak training-step memory")
     table.add_column("config", overflow="fold")
     for col in ("precision", "estimated peak", "budget", "verdict"):
         table.add_column(col, justify="right" if col in ("estimated peak", "budget") else "left")

@@ -213,24 +213,15 @@ MEMORY_METHOD = {
 
 def estimate_for_batch(
     config: EHRModelConfig, precision: str, device: str, B: int, V: int, C: int
-) -> tuple[int, bool]:
+) -> int:
     """The analytic peak for a micro-batch of ``B`` patients x ``V`` visits x ``C`` codes (the
-    data-shaped batch, not the preset maxima), and whether it is only a lower bound."""
-    import inspect
-
+    data-shaped batch, not the preset maxima)."""
     from ehrplan.estimator import estimate_memory
 
-    params = inspect.signature(estimate_memory).parameters
-    if "visits" in params and "codes" in params:
-        est = estimate_memory(
-            config, precision=precision, device=device, batch_size=B, visits=V, codes=C
-        )
-    else:  # an estimator that reads the shape from the config
-        shaped = config.model_copy(
-            update={"batch_size": B, "max_visits": V, "max_codes_per_visit": C}
-        )
-        est = estimate_memory(shaped, precision=precision, device=device)
-    return int(est.total_bytes), bool(est.is_lower_bound)
+    est = estimate_memory(
+        config, precision=precision, device=device, batch_size=B, visits=V, codes=C
+    )
+    return int(est.total_bytes)
 
 
 @dataclass
@@ -527,9 +518,9 @@ class Trainer:
                 precision=self.precision, device=self.device.type, micro_batch=B,
                 accumulation=self.accumulation, visits=V, codes=C,
             )  # fmt: skip
-            est, lower = pe.per_device_bytes, pe.is_lower_bound
+            est = pe.per_device_bytes
         else:
-            est, lower = estimate_for_batch(self.config, self.precision, self.device.type, B, V, C)
+            est = estimate_for_batch(self.config, self.precision, self.device.type, B, V, C)
         measured = rec["measured_peak_bytes"]
         m = {
             "session": self.session,
@@ -540,7 +531,6 @@ class Trainer:
             "measured_peak_bytes": measured,
             "peak_reserved_bytes": rec.get("peak_reserved_bytes"),
             "estimated_peak_bytes": est,
-            "estimate_is_lower_bound": lower,
             "error": (est - measured) / measured if measured else None,
         }
         self.memory_records.append(m)
@@ -549,7 +539,6 @@ class Trainer:
         progress.log(
             f"memory step {m['step']}: measured peak {fmt_bytes(measured)} ({m['method']}), "
             f"estimate for batch {B}x{V}x{C} {fmt_bytes(est)}"
-            + (" (lower bound)" if lower else "")
             + (f", error {m['error']:+.1%}" if m["error"] is not None else "")
         )
 

@@ -264,7 +264,6 @@ def _run(
                 "device": device.type,
                 "shape": "preset maxima (batch_size x max_visits x max_codes_per_visit)",
                 "total_bytes": e.total_bytes,
-                "is_lower_bound": e.is_lower_bound,
                 "breakdown": dict(e.breakdown),
                 "notes": list(e.notes),
             },
