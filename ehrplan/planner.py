@@ -197,6 +197,13 @@ def budget_from_probe(
         )
     if report.host.budget_bytes is None:
         raise DeviceError("no GPU found and host RAM could not be read: give --memory or --target")
+    return host_budget(report, headroom, "no GPU found: planning for the CPU")
+
+
+def host_budget(report: HardwareReport, headroom: float, why: str) -> Budget:
+    """The budget of host RAM (the cgroup limit where one applies), for a CPU step."""
+    if report.host.budget_bytes is None:
+        raise DeviceError("host RAM could not be read; give --memory or --target")
     cg = report.host.cgroup_limit_bytes
     return Budget(
         label=f"host RAM ({report.cpu.model or 'CPU'})",
@@ -205,10 +212,7 @@ def budget_from_probe(
         usable_bytes=report.host.budget_bytes,
         headroom=headroom,
         bf16=True,
-        notes=(
-            "usable: cgroup memory limit" if cg is not None else "usable: physical RAM",
-            "no GPU found: planning for the CPU",
-        ),
+        notes=("usable: cgroup memory limit" if cg is not None else "usable: physical RAM", why),
     )
 
 

@@ -24,6 +24,35 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+NO_TORCH = """
+import sys
+from ehrplan.cli.app import main
+sys.argv = ["ehrplan", *{args!r}]
+code = 0
+try:
+    main()
+except SystemExit as e:
+    code = e.code or 0
+assert "torch" not in sys.modules, "torch was imported"
+print("NO_TORCH_OK", code)
+"""
+
+
+def run_without_torch(args: list[str]) -> tuple[int, str, str]:
+    """Run `ehrplan ARGS` in a fresh interpreter and assert it never imported torch.
+    Returns the exit code, stdout (without the marker line) and stderr."""
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH.format(args=args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert "NO_TORCH_OK" in out.stdout, out.stderr
+    body, _, tail = out.stdout.rpartition("NO_TORCH_OK")
+    return int(tail.split()[0]), body, out.stderr
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_without_torch
 
 from ehrplan.config import get_preset
 from ehrplan.params import count_parameters
-
-NO_TORCH = """
-import sys
-from ehrplan.cli.app import main
-sys.argv = ["ehrplan", *{args!r}]
-try:
-    main()
-except SystemExit as e:
-    code = e.code
-assert "torch" not in sys.modules, "torch was imported"
-print("NO_TORCH_OK", code)
-"""
 
 
 @pytest.mark.parametrize(
@@ -36,13 +22,8 @@ print("NO_TORCH_OK", code)
     ],
 )
 def test_fast_commands_never_import_torch(args):
-    out = subprocess.run(
-        [sys.executable, "-c", NO_TORCH.format(args=args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert "NO_TORCH_OK 0" in out.stdout, out.stderr
+    code, _, err = run_without_torch(args)
+    assert code == 0, err
 
 
 def test_estimate_json_schema():

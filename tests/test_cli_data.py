@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, run_cli
+from conftest import run_cli, run_without_torch
 from test_meds import BAD_CASES, _bad
 
 from ehrplan.cli.app import main
 from ehrplan.config import get_preset
-
-NO_TORCH = """
-import sys
-from ehrplan.cli.app import main
-sys.argv = ["ehrplan", *{args!r}]
-try:
-    main()
-except SystemExit as e:
-    code = e.code
-assert "torch" not in sys.modules, "torch was imported"
-print("NO_TORCH_OK", code)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +34,9 @@ def test_synth_json(synth_dir: tuple[Path, dict]) -> None:
 def test_data_stats_json_without_torch(synth_dir: tuple[Path, dict]) -> None:
     out, synth_doc = synth_dir
     args = ["data", "stats", str(out), "--preset", "tiny", "--json"]
-    r = subprocess.run(
-        [sys.executable, "-c", NO_TORCH.format(args=args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert "NO_TORCH_OK None" in r.stdout or "NO_TORCH_OK 0" in r.stdout, r.stderr
-    doc = json.loads(r.stdout[: r.stdout.rindex("NO_TORCH_OK")])
+    code, out_text, err = run_without_torch(args)
+    assert code == 0, err
+    doc = json.loads(out_text)
     assert doc["command"] == "data stats"
     assert doc["patients"] == 60 and doc["events"] == synth_doc["events"]
     assert set(doc["visits_per_patient"]) == {"mean", "p50", "p95", "max"}

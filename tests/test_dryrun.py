@@ -3,23 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, run_cli
-
-NO_TORCH = """
-import sys
-from ehrplan.cli.app import main
-sys.argv = ["ehrplan", *{args!r}]
-try:
-    main()
-except SystemExit as e:
-    code = e.code
-assert "torch" not in sys.modules, "torch was imported"
-print("NO_TORCH_OK", code)
-"""
+from conftest import run_cli, run_without_torch
 
 
 def _in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -59,15 +45,10 @@ def test_checkpointing_flag_reaches_the_step(capsys):
 
 def test_a_batch_that_cannot_fit_is_refused_before_torch_is_imported():
     args = ["dry-run", "--preset", "tiny", "--batch-size", "100000", "--device", "cpu"]
-    out = subprocess.run(
-        [sys.executable, "-c", NO_TORCH.format(args=args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert "NO_TORCH_OK 1" in out.stdout, out.stderr
-    assert "does not fit" in out.stderr and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    code, _, err = run_without_torch(args)
+    assert code == 1, err
+    assert "does not fit" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_does_not_fit_exit_code_from_the_cli():

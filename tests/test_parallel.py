@@ -209,13 +209,7 @@ def test_fsdp_on_one_device_is_refused(cli, args):
     ],
 )
 def test_plans_over_gpus_never_import_torch(args):
-    import subprocess
-    import sys
+    from conftest import run_without_torch
 
-    from conftest import REPO
-    from test_cli_core import NO_TORCH
-
-    out = subprocess.run(
-        [sys.executable, "-c", NO_TORCH.format(args=args)], capture_output=True, text=True, cwd=REPO
-    )
-    assert "NO_TORCH_OK 0" in out.stdout, out.stderr
+    code, _, err = run_without_torch(args)
+    assert code == 0, err

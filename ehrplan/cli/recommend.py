@@ -122,16 +122,22 @@ def recommend(
     emit("recommend", plan(budget, types), as_json=json_, render=_render)
 
 
-def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+def render_budget(p: dict[str, Any], per_device: str = "") -> Iterable[RenderableType]:
+    """The budget line, its notes, and the estimator's caveats (recommend and validate)."""
     b = p["budget"]
     yield Text(
         f"Budget: {b['label']} on {b['device']}: usable {fmt_bytes(b['usable_bytes'])}, "
-        f"headroom {b['headroom']:.0%} -> {fmt_bytes(b['budget_bytes'])} per device"
+        f"headroom {b['headroom']:.0%} -> {fmt_bytes(b['budget_bytes'])}{per_device}"
     )
     for n in b["notes"]:
         yield Text(f"  {n}")
     for n in p["estimate_notes"]:
         yield Text(f"  estimate: {n}")
+
+
+def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    b = p["budget"]
+    yield from render_budget(p, " per device")
     per = f" per GPU, {b['strategy'].upper()} over {b['gpus']}" if b["gpus"] > 1 else ""
     table = Table(title=f"Presets: estimated peak training-step memory{per}")
     for col in ("", "preset", "precision", "batch x accum", "estimated peak", "budget", "fits"):

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import RenderableType
 from rich.table import Table
-from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
 from ehrplan.cli.recommend import (
@@ -19,6 +18,7 @@ from ehrplan.cli.recommend import (
     HeadroomOpt,
     StrategyOpt,
     TargetOpt,
+    render_budget,
     resolve_budget,
 )
 from ehrplan.config import EHRModelConfig, get_preset, resolve_config
@@ -92,15 +92,7 @@ def validate(
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
-    b = p["budget"]
-    yield Text(
-        f"Budget: {b['label']} on {b['device']}: usable {fmt_bytes(b['usable_bytes'])}, "
-        f"headroom {b['headroom']:.0%} -> {fmt_bytes(b['budget_bytes'])}"
-    )
-    for n in b["notes"]:
-        yield Text(f"  {n}")
-    for n in p["estimate_notes"]:
-        yield Text(f"  estimate: {n}")
+    yield from render_budget(p)
     table = Table(title="Estimated peak training-step memory")
     table.add_column("config", overflow="fold")
     for col in ("precision", "estimated peak", "budget", "verdict"):

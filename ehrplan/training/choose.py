@@ -42,23 +42,12 @@ class Choice:
 def budget_for(device_type: str, headroom: float = 0.1) -> tuple[Any, dict[str, Any]]:
     """The planner's budget for the device the run trains on, and the hardware report."""
     from ehrplan.hardware import probe
-    from ehrplan.planner import Budget, budget_from_probe
+    from ehrplan.planner import budget_from_probe, host_budget
 
     report = probe(probe_mps=device_type == "mps")
     hw = report.model_dump()
     if device_type == "cpu":
-        if report.host.budget_bytes is None:
-            raise DeviceError("host RAM could not be read; cannot check that the model fits")
-        budget = Budget(
-            label=f"host RAM ({report.cpu.model or 'CPU'})",
-            source="probe",
-            device="cpu",
-            usable_bytes=report.host.budget_bytes,
-            headroom=headroom,
-            bf16=True,
-            notes=("training on the CPU",),
-        )
-        return budget, hw
+        return host_budget(report, headroom, "training on the CPU"), hw
     budget = budget_from_probe(report, headroom=headroom)
     if budget.device != device_type:
         raise DeviceError(f"the hardware probe found no {device_type} device")
