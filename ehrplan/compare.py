@@ -205,11 +205,11 @@ def run_compare(req: CompareRequest) -> dict[str, Any]:
         "held_out_metrics_of": "each run's best checkpoint (lowest tuning loss)",
         "models": sides,
     }
-    from ehrplan.training.checkpoint import atomic_write_bytes, atomic_write_text
+    from ehrplan.atomic import write_bytes, write_json, write_text
 
-    atomic_write_text(out / FILES["json"], json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(out / FILES["markdown"], markdown(payload))
-    atomic_write_bytes(out / FILES["png"], plot_comparison(payload))
+    write_json(out / FILES["json"], payload)
+    write_text(out / FILES["markdown"], markdown(payload))
+    write_bytes(out / FILES["png"], plot_comparison(payload))
     return payload
 
 

@@ -19,8 +19,6 @@ vectors onto the model's width with the top principal directions, or zero-pads n
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ehrplan.atomic import atomic_path
 from ehrplan.errors import DataError
 
 SUFFIXES = (".safetensors", ".pt", ".pth", ".txt", ".vec")
@@ -152,12 +151,8 @@ def save_embeddings(emb: CodeEmbeddings, path: str | Path) -> Path:
     """Write ``emb`` in the format the suffix names, atomically (temp file, then rename)."""
     path = Path(path)
     suffix = _suffix(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        vectors = emb.vectors.detach().to("cpu", torch.float32).contiguous()
+    vectors = emb.vectors.detach().to("cpu", torch.float32).contiguous()
+    with atomic_path(path) as tmp:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -169,9 +164,6 @@ def save_embeddings(emb: CodeEmbeddings, path: str | Path) -> Path:
                 f.write(f"{len(emb.codes)} {emb.dim}\n")
                 for code, row in zip(emb.codes, vectors.tolist(), strict=True):
                     f.write(code + " " + " ".join(repr(v) for v in row) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -23,9 +23,6 @@ used only by the tests, to check what `ehrplan synth` writes.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ehrplan.atomic import atomic_path
 from ehrplan.errors import DataError
 
 DATA_DIR = "data"
@@ -381,29 +379,8 @@ def read_labels(path: str | Path, known_subjects: np.ndarray | None = None) -> L
 
 def write_parquet(table: pa.Table, path: Path) -> None:
     """Write one parquet file atomically. Deterministic bytes for the same table and pyarrow."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(doc: Mapping[str, Any], path: Path) -> None:
-    """Write a JSON file atomically, keys sorted (deterministic bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def codes_table(codes: list[str], descriptions: Mapping[str, str]) -> pa.Table:

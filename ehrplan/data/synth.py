@@ -95,6 +95,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ehrplan.atomic import write_json
 from ehrplan.data.meds import (
     CODES_FILE,
     DATA_DIR,
@@ -105,7 +106,6 @@ from ehrplan.data.meds import (
     SPLITS_FILE,
     codes_table,
     splits_table,
-    write_json,
     write_parquet,
 )
 from ehrplan.errors import UsageError
@@ -577,6 +577,7 @@ def write_cohort(out: str | Path, n_patients: int, seed: int = 0) -> SynthSummar
             tmp / SPLITS_FILE,
         )
         write_json(
+            tmp / DATASET_FILE,
             {
                 "dataset_name": "ehrplan-synthetic-ckd",
                 "dataset_version": f"seed={seed},patients={n_patients}",
@@ -585,7 +586,7 @@ def write_cohort(out: str | Path, n_patients: int, seed: int = 0) -> SynthSummar
                 "meds_version": MEDS_VERSION,
                 "license": "CC0-1.0 (synthetic data, no real patients)",
             },
-            tmp / DATASET_FILE,
+            sort_keys=True,
         )
         labels = _label_table(patients)
         write_parquet(labels, tmp / TASK_DIR / "0.parquet")

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ehrplan.data.meds import write_json
+from ehrplan.atomic import write_json
 from ehrplan.errors import DataError
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class Vocab:
 
     def save(self, path: str | Path) -> None:
         """Write the vocabulary as JSON (atomically)."""
-        write_json(self.to_json(), Path(path))
+        write_json(Path(path), self.to_json(), sort_keys=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:

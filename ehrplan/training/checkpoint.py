@@ -3,51 +3,29 @@
 A checkpoint holds only tensors and primitive containers (dicts, lists, str, int, float, bool,
 None) so the safe unpickler accepts it: the config is a dict, RNG states are uint8 tensors.
 
-Atomic write: the file is saved to a temporary file in the same directory, flushed and fsynced,
-then ``os.replace``d over the target (atomic on POSIX and Windows). A crash or SIGKILL at any
-moment leaves either the old complete file or the new complete file, never half of one; a stale
-``*.tmp`` can be left behind and is ignored and overwritten.
+Atomic write through `ehrplan.atomic.atomic_path`: a crash or SIGKILL at any moment leaves either
+the old complete file or the new complete file, never half of one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ehrplan.atomic import atomic_path
 from ehrplan.errors import UsageError
 
 FORMAT_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` ``state`` to ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ehrplan import distributed as dist_
+from ehrplan.atomic import write_json, write_text
 from ehrplan.config import EHRModelConfig
 from ehrplan.data.sampler import batches as sampler_batches
 from ehrplan.distributed import DistEnv
@@ -37,7 +38,6 @@ from ehrplan.errors import DivergedError, UsageError
 from ehrplan.models import build_model
 from ehrplan.output import fmt_bytes
 from ehrplan.training.checkpoint import (
-    atomic_write_text,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -110,10 +110,6 @@ class RunFiles:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
-
-
-def write_json(path: Path, doc: Any) -> None:
-    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -378,7 +374,7 @@ class Trainer:
             kept = [
                 r for r in read_records(self.files.metrics) if r.get("step", 0) <= self.pos.step
             ]
-            atomic_write_text(self.files.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text(self.files.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ----------------------------------------------------------------------------- logging
 
@@ -607,7 +603,7 @@ class Trainer:
             self._restore(load_checkpoint(self.files.last), warn)
         elif self.env.is_main:
             self.files.metrics.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.files.metrics, "")
+            write_text(self.files.metrics, "")
         dist_.barrier(self.env)
         t_start = time.perf_counter()
         delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ehrplan.training.checkpoint import atomic_write_bytes
+from ehrplan.atomic import write_bytes
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
@@ -48,5 +48,5 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> P
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
     return path

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ehrplan.atomic import write_json
 from ehrplan.config import EHRModelConfig, validate_config
 from ehrplan.errors import UsageError
 from ehrplan.output import fmt_bytes
@@ -85,12 +86,6 @@ def resume_run_dir(out: Path | None) -> Path:
     if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.json").is_file():
         raise UsageError(f"--resume: {out} holds no run to resume (no checkpoints/last.pt)")
     return out
-
-
-def _write_json(path: Path, doc: Any) -> None:
-    from ehrplan.training.checkpoint import atomic_write_text
-
-    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def _say(req: Request, message: str) -> None:
@@ -233,7 +228,7 @@ def _run(
             raise UsageError(error)
     if saved is None and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(
+        write_json(
             run_dir / "config.json",
             {
                 "config": config.model_dump(),
@@ -249,15 +244,15 @@ def _run(
             },
         )
         (run_dir / "vocab.json").write_text(json.dumps(data.vocab) + "\n")
-        _write_json(
+        write_json(
             run_dir / "hardware.json", {"hardware": choice.hardware, "budget": choice.budget}
         )
         if prepared is not None:
-            _write_json(run_dir / "embeddings.json", prepared.info)
+            write_json(run_dir / "embeddings.json", prepared.info)
         from ehrplan.estimator import estimate_memory
 
         e = estimate_memory(config, precision=precision, device=device.type)
-        _write_json(
+        write_json(
             run_dir / "estimate.json",
             {
                 "precision": precision,
