@@ -56,8 +56,8 @@ def _worker(args: argparse.Namespace) -> None:
         split_batch,
         wrap_model,
     )
-    from ehrplan.loss import progression_loss
     from ehrplan.models import build_model
+    from ehrplan.training.loss import ProgressionLoss
 
     torch.set_num_threads(1)
     env = DistEnv.from_environ()
@@ -68,6 +68,7 @@ def _worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = wrap_model(build_model(cfg), args.strategy, env, "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = ProgressionLoss()
     batch = synthetic_batch(cfg, micro, seed=env.rank)
 
     def step() -> None:
@@ -78,7 +79,7 @@ def _worker(args: argparse.Namespace) -> None:
             ctx = model.no_sync() if args.strategy == "ddp" and not sync else _null()
             with ctx:
                 stage_logits, time_pred = model(*batch.model_inputs())
-                loss = progression_loss(stage_logits, time_pred, batch) / n
+                loss = loss_fn(stage_logits, time_pred, batch).total / n
                 loss.backward()
             del loss, stage_logits, time_pred
         opt.step()

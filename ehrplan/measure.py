@@ -40,7 +40,6 @@ from torch.utils._pytree import tree_flatten
 from ehrplan.batch import Batch, synthetic_batch
 from ehrplan.config import EHRModelConfig
 from ehrplan.errors import DeviceError, DoesNotFitError, UsageError
-from ehrplan.loss import progression_loss
 from ehrplan.models import build_model
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
@@ -176,19 +175,24 @@ def make_step(
     *,
     device: str,
     precision: str,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor] = progression_loss,
+    loss_fn: torch.nn.Module | None = None,
     scaler: Any = None,
     between: Callable[[], None] = lambda: None,
 ) -> Callable[[int], None]:
     """A function running one optimizer step of ``n`` micro-batches on ``batch``; ``between`` is
     called after each phase (used to sample memory where there is no peak counter)."""
 
+    if loss_fn is None:  # the loss `ehrplan train` trains with: the measured step is its step
+        from ehrplan.training.loss import ProgressionLoss
+
+        loss_fn = ProgressionLoss()
+
     def step(n: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         for _ in range(n):
             with _autocast(device, precision):
                 stage_logits, time_pred = model(*batch.model_inputs())
-                loss = loss_fn(stage_logits, time_pred, batch) / n
+                loss = loss_fn(stage_logits, time_pred, batch).total / n
             between()
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ehrplan.batch import synthetic_batch
 from ehrplan.config import get_preset
 from ehrplan.flops import training_step_flops
-from ehrplan.loss import progression_loss
 from ehrplan.models import build_model
+from ehrplan.training.loss import ProgressionLoss
 
 
 @pytest.mark.parametrize("name", ["tiny-lstm", "tiny-transformer", "small-transformer"])
@@ -25,7 +25,7 @@ def test_flops_match_the_flop_counter(name, ckpt):
     torch.backends.mkldnn.enabled = False
     try:
         with FlopCounterMode(display=False) as counter:
-            progression_loss(*model(*batch.model_inputs()), batch).backward()
+            ProgressionLoss()(*model(*batch.model_inputs()), batch).total.backward()
     finally:
         torch.backends.mkldnn.enabled = True
     analytic = training_step_flops(cfg, batch_size=3, visits=min(cfg.max_visits, 10))
