@@ -13,8 +13,10 @@ What changed from the seed:
   the state at the last real code is gathered, and empty visits are skipped entirely. Trailing
   padded or empty visits come after every real one, so the causal visit LSTM never sees them
   before a real visit; ``final_hidden`` is gathered at each patient's last real visit.
-- All real visits of a batch go through the within-visit LSTM in one call (a ``[N, codes]`` batch
-  of N real visits), instead of a Python loop over visit positions.
+- All real visits of a batch go through the within-visit LSTM together instead of in a Python
+  loop over visit positions: on the CPU sorted by their number of codes and cut into a few length
+  groups, each padded only to its own longest visit (`ehrplan.grouping`); elsewhere as one
+  ``[N, codes]`` call over the N real visits.
 - Gradient checkpointing (``use_checkpoint``) is a real option: both levels are recomputed in
   backward.
 """
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ehrplan.grouping import grouping_enabled, plan_groups
 from ehrplan.models.common import (
     ProgressionHeads,
     last_real,
@@ -73,9 +76,35 @@ class LSTMVisitEncoder(nn.Module):
     def encode_visit(self, visit_codes: torch.Tensor, visit_mask: torch.Tensor) -> torch.Tensor:
         """Encode ``[N, codes]`` visits, each with at least one real code, to ``[N, visit_dim]``."""
         lengths = visit_mask.to(torch.bool).sum(-1)
+        if grouping_enabled(visit_codes.device.type) and lengths.numel() > 1:
+            sorted_lengths, order = lengths.sort(descending=True, stable=True)
+            groups = plan_groups(sorted_lengths.tolist())
+            if len(groups) > 1:
+                last = self._grouped_last(visit_codes, order, sorted_lengths, groups)
+                return self.visit_projection(last)
         out, _ = self.visit_lstm(self.code_embeddings(visit_codes))  # [N, codes, E]
         last = out[torch.arange(out.shape[0], device=out.device), lengths - 1]
         return self.visit_projection(last)
+
+    def _grouped_last(
+        self,
+        visit_codes: torch.Tensor,
+        order: torch.Tensor,
+        sorted_lengths: torch.Tensor,
+        groups: list[tuple[int, int, int]],
+    ) -> torch.Tensor:
+        """The within-visit LSTM's state at each visit's last real code, ``[N, E]`` in the input
+        order, computed group by group (``(start, end, length)`` over the visits sorted by
+        length): one embedding lookup over every group's codes, one LSTM call per group."""
+        codes = visit_codes[order]
+        ids = torch.cat([codes[s:e, :length].reshape(-1) for s, e, length in groups])
+        pieces = self.code_embeddings(ids).split([(e - s) * n for s, e, n in groups])
+        lasts = []
+        for (s, e, length), x in zip(groups, pieces, strict=True):
+            out, _ = self.visit_lstm(x.view(e - s, length, -1))
+            rows = torch.arange(e - s, device=out.device)
+            lasts.append(out[rows, sorted_lengths[s:e] - 1])
+        return torch.cat(lasts)[order.argsort()]
 
     def _sequence(self, visits: torch.Tensor, time_features: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.dropout(visits), time_features.to(visits.dtype)], dim=-1)
