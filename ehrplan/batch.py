@@ -50,6 +50,13 @@ class Batch:
             }
         )
 
+    def visit_groups(self) -> list[tuple[int, int]]:
+        """``(visits, codes)`` of the length groups the CPU within-visit LSTM runs for this
+        batch (`ehrplan.grouping`), for the estimator's data-shaped estimate."""
+        from ehrplan.grouping import group_shapes
+
+        return group_shapes(self.code_mask.sum(-1).flatten().tolist())
+
     def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The positional arguments of the models' ``forward``."""
         return self.codes, self.time_features, self.code_mask

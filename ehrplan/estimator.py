@@ -39,6 +39,7 @@ by ``benchmarks/lstm_workspace.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -166,6 +167,8 @@ class _Dims:
     V: int
     C: int
     micro: int
+    groups: list[tuple[int, int]] | None = None
+    """(visits, codes) of each within-visit length group; None: one group of all B x V visits."""
 
     @property
     def N(self) -> int:
@@ -252,10 +255,18 @@ def _lstm_phases(
     grads_before = grads_all if d.micro > 1 else 0  # accumulated grads live from micro-batch 2
 
     a = FP32 if precision == "fp32" else HALF  # bytes of a matmul/LSTM output under autocast
-    # --- within-visit level (one oneDNN call over N visits of C codes) ---
-    ids = I64 * N * C + 2 * I64 * N  # codes[real] int64 [N,C] (embedding); index rows + lengths
-    visit_lstm = a * N * C * E + lstm_layer_saved(N, C, E, E, kernel, a)  # time-major input copy
-    last = a * N * E  # out[arange, lengths-1]: visit_projection's input
+    # --- within-visit level: one LSTM call per length group (`ehrplan.grouping`) of n visits
+    # padded to L codes; without groups, one call over all N visits of C codes ---
+    groups = d.groups or [(N, C)]
+    Nw = sum(n for n, _ in groups)  # visits through the within-visit LSTM
+    T = sum(n * L for n, L in groups)  # their code slots
+    # ids: one group: codes[real] int64 [N,C] (the embedding's indices), index rows + lengths;
+    # groups: the flat ids [T], per group its rows and last-code positions, the inverse order
+    ids = I64 * T + (2 if len(groups) == 1 else 3) * I64 * Nw
+    # per group: the LSTM's time-major input copy [L,n,E] and what the layer keeps
+    group_saved = [a * n * L * E + lstm_layer_saved(n, L, E, E, kernel, a) for n, L in groups]
+    visit_lstm = sum(group_saved)
+    last = a * Nw * E  # each visit's state at its last code: visit_projection's input
     within = ids + visit_lstm + last
     # --- visit level ---
     p = c.dropout > 0
@@ -288,25 +299,34 @@ def _lstm_phases(
             base, inputs, grads_before, ids, a * N * C * (2 * E + 12 * E)
         )  # fmt: skip
     grads_no_emb = FP32 * (P - P_emb)
-    # start of backward: every saved tensor alive (checkpointing keeps only segment inputs:
-    # the [N,C] ids and the [B,V,D] visit vectors), plus the head's gradients
-    fwd_saved = (ids + a * N * D + visit_level - seq - packed) if ckpt else within + visit_level
+    # checkpointing keeps only segment inputs: the real visits' [N,C] codes (and mask) and the
+    # [B,V,D] visit vectors
+    seg_ids = I64 * Nw * C + 2 * I64 * Nw
+    # start of backward: every saved tensor alive, plus the head's gradients
+    fwd_saved = (seg_ids + a * N * D + visit_level - seq - packed) if ckpt else within + visit_level
     phases["forward"] = _phase(
         base, inputs, grads_before, fwd_saved, 3 * a * N * max(H, D)
     )  # fmt: skip
     # inside the within-visit LSTM's backward: its saved state, the dense gradient of its
-    # output [N,C,E] (index backward), its input gradient [N,C,E], dh/dc [N,E] and the
-    # gradient of the visit vectors [N,D]; every gradient but the embedding's is made
-    temps = 2 * a * N * C * E + 2 * a * N * E + a * N * D
-    if d.micro > 1:  # from micro-batch 2 its weight gradients are new tensors, then accumulated
-        temps += FP32 * lstm_layer_param_count(E, E)
+    # output [n,L,E] (index backward), its input gradient [n,L,E], dh/dc [n,E] and the
+    # gradient of the visit vectors [N,D]; every gradient but the embedding's is made. Groups
+    # are run backward last first: at group k, groups 0..k are still saved and the input
+    # gradients of the groups after k wait (fp32, the embedding output's dtype) for the split
+    weight_new = FP32 * lstm_layer_param_count(E, E) if d.micro > 1 else 0
+    within_grads = grads_all if d.micro > 1 else grads_no_emb
+    worst = 0
+    for k, (n, L) in enumerate(groups):
+        waiting = sum(FP32 * m * M * E for m, M in groups[k + 1 :])
+        live = sum(group_saved[: k + 1]) + waiting + 2 * a * n * L * E + 2 * a * n * E
+        worst = max(worst, live)
     phases["within_visit_backward"] = _phase(
-        base,
-        inputs,
-        grads_all if d.micro > 1 else grads_no_emb,
-        ids + visit_lstm,
-        temps,
+        base, inputs, within_grads, ids, worst + a * Nw * D + weight_new
     )
+    if len(groups) > 1:
+        # the split's backward: every group's input gradient and their concatenation [T,E]
+        phases["within_visit_split_backward"] = _phase(
+            base, inputs, within_grads, ids, 2 * FP32 * T * E
+        )
     # the sequence LSTM's top layer's backward: the saved states of every layer with the
     # within-visit level still saved; the heads' and this layer's weight gradients are made;
     # temporaries: the gradient of its output twice (pad_packed backward, and its packed
@@ -320,14 +340,15 @@ def _lstm_phases(
         base,
         inputs,
         grads_all if d.micro > 1 else top_grads,
-        (within if not ckpt else ids) + scatter + drop_v + packed + seq,
+        (within if not ckpt else seg_ids) + scatter + drop_v + packed + seq,
         seq_temps,
     )
     # embedding backward: dense [vocab,E] gradient (in grads_all) while the gradient of the
-    # embedding output [N,C,E] and the ids are alive; a frozen table has no such step
+    # embedding output ([N,C,E], or [T,E] over the groups) and the ids are alive; a frozen
+    # table has no such step
     if not c.freeze_embeddings:
         phases["embedding_backward"] = _phase(
-            base, inputs, grads_all, ids, FP32 * N * C * E, weight_copies=False
+            base, inputs, grads_all, ids, FP32 * T * E, weight_copies=False
         )
     # Adam (single-tensor on CPU): sqrt and div temporaries of the largest parameter tensor
     phases["optimizer"] = _phase(
@@ -431,12 +452,16 @@ def estimate_memory(
     visits: int | None = None,
     codes: int | None = None,
     lstm_kernel: str = "mkldnn",
+    visit_groups: Sequence[tuple[int, int]] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one training step of ``config`` on ``device``.
 
     ``visits``/``codes`` give the padded batch shape (default: ``max_visits`` x
     ``max_codes_per_visit``, full padding). ``lstm_kernel`` is the CPU LSTM kernel: ``mkldnn``
-    (oneDNN, torch's default) or ``native``.
+    (oneDNN, torch's default) or ``native``. ``visit_groups`` (LSTM, data-shaped batches): the
+    ``(visits, codes)`` of each length group the within-visit encoder runs, from
+    `ehrplan.grouping.group_shapes` of the batch's real visits; by default every one of the
+    ``batch x visits`` visits is real and has ``codes`` codes (one group).
     """
     B = batch_size if batch_size is not None else config.batch_size
     ckpt = config.use_checkpoint if checkpointing is None else checkpointing
@@ -445,6 +470,7 @@ def estimate_memory(
         V=visits or config.max_visits,
         C=codes or config.max_codes_per_visit,
         micro=min(config.gradient_accumulation_steps, 2),
+        groups=[(int(n), int(L)) for n, L in visit_groups] if visit_groups else None,
     )
     kernel = lstm_kernel if device == "cpu" else "native"
     if config.model_type == "lstm":

@@ -241,17 +241,18 @@ def measure_step(
     visits: int | None = None,
     codes: int | None = None,
     seed: int = 0,
+    batch: Batch | None = None,
 ) -> Measurement:
     """Build ``config``'s model on ``device`` and measure the peak of its second training step.
 
     The batch is fully padded (``batch_size x max_visits x max_codes_per_visit``) unless
-    ``visits``/``codes`` say otherwise.
+    ``visits``/``codes`` say otherwise, or ``batch`` gives a real (data-shaped) one.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision '{precision}' (valid: {', '.join(PRECISIONS)})")
     device = resolve_device(device)
     ckpt = config.use_checkpoint if checkpointing is None else checkpointing
-    B = batch_size or config.batch_size
+    B = batch.num_patients if batch is not None else batch_size or config.batch_size
     cfg = config.model_copy(update={"use_checkpoint": ckpt, "batch_size": B})
     micro = min(cfg.gradient_accumulation_steps, 2)
     what = f"batch {B} of this model on {device}"
@@ -262,7 +263,10 @@ def measure_step(
     with _oom_is_does_not_fit(what):
         model = build_model(cfg).to(device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        batch = synthetic_batch(cfg, B, visits=visits, codes=codes, seed=seed, device=device)
+        if batch is None:
+            batch = synthetic_batch(cfg, B, visits=visits, codes=codes, seed=seed, device=device)
+        else:
+            batch = batch.to(device)
         scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
         samples: list[tuple[int, int]] = []
 

@@ -206,6 +206,7 @@ def _dynamic_phases(
     lstm_kernel: str,
     visits: int | None = None,
     codes: int | None = None,
+    visit_groups: list[tuple[int, int]] | None = None,
 ) -> tuple[dict[str, int], bool, list[str], dict[str, int], int]:
     """D of every phase at micro-batch ``micro``: the estimator's accumulating step (full fp32
     gradients in every phase) less its 16 bytes per parameter of static state."""
@@ -219,6 +220,7 @@ def _dynamic_phases(
         lstm_kernel=lstm_kernel,
         visits=visits,
         codes=codes,
+        visit_groups=visit_groups,
     )
     # what the estimator holds in every phase of an accumulating step: parameters, the
     # gradients and Adam's exp_avg, exp_avg_sq (16 bytes per trainable parameter in fp32)
@@ -242,6 +244,7 @@ def estimate_parallel(
     accumulation: int | None = None,
     visits: int | None = None,
     codes: int | None = None,
+    visit_groups: list[tuple[int, int]] | None = None,
 ) -> ParallelEstimate:
     """Per-device peak training-step memory of ``config`` data-parallel over ``world_size``
     devices. The effective batch is kept: each rank runs micro-batch x accumulation with
@@ -250,7 +253,8 @@ def estimate_parallel(
     ``backend``: ``nccl`` (default on CUDA) or ``gloo`` (default elsewhere). ``micro_batch`` and
     ``accumulation`` replace that split (the planner grows the effective batch where it cannot be
     split evenly, and says so). ``visits``/``codes``: the padded batch shape (default: the
-    config's maxima, full padding).
+    config's maxima, full padding); ``visit_groups``: its within-visit length groups (see
+    `ehrplan.estimator.estimate_memory`).
     """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
@@ -279,7 +283,7 @@ def estimate_parallel(
         one = config.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum})
         est = estimate_memory(
             one, precision=precision, device=device, checkpointing=checkpointing,
-            lstm_kernel=lstm_kernel, visits=visits, codes=codes,
+            lstm_kernel=lstm_kernel, visits=visits, codes=codes, visit_groups=visit_groups,
         )  # fmt: skip
         if strategy == "fsdp":
             raise UsageError("FSDP needs a world size of at least 2 (--gpus 2 or more)")
@@ -294,10 +298,14 @@ def estimate_parallel(
         )
 
     dyn, notes, overhead, _ = _dynamic_phases(
-        config, micro, precision, device, checkpointing, lstm_kernel, visits, codes
+        config, micro, precision, device, checkpointing, lstm_kernel, visits, codes, visit_groups
     )
-    # code slots of a micro-batch
-    N_C = micro * (visits or config.max_visits) * (codes or config.max_codes_per_visit)
+    # code slots of a micro-batch (through the within-visit encoder, when grouped)
+    N_C = (
+        sum(n * L for n, L in visit_groups)
+        if visit_groups
+        else micro * (visits or config.max_visits) * (codes or config.max_codes_per_visit)
+    )
     emb = config.vocab_size * config.code_embed_dim  # code embedding table [vocab, E]
     trainable_emb = 0 if config.freeze_embeddings else emb
     biggest = largest_tensor(config)
