@@ -31,6 +31,7 @@ import torch
 
 from ehrplan import distributed as dist_
 from ehrplan.atomic import write_json, write_text
+from ehrplan.batch import Batch
 from ehrplan.config import EHRModelConfig
 from ehrplan.data.sampler import batches as sampler_batches
 from ehrplan.distributed import DistEnv
@@ -208,15 +209,22 @@ MEMORY_METHOD = {
 
 
 def estimate_for_batch(
-    config: EHRModelConfig, precision: str, device: str, B: int, V: int, C: int
+    config: EHRModelConfig,
+    precision: str,
+    device: str,
+    B: int,
+    V: int,
+    C: int,
+    groups: list[tuple[int, int]] | None = None,
 ) -> int:
     """The analytic peak for a micro-batch of ``B`` patients x ``V`` visits x ``C`` codes (the
-    data-shaped batch, not the preset maxima)."""
+    data-shaped batch, not the preset maxima), whose within-visit encoder runs ``groups``."""
     from ehrplan.estimator import estimate_memory
 
     est = estimate_memory(
-        config, precision=precision, device=device, batch_size=B, visits=V, codes=C
-    )
+        config, precision=precision, device=device, batch_size=B, visits=V, codes=C,
+        visit_groups=groups,
+    )  # fmt: skip
     return int(est.total_bytes)
 
 
@@ -419,7 +427,7 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with tracker if tracker is not None else nullcontext():
-            rec = self._train_step_body(group, tracker)
+            rec = self._train_step_body(group, tracker, measure)
         if tracker is not None:
             rec["measured_peak_bytes"] = int(tracker.peak)
         elif self.device.type == "cuda":
@@ -427,12 +435,15 @@ class Trainer:
             rec["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(self.device))
         return rec
 
-    def _train_step_body(self, group: list[list[int]], tracker: Any) -> dict[str, Any]:
+    def _train_step_body(
+        self, group: list[list[int]], tracker: Any, measure: bool = False
+    ) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "stage_loss": 0.0, "time_loss": 0.0}
         patients, shape = 0, (0, 0, 0)
+        largest: tuple[tuple[int, ...], list[tuple[int, int]] | None] | None = None
         mine, n = dist_.rank_share(group, self.micro, self.accumulation, self.env)
         # each micro-batch's share of the step's mean; DDP/FSDP average over the ranks on top
         weight = self.env.world_size / n
@@ -442,6 +453,9 @@ class Trainer:
             if tracker is not None:  # made by numpy, outside the dispatcher's view
                 tracker.track([getattr(batch, f.name) for f in fields(batch)])
             shape = max(shape, tuple(batch.codes.shape), key=lambda s: s[0] * s[1] * s[2])
+            if measure:  # a measured step: the micro-batch with the largest estimate
+                shaped = (tuple(batch.codes.shape), self._groups(batch))
+                largest = shaped if largest is None else max(largest, shaped, key=self._est_of)
             with self._autocast():
                 stage_logits, time_pred = self.model(*batch.model_inputs())
             parts = self.loss_fn(stage_logits, time_pred, batch)
@@ -484,8 +498,37 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "patients": patients,
             "seconds": seconds,
-            "max_batch_shape": list(shape),
+            "max_batch_shape": list(shape),  # the largest micro-batch by code slots
+            **(
+                {"estimated_batch": {"shape": list(largest[0]), "visit_groups": largest[1]}}
+                if largest
+                else {}
+            ),
         }
+
+    def _groups(self, batch: Batch) -> list[tuple[int, int]] | None:
+        """The within-visit length groups the model runs for ``batch`` on this device."""
+        from ehrplan.grouping import grouping_enabled
+
+        lstm = self.config.model_type == "lstm"
+        return batch.visit_groups() if lstm and grouping_enabled(self.device.type) else None
+
+    def _est_of(self, shaped: tuple[tuple[int, ...], list[tuple[int, int]] | None]) -> int:
+        (B, V, C), groups = shaped
+        return self._estimate(B, V, C, groups)
+
+    def _estimate(self, B: int, V: int, C: int, groups: list[tuple[int, int]] | None) -> int:
+        """This rank's estimated peak for a micro-batch of that shape and those groups."""
+        if self.env.is_distributed:  # this rank's peak: the strategy's per-device terms
+            from ehrplan.parallel import estimate_parallel
+
+            pe = estimate_parallel(
+                self.config, world_size=self.env.world_size, strategy=self.strategy,
+                precision=self.precision, device=self.device.type, micro_batch=B,
+                accumulation=self.accumulation, visits=V, codes=C, visit_groups=groups,
+            )  # fmt: skip
+            return pe.per_device_bytes
+        return estimate_for_batch(self.config, self.precision, self.device.type, B, V, C, groups)
 
     def _measure_due(self) -> bool:
         """Measure the first step of a session that has Adam's state (a fresh run's second step,
@@ -505,24 +548,15 @@ class Trainer:
 
     def _memory_record(self, rec: dict[str, Any], progress: TrainProgress) -> None:
         """Measured peak of this step beside the estimate for its largest micro-batch."""
-        B, V, C = rec["max_batch_shape"]
-        if self.env.is_distributed:  # this rank's peak: the strategy's per-device terms
-            from ehrplan.parallel import estimate_parallel
-
-            pe = estimate_parallel(
-                self.config, world_size=self.env.world_size, strategy=self.strategy,
-                precision=self.precision, device=self.device.type, micro_batch=B,
-                accumulation=self.accumulation, visits=V, codes=C,
-            )  # fmt: skip
-            est = pe.per_device_bytes
-        else:
-            est = estimate_for_batch(self.config, self.precision, self.device.type, B, V, C)
+        (B, V, C), groups = rec["estimated_batch"]["shape"], rec["estimated_batch"]["visit_groups"]
+        est = self._estimate(B, V, C, groups)
         measured = rec["measured_peak_bytes"]
         m = {
             "session": self.session,
             "step": self.pos.step + 1,
             "method": MEMORY_METHOD.get(self.device.type, "sampled"),
             "batch_shape": [B, V, C],
+            "visit_groups": groups,
             "micro_batches": len(rec.get("micro_shapes", [])) or None,
             "measured_peak_bytes": measured,
             "peak_reserved_bytes": rec.get("peak_reserved_bytes"),
