@@ -352,6 +352,13 @@ def _micro_batches(config: EHRModelConfig) -> list[tuple[int, int]]:
     return out
 
 
+def larger_micro_batches(config: EHRModelConfig) -> list[tuple[int, int]]:
+    """Larger micro-batches that keep the effective batch with less accumulation:
+    (batch, accumulation), largest (no accumulation) first."""
+    eff = config.effective_batch_size
+    return [(eff // a, a) for a in range(1, config.gradient_accumulation_steps) if eff % a == 0]
+
+
 def _with(config: EHRModelConfig, changes: dict[str, Any]) -> EHRModelConfig:
     return EHRModelConfig.model_validate({**config.model_dump(), **changes})
 
