@@ -1,29 +1,36 @@
 """Training throughput: the seed's reference LSTM loop against ehrplan's, same data, same run.
 
-    python benchmarks/train_throughput.py [--preset small-lstm] [--patients 2000] [--threads N]
-        [--rounds 3] [--ref-steps 1] [--steps 5] [--json]
+    python benchmarks/train_throughput.py [--preset small-lstm] [--patients 2000] [--subset 256]
+        [--threads N] [--rounds 2] [--seed-at-auto-batch] [--json]
 
-Both train the same preset (default small-lstm: micro-batch 4 x 8 accumulation steps = 32 patients
-per optimizer step, Adam, fp32 on the CPU) on the same synthetic CKD cohort (the default cohort of
-`ehrplan train`, made and cached on first use), on this machine, in this process, one after the
-other. Each gets one untimed warm-up optimizer step; then ``--rounds`` interleaved rounds of
-``--ref-steps`` (reference) / ``--steps`` (ehrplan) optimizer steps are timed, data collation
-included, so a burst of load from other processes hits every loop alike. Printed: the median
-round's patients per second for each, and the ratio to the reference.
+Every loop trains the same preset (default small-lstm: 32 patients per optimizer step, Adam, fp32
+on the CPU) on the same ``--subset`` training patients of the same synthetic CKD cohort (the
+default cohort of `ehrplan train`, made and cached on first use), on this machine, in this
+process. Each gets one untimed warm-up optimizer step; then ``--rounds`` interleaved rounds are
+timed, each one pass of every loop over those same patients, data collation included, so a burst
+of load from other processes hits every loop alike and every loop is timed on the same patients.
+Printed: the median round's patients per second for each loop, and its ratio to the reference.
 
 The reference is the seed document's code (shared/seed/resource-aware-model-configs.md, Part 2)
-as written: every batch padded to the preset maxima (``max_visits x max_codes_per_visit``), a Python
-loop over the visit positions calling the within-visit LSTM once per position, ``hidden[-1]``
-taken after the padding, ReLU time head; its loss is ehrplan's (the seed gives none), so only the
-model and the batching differ. The seed ignores ``use_checkpoint``; ehrplan honours it.
+as written: the preset's micro-batch and accumulation (4 x 8 for small-lstm), every batch padded
+to the preset maxima (``max_visits x max_codes_per_visit``), a Python loop over the visit
+positions calling the within-visit LSTM once per position, ``hidden[-1]`` taken after the
+padding, ReLU time head; its loss is ehrplan's (the seed gives none), so only the model and the
+batching differ. The seed ignores ``use_checkpoint``; ehrplan honours it.
 
-Rows for ehrplan:
+Rows for ehrplan (all with ehrplan's model: real visits only, within-visit length groups on the
+CPU, `ehrplan.grouping`):
 
-- ``ehrplan, random batches``: the same patients in the same batches as the reference, padded per
-  batch (longest patient, largest visit), one within-visit LSTM call over all real visits;
-- ``ehrplan, bucketed``: what ``ehrplan train --preset`` does (length-bucketed batches);
-- ``ehrplan, bucketed, no checkpointing``: what ``ehrplan train --auto`` trains where the step fits
-  in memory without gradient checkpointing (it then turns it off: no second forward pass).
+- ``ehrplan, the reference's batches``: the same patients in the same 4 x 8 batches as the
+  reference, padded per batch, checkpointing as the preset says;
+- ``ehrplan train --preset``: what ``ehrplan train --preset small-lstm`` trains: the preset as
+  written (4 x 8, checkpointing on), length-bucketed batches;
+- ``ehrplan train --auto``: what ``ehrplan train --auto`` trains on this machine from the same
+  preset: checkpointing off and the 32 patients of a step in one micro-batch, where the host
+  budget fits them (`ehrplan.training.choose.spend_room_on_speed`), length-bucketed batches.
+
+``--seed-at-auto-batch`` adds the seed's loop at ``--auto``'s micro-batch, to show how much of
+the gain the larger micro-batch alone gives.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from torch import nn
 from ehrplan.batch import Batch
 from ehrplan.config import get_preset
 from ehrplan.models import build_model
+from ehrplan.training.choose import budget_for, spend_room_on_speed
 from ehrplan.training.data import load_training_data, synthetic_cohort
 from ehrplan.training.loop import epoch_batches
 from ehrplan.training.loss import ProgressionLoss
@@ -184,11 +192,12 @@ class Loop:
         self.patients = 0
         self.seconds = 0.0
         self.slots = 0
+        self.lstm_slots = 0
 
     def steps(self, n: int, timed: bool = True) -> None:
         """``n`` optimizer steps, data collation included; timed ones are recorded."""
         self.model.train()
-        t0, patients, slots = time.perf_counter(), 0, 0
+        t0, patients, slots, lstm = time.perf_counter(), 0, 0, 0
         for _ in range(n):
             group = self.groups[self.next % len(self.groups)]
             self.next += 1
@@ -201,6 +210,8 @@ class Loop:
                 (self.loss_fn(stage_logits, time_pred, batch).total / len(group)).backward()
                 patients += batch.num_patients
                 slots += batch.codes.numel()
+                if timed:
+                    lstm += self.lstm_slots_of(batch)
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
         if timed:
@@ -209,6 +220,14 @@ class Loop:
             self.patients += patients
             self.seconds += seconds
             self.slots += slots
+            self.lstm_slots += lstm
+
+    def lstm_slots_of(self, batch: Batch) -> int:
+        """Code positions the within-visit LSTM runs for ``batch`` (the seed: every visit slot
+        of the padded batch; ehrplan: the real visits' length groups)."""
+        if self.pad is not None:
+            return batch.codes.shape[0] * self.pad[0] * self.pad[1]
+        return sum(n * L for n, L in batch.visit_groups())
 
     def row(self) -> dict[str, Any]:
         return {
@@ -218,18 +237,31 @@ class Loop:
             "patients_per_s": float(np.median(self.rates)),
             "patients_per_s_by_round": self.rates,
             "padded_code_slots_per_patient": self.slots / max(self.patients, 1),
+            "within_visit_lstm_slots_per_patient": self.lstm_slots / max(self.patients, 1),
         }
+
+
+def seed_model(config: Any) -> nn.Module:
+    return SeedLSTMProgressionModel(
+        vocab_size=config.vocab_size,
+        code_embed_dim=config.code_embed_dim,
+        visit_embed_dim=config.visit_embed_dim,
+        hidden_dim=config.hidden_dim,
+        num_stages=config.num_stages,
+        num_layers=config.num_layers,
+        dropout=config.dropout,
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small-lstm")
-    ap.add_argument("--patients", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
-    ap.add_argument("--ref-steps", type=int, default=1, help="reference steps per round")
-    ap.add_argument("--steps", type=int, default=5, help="ehrplan steps per round")
+    ap.add_argument("--patients", type=int, default=2000, help="synthetic cohort size")
+    ap.add_argument("--subset", type=int, default=256, help="training patients per pass")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved timed passes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for all")
+    ap.add_argument("--seed-at-auto-batch", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -245,47 +277,49 @@ def main() -> None:
     B, acc = config.batch_size, config.gradient_accumulation_steps
 
     rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(train.dataset)).tolist()
-    random_batches = [order[i : i + B] for i in range(0, len(order), B)]
-    bucketed = epoch_batches(train.lengths, B, args.seed, 0, 50)
+    subset = rng.permutation(len(train.dataset))[: args.subset]
+    lengths = train.lengths[subset]
 
-    torch.manual_seed(args.seed)
-    ref = SeedLSTMProgressionModel(
-        vocab_size=config.vocab_size,
-        code_embed_dim=config.code_embed_dim,
-        visit_embed_dim=config.visit_embed_dim,
-        hidden_dim=config.hidden_dim,
-        num_stages=config.num_stages,
-        num_layers=config.num_layers,
-        dropout=config.dropout,
-    )
-    loops = [
-        Loop(
-            "seed reference (padded to preset maxima)",
-            ref,
-            random_batches,
-            acc,
-            collate,
-            pad=(config.max_visits, config.max_codes_per_visit),
-        )
-    ]
-    plain = config.model_copy(update={"use_checkpoint": False})
-    for name, batches, cfg in (
-        ("ehrplan, random batches", random_batches, config),
-        ("ehrplan, bucketed", bucketed, config),
-        ("ehrplan, bucketed, no checkpointing (--auto)", bucketed, plain),
-    ):
-        if name.endswith("(--auto)") and not config.use_checkpoint:
-            continue
+    def batches_of(b: int, bucketed: bool) -> list[list[int]]:
+        if bucketed:
+            local = epoch_batches(lengths, b, args.seed, 0, 50)
+        else:
+            local = [list(range(s, min(s + b, len(subset)))) for s in range(0, len(subset), b)]
+        return [[int(subset[i]) for i in batch] for batch in local]
+
+    budget, _ = budget_for("cpu")
+    auto = spend_room_on_speed(config, budget, args.preset, [], {})
+    pad = (config.max_visits, config.max_codes_per_visit)
+    runs: list[tuple[str, Any, list[list[int]], int, tuple[int, int] | None]] = [
+        (f"seed reference ({B} x {acc}, padded to preset maxima)", None, batches_of(B, False),
+         acc, pad),
+        (f"ehrplan, the reference's batches ({B} x {acc})", config, batches_of(B, False), acc,
+         None),
+        (f"ehrplan train --preset ({B} x {acc}, ckpt {'on' if config.use_checkpoint else 'off'})",
+         config, batches_of(B, True), acc, None),
+        (f"ehrplan train --auto ({auto.batch_size} x {auto.gradient_accumulation_steps}, ckpt "
+         f"{'on' if auto.use_checkpoint else 'off'})", auto, batches_of(auto.batch_size, True),
+         auto.gradient_accumulation_steps, None),
+    ]  # fmt: skip
+    if args.seed_at_auto_batch:
+        runs.append(
+            (f"seed reference at --auto's micro-batch ({auto.batch_size} x "
+             f"{auto.gradient_accumulation_steps})", None, batches_of(auto.batch_size, False),
+             auto.gradient_accumulation_steps, pad)
+        )  # fmt: skip
+    loops = []
+    for name, cfg, batches, accumulation, padding in runs:
         torch.manual_seed(args.seed)
-        loops.append(Loop(name, build_model(cfg), batches, acc, collate, pad=None))
+        model = seed_model(config) if cfg is None else build_model(cfg)
+        loops.append(Loop(name, model, batches, accumulation, collate, pad=padding))
     for loop in loops:  # warm-up, untimed
         loop.steps(1, timed=False)
-    # interleaved rounds: a burst of load from other processes hits every loop alike; the
-    # median round is reported
+    # interleaved rounds, each a pass over the same patients: a burst of load from other
+    # processes hits every loop alike; the median round is reported
     for _ in range(args.rounds):
         for loop in loops:
-            loop.steps(args.ref_steps if loop.pad is not None else args.steps)
+            loop.next = 0
+            loop.steps(len(loop.groups))
     rows = [loop.row() for loop in loops]
     base = rows[0]["patients_per_s"]
     for row in rows:
@@ -293,9 +327,15 @@ def main() -> None:
     doc = {
         "preset": args.preset,
         "cohort": str(root),
+        "subset_patients": len(subset),
         "batch_size": B,
         "gradient_accumulation_steps": acc,
         "checkpointing": config.use_checkpoint,
+        "auto_changes": {
+            "batch_size": auto.batch_size,
+            "gradient_accumulation_steps": auto.gradient_accumulation_steps,
+            "use_checkpoint": auto.use_checkpoint,
+        },
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
@@ -306,16 +346,19 @@ def main() -> None:
         print(json.dumps(doc, indent=2))
         return
     print(
-        f"{args.preset}: micro-batch {B} x {acc} accumulation, checkpointing "
-        f"{config.use_checkpoint}, torch {torch.__version__}, {doc['threads']} threads, "
-        f"load average {doc['load_average_1min']:.2f}; cohort {root}"
+        f"{args.preset}: {len(subset)} training patients per pass, {args.rounds} rounds, torch "
+        f"{torch.__version__}, {doc['threads']} threads, load average "
+        f"{doc['load_average_1min']:.2f}; cohort {root}"
     )
-    print(f"{'loop':44} {'patients':>8} {'seconds':>8} {'patients/s':>11} {'speed-up':>9}")
+    print(f"{'loop':58} {'patients':>8} {'seconds':>8} {'LSTM slots':>10} {'patients/s':>11} "
+          f"{'speed-up':>9}")  # fmt: skip
     for row in rows:
         print(
-            f"{row['loop']:44} {row['patients']:>8} {row['seconds']:>8.1f} "
+            f"{row['loop']:58} {row['patients']:>8} {row['seconds']:>8.1f} "
+            f"{row['within_visit_lstm_slots_per_patient']:>10.0f} "
             f"{row['patients_per_s']:>11.1f} {row['speedup']:>8.1f}x"
         )
+    print("LSTM slots: code positions the within-visit LSTM runs, per patient")
 
 
 if __name__ == "__main__":
