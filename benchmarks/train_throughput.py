@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import os
 
-# as `ehrplan train` does: idle OpenMP threads sleep instead of spinning on shared cores
+# as `ehrplan train` does (ehrplan.cli.options.training_environ)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 import argparse
 import json

@@ -119,6 +119,42 @@ def test_tiny_presets_within_the_bound(name, ckpt):
     assert abs(err) <= BOUND, err
 
 
+@pytest.mark.parametrize("B, ckpt", [(8, False), (8, True), (32, False)])
+def test_data_shaped_batches_with_length_groups_within_the_bound(B, ckpt):
+    """A batch of real visits of varied lengths: the within-visit LSTM runs length groups, and
+    the estimate for those groups is within the bound (one group of B x V x C is not)."""
+    import torch
+
+    from ehrplan.batch import Batch
+    from ehrplan.measure import measure_step
+
+    cfg = get_preset("small-lstm").config.model_copy(
+        update={"vocab_size": 500, "hidden_dim": 64, "visit_embed_dim": 64, "code_embed_dim": 32}
+    )
+    g = torch.Generator().manual_seed(B)
+    V, C = 12, 40
+    n_real = (torch.rand(B, V, generator=g) ** 2 * C).long().clamp(min=1)  # mostly short
+    n_real[:, V - 3 :] = 0  # a few padded visits at the end
+    mask = torch.arange(C)[None, None, :] < n_real[..., None]
+    batch = Batch(
+        codes=torch.randint(1, cfg.vocab_size, (B, V, C), generator=g) * mask,
+        code_mask=mask,
+        time_features=torch.rand(B, V, 2, generator=g),
+        stage=torch.randint(0, cfg.num_stages, (B, V), generator=g),
+        time_to_event=torch.rand(B, V, generator=g) * 365.0,
+        event_observed=torch.rand(B, V, generator=g) < 0.5,
+    )
+    groups = batch.visit_groups()
+    assert len(groups) > 1
+    m = measure_step(cfg, batch=batch, checkpointing=ckpt)
+    kw = {"batch_size": B, "visits": V, "codes": C, "checkpointing": ckpt}
+    est = estimate_memory(cfg, visit_groups=groups, **kw).total_bytes
+    err = (est - m.measured_peak_bytes) / m.measured_peak_bytes
+    assert abs(err) <= BOUND, err
+    one_group = estimate_memory(cfg, **kw).total_bytes
+    assert one_group > est
+
+
 def random_config(rng: random.Random) -> EHRModelConfig:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from estimator_accuracy import random_config as draw

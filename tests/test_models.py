@@ -104,6 +104,48 @@ def test_within_visit_encoder_runs_once_per_batch(name):
     assert len(calls) == 1
 
 
+def varied_batch(config, B: int = 6, V: int = 7, seed: int = 3):
+    """A batch whose visits hold 1..max_codes_per_visit real codes (and some empty visits)."""
+    g = torch.Generator().manual_seed(seed)
+    C = config.max_codes_per_visit
+    n_real = torch.randint(0, C + 1, (B, V), generator=g)
+    mask = torch.arange(C)[None, None, :] < n_real[..., None]
+    ids = torch.randint(1, config.vocab_size, (B, V, C), generator=g) * mask
+    return ids, torch.rand(B, V, 2, generator=g), mask
+
+
+def test_length_groups_give_the_one_call_result(monkeypatch):
+    """On the CPU the within-visit LSTM runs length groups; outputs and gradients are those of
+    one call over every real visit padded to the longest."""
+    import functools
+
+    import ehrplan.grouping
+    import ehrplan.models.lstm as lstm_module
+
+    config = get_preset("tiny-lstm").config.model_copy(update={"dropout": 0.0})
+    inputs = varied_batch(config)
+    results = []
+    for grouped in (True, False):
+        torch.manual_seed(0)
+        model = build_model(config)
+        calls: list[int] = []
+        model.encoder.visit_lstm.register_forward_hook(lambda *_, c=calls: c.append(1))
+        monkeypatch.setattr(lstm_module, "grouping_enabled", lambda _t, g=grouped: g)
+        # every distinct length its own group: the most groups the plan can make
+        plan = functools.partial(ehrplan.grouping.plan_groups, call_slots=0)
+        monkeypatch.setattr(lstm_module, "plan_groups", plan)
+        stage, t = model(*inputs)
+        (stage.square().mean() + t.mean()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((stage, t, grads, len(calls)))
+    (s1, t1, g1, calls_grouped), (s2, t2, g2, calls_one) = results
+    lengths = inputs[2].sum(-1).flatten().tolist()
+    assert calls_one == 1 and calls_grouped == len({n for n in lengths if n > 0}) > 1
+    torch.testing.assert_close(s1, s2, atol=ATOL, rtol=0)
+    torch.testing.assert_close(t1, t2, atol=ATOL, rtol=0)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_checkpointing_gives_the_same_loss_and_gradients(name):
     config = get_preset(name).config

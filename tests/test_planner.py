@@ -325,3 +325,53 @@ def test_data_parallel_accumulation() -> None:
     dp = large["data_parallel"]
     assert dp["keeps_effective_batch"] and dp["batch_size"] * 4 == large["effective_batch_size"]
     assert dp["batch_size"] <= large["batch_size"]
+
+
+# --------------------------------------------------------------------------------------------
+# --auto: room in the budget spent on speed
+
+
+def _speed(budget_bytes: int, changes: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
+    from ehrplan.training.choose import spend_room_on_speed
+
+    budget = budget_from_size(parse_size(f"{budget_bytes}B"), headroom=0.0, device="cpu")
+    reasons: list[str] = []
+    cfg = get_preset("small-lstm").config  # 4 x 8, checkpointing on
+    return spend_room_on_speed(cfg, budget, "small-lstm", reasons, dict(changes or {})), reasons
+
+
+def _peak(**update: Any) -> int:
+    """The fp32 peak: what `ehrplan train` trains in on the CPU, and what --auto checks."""
+    cfg = get_preset("small-lstm").config.model_copy(update=update)
+    return estimate_memory(cfg, precision="fp32", device="cpu").total_bytes
+
+
+def test_auto_with_room_turns_checkpointing_off_and_folds_accumulation() -> None:
+    cfg, reasons = _speed(64 * GIB)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.use_checkpoint) == (32, 1, False)
+    assert cfg.effective_batch_size == get_preset("small-lstm").config.effective_batch_size
+    assert len(reasons) == 2 and "checkpointing off" in reasons[0] and "32 x 1" in reasons[1]
+
+
+def test_auto_takes_the_largest_micro_batch_that_fits() -> None:
+    plain = {"use_checkpoint": False}
+    room = _peak(batch_size=16, gradient_accumulation_steps=2, **plain)
+    assert room < _peak(batch_size=32, gradient_accumulation_steps=1, **plain)
+    cfg, _ = _speed(room)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (16, 2)
+
+
+def test_auto_without_room_keeps_the_micro_batch() -> None:
+    # the preset as written, exactly (an LSTM's peak is the same with checkpointing off)
+    cfg, reasons = _speed(_peak(use_checkpoint=True))
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (4, 8)
+    assert all("accumulation ->" not in r for r in reasons)
+    cfg, reasons = _speed(_peak(use_checkpoint=True) - 1)
+    assert cfg == get_preset("small-lstm").config and reasons == []
+
+
+def test_auto_keeps_a_memory_fix_of_the_micro_batch() -> None:
+    fix = {"batch_size": 2, "gradient_accumulation_steps": 16}
+    cfg, reasons = _speed(64 * GIB, fix)
+    assert cfg.gradient_accumulation_steps == 8  # the fold does not undo recommend's change
+    assert all("accumulation ->" not in r for r in reasons)

@@ -10,7 +10,7 @@ import typer
 from rich.console import RenderableType
 from rich.table import Table
 
-from ehrplan.cli.options import JsonOpt
+from ehrplan.cli.options import JsonOpt, training_environ
 from ehrplan.output import emit
 
 SizeOpt = Annotated[
@@ -76,10 +76,7 @@ def compare(
     writes comparison.json, comparison.md and curves.png (both learning curves) into the
     comparison folder.
     """
-    import os
-
-    # as `ehrplan train`: must be set before torch (and its OpenMP runtime) is imported
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    training_environ()  # before torch is imported
     from ehrplan.compare import CompareRequest, run_compare
 
     payload = run_compare(

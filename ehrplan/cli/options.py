@@ -63,3 +63,19 @@ def config_from_options(
         config_file=config,
         overrides=overrides,
     )
+
+
+def training_environ() -> None:
+    """Runtime settings for training, set before torch (and its OpenMP and oneDNN runtimes) is
+    imported; a value the user set stands.
+
+    - ``OMP_WAIT_POLICY=PASSIVE``: spinning OpenMP threads on cores other processes hold stall
+      every small kernel.
+    - ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=64``: the within-visit length groups give the LSTM many
+      shapes; oneDNN keeps a primitive per shape (1,024 by default), which held about 0.5 GiB
+      more RSS in a 200-step small-lstm run at the same speed.
+    """
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")

@@ -20,6 +20,7 @@ from ehrplan.cli.options import (
     SizeOpt,
     TypeOpt,
     config_from_options,
+    training_environ,
 )
 from ehrplan.errors import UsageError
 from ehrplan.output import emit, fmt_bytes
@@ -167,11 +168,7 @@ def train(
     per step and per evaluation (JSON lines), best and last checkpoints, summary and a curve PNG.
     Ctrl-C saves a checkpoint; --resume continues exactly.
     """
-    import os
-
-    # spinning OpenMP threads on cores other processes hold stall every small kernel; must be
-    # set before torch (and its OpenMP runtime) is imported
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    training_environ()  # before torch is imported
     from ehrplan.distributed import DistEnv
 
     env = DistEnv.from_environ()

@@ -109,19 +109,28 @@ def auto_choice(model_type: str, device_type: str) -> Choice:
     )
 
 
+def _fit_as_trained(config: EHRModelConfig, budget: Any, name: str) -> Any:
+    """The planner's fit, in the precision the run will train in: on the CPU `ehrplan train`
+    trains fp32 unless asked (`ehrplan.training.device.resolve_precision`), while the planner
+    plans a mixed-precision config in bf16; fp32 is the larger, so the safe, estimate."""
+    from ehrplan.planner import fit
+
+    if budget.device == "cpu" and config.mixed_precision:
+        return fit(config.model_copy(update={"mixed_precision": False}), budget, name)
+    return fit(config, budget, name)
+
+
 def spend_room_on_speed(
     config: EHRModelConfig, budget: Any, name: str, reasons: list[str], changes: dict[str, Any]
 ) -> EHRModelConfig:
     """``--auto``'s changes for speed where the budget has room (memory fixes in ``changes``
     stand): checkpointing off, then fewer, larger micro-batches. Appends its reasons and changes.
     """
-    from ehrplan.planner import fit
-
     if config.use_checkpoint and "use_checkpoint" not in changes:
         # checkpointing trades a second forward pass for memory; when the step fits without it,
         # that trade buys nothing
         plain = config.model_copy(update={"use_checkpoint": False})
-        f = fit(plain, budget, name)
+        f = _fit_as_trained(plain, budget, name)
         if f.fits:
             reasons.append(
                 f"checkpointing off: the step fits without it ({fmt_bytes(f.estimate_bytes)} "
@@ -144,12 +153,12 @@ def _fold_accumulation(
     optimizer step) with fewer, larger kernel calls. On one CPU core the small LSTM trains about
     1.5x faster at 32 x 1 than at 4 x 8 (``benchmarks/train_throughput.py``).
     """
-    from ehrplan.planner import fit, larger_micro_batches
+    from ehrplan.planner import larger_micro_batches
 
     for b, acc in larger_micro_batches(config):
         update = {"batch_size": b, "gradient_accumulation_steps": acc}
         bigger = EHRModelConfig.model_validate({**config.model_dump(), **update})
-        f = fit(bigger, budget, name)
+        f = _fit_as_trained(bigger, budget, name)
         if f.fits:
             reasons.append(
                 f"micro-batch {config.batch_size} x {config.gradient_accumulation_steps} "
