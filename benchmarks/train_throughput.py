@@ -44,6 +44,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 import argparse
 import json
 import platform
+import sys
 import time
 from typing import Any
 
@@ -326,6 +327,8 @@ def main() -> None:
     for row in rows:
         row["speedup"] = row["patients_per_s"] / base
     doc = {
+        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
         "preset": args.preset,
         "cohort": str(root),
         "subset_patients": len(subset),
