@@ -58,8 +58,8 @@ from ehrplan.config import get_preset
 from ehrplan.models import build_model
 from ehrplan.training.choose import budget_for, spend_room_on_speed
 from ehrplan.training.data import load_training_data, synthetic_cohort
-from ehrplan.training.loop import epoch_batches
 from ehrplan.training.loss import ProgressionLoss
+from ehrplan.training.schedule import epoch_batches
 
 # ------------------------------------------------------------------------------------------------
 # the seed's model, as the seed document writes it (docstrings trimmed)

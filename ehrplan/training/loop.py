@@ -2,7 +2,7 @@
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``batch_size`` patients
 (the preset's effective batch). The data order is a pure function of (seed, epoch)
-(`ehrplan.training.sampler`), and a checkpoint holds the position (epoch, next micro-batch, step),
+(`ehrplan.training.schedule`), and a checkpoint holds the position (epoch, next micro-batch, step),
 the model, the loss's own parameter, AdamW, the LR schedule, the grad scaler and every RNG state,
 so ``--resume`` replays exactly what an uninterrupted run would have done.
 
@@ -33,7 +33,6 @@ from ehrplan import distributed as dist_
 from ehrplan.atomic import write_json, write_text
 from ehrplan.batch import Batch
 from ehrplan.config import EHRModelConfig
-from ehrplan.data.sampler import batches as sampler_batches
 from ehrplan.distributed import DistEnv
 from ehrplan.errors import DivergedError, UsageError
 from ehrplan.models import build_model
@@ -47,8 +46,11 @@ from ehrplan.training.checkpoint import (
 from ehrplan.training.data import Split, TrainData
 from ehrplan.training.device import autocast_dtype, resolve_device, resolve_precision
 from ehrplan.training.loss import ProgressionLoss, population_median_years
+from ehrplan.training.memory import MEMORY_METHOD, estimate_for_batch, memory_in_use
 from ehrplan.training.metrics import Predictions, evaluate_predictions
 from ehrplan.training.progress import TrainProgress
+from ehrplan.training.runfiles import RunFiles, read_json_list, read_records
+from ehrplan.training.schedule import epoch_batches, lr_lambda, steps_per_epoch
 
 STEP_DELAY_ENV = "EHRPLAN_TRAIN_STEP_DELAY"  # tests only: seconds to sleep after each step
 
@@ -82,94 +84,6 @@ class TrainSettings:
         return d
 
 
-@dataclass
-class RunFiles:
-    """Where a run keeps what it writes."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def last(self) -> Path:
-        return self.root / "checkpoints" / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.root / "checkpoints" / "best.pt"
-
-    @property
-    def curves(self) -> Path:
-        return self.root / "curves.png"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of ``path``; a torn last line (SIGKILL mid-write) is dropped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def steps_per_epoch(n_patients: int, batch_size: int, accumulation: int) -> int:
-    """Optimizer steps in one epoch: micro-batches / accumulation, the last group may be short."""
-    micro = -(-n_patients // batch_size)  # ceil
-    return -(-micro // accumulation)
-
-
-def epoch_batches(
-    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, pool: int
-) -> list[list[int]]:
-    """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run
-    replays them (length-bucketed in pools of ``pool`` batches, `ehrplan.data.sampler`)."""
-    return [
-        b.tolist()
-        for b in sampler_batches(
-            lengths,
-            batch_size,
-            shuffle=True,
-            bucketing=pool > 1,
-            seed=seed + epoch,
-            pool_batches=max(pool, 1),
-        )
-    ]
-
-
-def read_json_list(path: Path) -> list[dict[str, Any]]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
-    return doc if isinstance(doc, list) else []
-
-
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of the peak LR."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
 @contextmanager
 def sigint_flag() -> Iterator[dict[str, bool]]:
     """While active, the first Ctrl-C sets ``flag['stop']`` (the loop saves, then stops); a
@@ -189,43 +103,6 @@ def sigint_flag() -> Iterator[dict[str, bool]]:
         yield flag
     finally:
         signal.signal(signal.SIGINT, old)
-
-
-def memory_in_use(device: torch.device) -> int:
-    """Bytes in use now: allocated tensor bytes on CUDA/MPS, the process's RSS on the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    if device.type == "mps":
-        return int(torch.mps.current_allocated_memory())
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-MEMORY_METHOD = {
-    "cpu": "dispatcher live tensor bytes (as the dry run)",
-    "cuda": "torch.cuda.max_memory_allocated",
-}
-
-
-def estimate_for_batch(
-    config: EHRModelConfig,
-    precision: str,
-    device: str,
-    B: int,
-    V: int,
-    C: int,
-    groups: list[tuple[int, int]] | None = None,
-) -> int:
-    """The analytic peak for a micro-batch of ``B`` patients x ``V`` visits x ``C`` codes (the
-    data-shaped batch, not the preset maxima), whose within-visit encoder runs ``groups``."""
-    from ehrplan.estimator import estimate_memory
-
-    est = estimate_memory(
-        config, precision=precision, device=device, batch_size=B, visits=V, codes=C,
-        visit_groups=groups,
-    )  # fmt: skip
-    return int(est.total_bytes)
 
 
 @dataclass
