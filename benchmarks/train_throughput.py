@@ -243,16 +243,13 @@ class Loop:
         }
 
 
+SEED_ARGS = ("vocab_size", "code_embed_dim", "visit_embed_dim", "hidden_dim", "num_stages")
+
+
 def seed_model(config: Any) -> nn.Module:
-    return SeedLSTMProgressionModel(
-        vocab_size=config.vocab_size,
-        code_embed_dim=config.code_embed_dim,
-        visit_embed_dim=config.visit_embed_dim,
-        hidden_dim=config.hidden_dim,
-        num_stages=config.num_stages,
-        num_layers=config.num_layers,
-        dropout=config.dropout,
-    )
+    """The seed's model with the preset's sizes (its constructor's own arguments)."""
+    sizes = {k: getattr(config, k) for k in SEED_ARGS}
+    return SeedLSTMProgressionModel(**sizes, num_layers=config.num_layers, dropout=config.dropout)
 
 
 def main() -> None:
