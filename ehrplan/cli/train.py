@@ -29,7 +29,9 @@ AutoOpt = Annotated[
     bool,
     typer.Option(
         "--auto",
-        help="Probe the hardware and train what `ehrplan recommend` picks (with its changes).",
+        help="Probe the hardware and train what `ehrplan recommend` picks (with its changes); "
+        "where the memory allows, checkpointing off and the same effective batch in fewer, "
+        "larger micro-batches.",
     ),
 ]
 DataOpt = Annotated[
