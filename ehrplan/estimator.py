@@ -186,16 +186,20 @@ def _static(config: EHRModelConfig, precision: str) -> tuple[dict[str, int], int
     largest parameter *tensor* Adam updates (its single-tensor update makes two temporaries of
     its size)."""
     p = count_parameters(config)
+    return static_memory(config, precision), p.trainable, largest_updated_tensor(config)
+
+
+def largest_updated_tensor(config: EHRModelConfig) -> int:
+    """Elements of the largest parameter tensor Adam updates (its single-tensor update makes two
+    temporaries of that size); a frozen code-embedding table is not updated."""
     E, D, H = config.code_embed_dim, config.visit_embed_dim, config.hidden_dim
     table = 0 if config.freeze_embeddings else config.vocab_size * E  # frozen: Adam skips it
     if config.model_type == "lstm":
         # embedding [vocab,E]; sequence LSTM weight_ih [4H, D+2] or weight_hh [4H, H];
         # visit LSTM weights [4E, E]; visit projection [D, E]
-        largest = max(table, 4 * H * max(D + 2, H), 4 * E * E, E * D)
-    else:
-        # embedding [vocab,E]; fused qkv [3D, D]; feed-forward [H, D] and [D, H]
-        largest = max(table, 3 * D * D, D * H, E * D)
-    return static_memory(config, precision), p.trainable, largest
+        return max(table, 4 * H * max(D + 2, H), 4 * E * E, E * D)
+    # embedding [vocab,E]; fused qkv [3D, D]; feed-forward [H, D] and [D, H]
+    return max(table, 3 * D * D, D * H, E * D)
 
 
 def static_memory(config: EHRModelConfig, precision: str = "fp32") -> dict[str, int]:

@@ -48,7 +48,12 @@ from typing import Any
 from ehrplan.config import EHRModelConfig
 from ehrplan.distributed import STRATEGIES, split_batch
 from ehrplan.errors import UsageError
-from ehrplan.estimator import CUDA_RESERVED_FACTOR, estimate_memory, static_memory
+from ehrplan.estimator import (
+    CUDA_RESERVED_FACTOR,
+    estimate_memory,
+    largest_updated_tensor,
+    static_memory,
+)
 from ehrplan.flops import training_step_flops
 from ehrplan.params import count_parameters, lstm_layer, transformer_block
 
@@ -138,19 +143,6 @@ def shard_units(config: EHRModelConfig) -> dict[str, int]:
             units[f"encoder.layers.{i}"] = transformer_block(D, H)
     units["root"] = sum(p.values()) - sum(units.values())
     return units
-
-
-def largest_tensor(config: EHRModelConfig) -> int:
-    """Elements of the largest single parameter tensor (Adam's update temporaries are its size).
-
-    LSTM: embedding [vocab, E], sequence LSTM weight_ih of layer 0 [4H, D+2] or weight_hh / later
-    layers [4H, H], within-visit weights [4E, E], visit projection [D, E]. Transformer: embedding
-    [vocab, E], qkv [3D, D], feed-forward [F, D].
-    """
-    E, D, H = config.code_embed_dim, config.visit_embed_dim, config.hidden_dim
-    if config.model_type == "lstm":
-        return max(config.vocab_size * E, 4 * H * max(D + 2, H), 4 * E * E, E * D)
-    return max(config.vocab_size * E, 3 * D * D, D * H)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +300,7 @@ def estimate_parallel(
     )
     emb = config.vocab_size * config.code_embed_dim  # code embedding table [vocab, E]
     trainable_emb = 0 if config.freeze_embeddings else emb
-    biggest = largest_tensor(config)
+    biggest = largest_updated_tensor(config)
 
     moments: dict[str, dict[str, int]] = {}
     if strategy == "ddp":

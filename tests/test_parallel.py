@@ -10,14 +10,13 @@ from ehrplan.catalog import get_target
 from ehrplan.config import get_preset, load_presets
 from ehrplan.distributed import split_batch
 from ehrplan.errors import UsageError
-from ehrplan.estimator import estimate_memory
+from ehrplan.estimator import estimate_memory, largest_updated_tensor
 from ehrplan.flops import training_step_flops
 from ehrplan.parallel import (
     _dynamic_phases,
     catalog_tflops,
     estimate_parallel,
     estimate_time,
-    largest_tensor,
     shard_units,
 )
 from ehrplan.params import count_parameters
@@ -99,7 +98,12 @@ def test_units_and_largest_tensor_match_the_built_model(name):
     counted = sorted(sum(p.numel() for p in b.parameters()) for b in blocks)
     assert counted == sorted(v for k, v in units.items() if k != "root")
     assert sum(units.values()) == sum(p.numel() for p in model.parameters())
-    assert largest_tensor(c) == max(p.numel() for p in model.parameters())
+    assert largest_updated_tensor(c) == max(p.numel() for p in model.parameters())
+    # a frozen table is not updated: Adam's temporaries are the largest trainable tensor's size
+    frozen = c.model_copy(update={"freeze_embeddings": True})
+    table = model.encoder.code_embeddings.weight
+    others = [p.numel() for p in model.parameters() if p is not table]
+    assert largest_updated_tensor(frozen) == max(others)
 
 
 def test_dynamic_part_takes_out_exactly_the_static_state():
@@ -108,7 +112,7 @@ def test_dynamic_part_takes_out_exactly_the_static_state():
     dyn, *_ = _dynamic_phases(c, c.batch_size, "fp32", "cpu", None, "mkldnn")
     est = estimate_memory(c)
     assert est.peak_phase == "optimizer"
-    assert dyn["optimizer"] - 8 * largest_tensor(c) == est.breakdown["inputs"]
+    assert dyn["optimizer"] - 8 * largest_updated_tensor(c) == est.breakdown["inputs"]
 
 
 def test_gloo_copies_the_reduce_scatter_input():
