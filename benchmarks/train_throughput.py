@@ -59,7 +59,7 @@ from ehrplan.models import build_model
 from ehrplan.training.choose import budget_for, spend_room_on_speed
 from ehrplan.training.data import load_training_data, synthetic_cohort
 from ehrplan.training.loss import ProgressionLoss
-from ehrplan.training.schedule import epoch_batches
+from ehrplan.training.schedule import bucket_pool, epoch_batches
 
 # ------------------------------------------------------------------------------------------------
 # the seed's model, as the seed document writes it (docstrings trimmed)
@@ -281,7 +281,7 @@ def main() -> None:
 
     def batches_of(b: int, bucketed: bool) -> list[list[int]]:
         if bucketed:
-            local = epoch_batches(lengths, b, args.seed, 0, 50)
+            local = epoch_batches(lengths, b, args.seed, 0, bucket_pool(b))  # as the trainer
         else:
             local = [list(range(s, min(s + b, len(subset)))) for s in range(0, len(subset), b)]
         return [[int(subset[i]) for i in batch] for batch in local]

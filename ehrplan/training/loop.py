@@ -50,7 +50,13 @@ from ehrplan.training.memory import MEMORY_METHOD, estimate_for_batch, memory_in
 from ehrplan.training.metrics import Predictions, evaluate_predictions
 from ehrplan.training.progress import TrainProgress
 from ehrplan.training.runfiles import RunFiles, read_json_list, read_records
-from ehrplan.training.schedule import epoch_batches, lr_lambda, steps_per_epoch
+from ehrplan.training.schedule import (
+    BUCKET_POOL_PATIENTS,
+    bucket_pool,
+    epoch_batches,
+    lr_lambda,
+    steps_per_epoch,
+)
 
 STEP_DELAY_ENV = "EHRPLAN_TRAIN_STEP_DELAY"  # tests only: seconds to sleep after each step
 
@@ -72,7 +78,7 @@ class TrainSettings:
     save_every: int = 50
     eval_every: int | None = None
     log_every: int = 10
-    bucket: int = 50
+    bucket_patients: int = BUCKET_POOL_PATIENTS  # length-bucketing pool (< 2 batches: none)
     measure_every: int | None = 50
     threads: int | None = None
 
@@ -533,7 +539,7 @@ class Trainer:
                     self.config.batch_size,
                     self.settings.seed,
                     self.pos.epoch,
-                    self.settings.bucket,
+                    bucket_pool(self.config.batch_size, self.settings.bucket_patients),
                 )
                 acc = self.config.gradient_accumulation_steps
                 while self.pos.next_batch < len(batches) and self.pos.step < self.total_steps:

@@ -16,6 +16,19 @@ def steps_per_epoch(n_patients: int, batch_size: int, accumulation: int) -> int:
     return -(-micro // accumulation)
 
 
+#: Length bucketing sorts random pools of this many patients by length before cutting batches.
+#: A pool in patients, not batches: with small-lstm folded to 32 x 1 by ``--auto``, a pool of 50
+#: batches (1,600 patients, the whole train split) sorted every epoch into nearly the same
+#: batches, and the held-out C-index after 200 steps fell to 0.60 (3 seeds) from 0.66 with
+#: 6-batch pools or none; 6-batch pools trained 1.5x faster than no bucketing.
+BUCKET_POOL_PATIENTS = 200
+
+
+def bucket_pool(batch_size: int, pool_patients: int = BUCKET_POOL_PATIENTS) -> int:
+    """Batches per bucketing pool for micro-batches of ``batch_size`` (1: no bucketing)."""
+    return max(1, pool_patients // batch_size)
+
+
 def epoch_batches(
     lengths: np.ndarray, batch_size: int, seed: int, epoch: int, pool: int
 ) -> list[list[int]]:
