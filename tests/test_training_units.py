@@ -180,3 +180,24 @@ def test_population_median_recovers_a_censored_lognormal() -> None:
     assert abs(m - math.e) / math.e < 0.03
     naive = float(days_to_years(torch.minimum(t, c)).median())
     assert naive < 0.8 * math.e  # ignoring censoring would say "sooner"
+
+
+# ------------------------------------------------------------------------------ the schedule
+
+
+def test_bucketing_pools_patients_not_batches() -> None:
+    from ehrplan.training.schedule import bucket_pool, epoch_batches
+
+    assert (bucket_pool(4), bucket_pool(32), bucket_pool(64), bucket_pool(500)) == (50, 6, 3, 1)
+    assert bucket_pool(32, 0) == 1  # --bucket-patients 0: no bucketing
+    lengths = np.random.default_rng(0).integers(1, 100, 400)
+    for pool in (1, 6):
+        batches = epoch_batches(lengths, 32, seed=3, epoch=1, pool=pool)
+        assert sorted(i for b in batches for i in b) == list(range(400))
+        assert batches == epoch_batches(lengths, 32, seed=3, epoch=1, pool=pool)  # replayable
+    # bucketed batches are tighter in length than random ones
+    spread = {
+        pool: np.mean([np.ptp(lengths[b]) for b in epoch_batches(lengths, 32, 3, 1, pool)])
+        for pool in (1, 6)
+    }
+    assert spread[6] < spread[1] / 2

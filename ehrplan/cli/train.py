@@ -77,6 +77,15 @@ EvalEveryOpt = Annotated[
     typer.Option("--eval-every", help="Evaluate on tuning every N steps (default: each epoch)."),
 ]
 
+BucketOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--bucket-patients",
+        help="Length bucketing: sort random pools of this many patients by length before "
+        "cutting batches (default 200; 0: random batches, no bucketing).",
+    ),
+]
+
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(
@@ -156,6 +165,7 @@ def train(
     save_every: SaveEveryOpt = 50,
     eval_every: EvalEveryOpt = None,
     threads: ThreadsOpt = None,
+    bucket_patients: BucketOpt = None,
     time_weight: TimeWeightOpt = None,
     embeddings: EmbeddingsOpt = None,
     freeze_embeddings: FreezeEmbeddingsOpt = False,
@@ -178,6 +188,8 @@ def train(
         _relaunch(nproc, device)
     from ehrplan.training import run as runner
 
+    if bucket_patients is not None and bucket_patients < 0:
+        raise UsageError(f"--bucket-patients must be 0 or more, not {bucket_patients}")
     named = preset or size or model_type or config
     if auto and (preset or size or config):
         raise UsageError("--auto picks the preset itself: drop --preset/--size/--config")
@@ -200,6 +212,7 @@ def train(
         eval_every=eval_every,
         json=json_,
         threads=threads,
+        bucket_patients=bucket_patients,
         time_weight=time_weight,
         embeddings=embeddings,
         freeze_embeddings=freeze_embeddings,

@@ -50,6 +50,7 @@ class Request:
     eval_every: int | None
     json: bool
     threads: int | None = None
+    bucket_patients: int | None = None
     time_weight: float | None = None
     embeddings: Path | None = None
     freeze_embeddings: bool = False
@@ -198,6 +199,7 @@ def _run(
                     "lr": req.lr,
                     "time_weight": req.time_weight,
                     "eval_every": req.eval_every,
+                    "bucket_patients": req.bucket_patients,
                 }.items()
                 if v is not None
             },
