@@ -78,3 +78,21 @@ def test_simulate_is_refused_with_a_reason(preset):
     assert r.returncode == 2
     assert "fake tensors" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert ("nn.LSTM" in r.stderr) == (preset == "tiny-lstm")
+
+
+def test_data_measures_the_largest_real_batch(capsys, tmp_path):
+    """--data: the largest length-bucketed batch of the data's train split, with its within-visit
+    length groups, measured beside the estimate for exactly that batch."""
+    from ehrplan.data.synth import write_cohort
+
+    write_cohort(tmp_path / "ckd", 80, seed=1)
+    args = ["dry-run", "--preset", "tiny", "--device", "cpu", "--json"]
+    code, out, err = _in_process(capsys, *args, "--data", str(tmp_path / "ckd"))
+    assert code == 0, err
+    doc = json.loads(out)
+    b, v, c = doc["batch_shape"]
+    assert b == doc["batch_size"] and 1 <= v <= 16 and 1 <= c <= 12  # within tiny's maxima
+    assert doc["visit_groups"] and sum(n for n, _ in doc["visit_groups"]) <= b * v
+    assert abs(doc["error"]) <= 0.10
+    code, _, err = _in_process(capsys, *args, "--data", str(tmp_path / "nope"))
+    assert code == 2 and "no such directory" in err and len(err.strip().splitlines()) == 1

@@ -7,6 +7,7 @@ the estimate alone says the step cannot fit the CPU's memory.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -44,6 +45,14 @@ CheckpointOpt = Annotated[
     typer.Option(
         "--checkpointing/--no-checkpointing",
         help="Gradient checkpointing (default: the config's use_checkpoint).",
+    ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="A MEDS data set with labels: measure the largest real batch of its train split "
+        "(data-shaped, as `ehrplan train` trains it) instead of a fully padded one.",
     ),
 ]
 SimulateOpt = Annotated[
@@ -94,15 +103,17 @@ def dry_run(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     checkpointing: CheckpointOpt = None,
+    data: DataOpt = None,
     simulate: SimulateOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Build the model, run two real training steps, and report the measured peak memory of the
     second one beside the analytic estimate.
 
-    The batch is fully padded (batch x max_visits x max_codes_per_visit). Exit 1 when it does
-    not fit: a real out-of-memory error, or on the CPU an estimate above the available memory
-    (the step is then not started). Exit 2 for an unknown or absent device.
+    The batch is fully padded (batch x max_visits x max_codes_per_visit), or with --data the
+    largest real batch of the data set. Exit 1 when it does not fit: a real out-of-memory error,
+    or on the CPU an estimate above the available memory (the step is then not started). Exit 2
+    for an unknown or absent device, or data that cannot be read.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision '{precision}' (valid: {', '.join(PRECISIONS)})")
@@ -143,13 +154,21 @@ def dry_run(
                 f"{fmt_bytes(free)} free on the GPU; the step was not run"
             )
     kernel = cpu_lstm_kernel() if dev == "cpu" else "mkldnn"
+    shaped: dict[str, Any] = {}
+    batch = None
+    if data is not None:
+        cfg, batch, shaped = _largest_data_batch(data, cfg, dev, precision, ckpt)
     est = estimate_memory(
-        cfg, precision=precision, device=dev, checkpointing=ckpt, lstm_kernel=kernel
+        cfg, precision=precision, device=dev, checkpointing=ckpt, lstm_kernel=kernel,
+        **shaped.get("estimate_shape", {}),
     )  # fmt: skip
-    m = measure_step(cfg, precision=precision, device=dev, checkpointing=ckpt)
+    m = measure_step(cfg, precision=precision, device=dev, checkpointing=ckpt, batch=batch)
     measured = m.measured_peak_bytes
     payload: dict[str, Any] = {
         "source": source,
+        "data": shaped.get("data"),
+        "batch_shape": shaped.get("batch_shape"),
+        "visit_groups": shaped.get("estimate_shape", {}).get("visit_groups"),
         "model_type": cfg.model_type,
         "device": dev,
         "precision": precision,
@@ -174,6 +193,47 @@ def dry_run(
     emit("dry-run", payload, as_json=json_, render=_render)
 
 
+def _largest_data_batch(
+    root: Path, cfg: EHRModelConfig, device: str, precision: str, ckpt: bool
+) -> tuple[EHRModelConfig, Any, dict[str, Any]]:
+    """The train split's batch with the largest estimate, among the first epoch's length-bucketed
+    batches (what `ehrplan train` trains) and the batch of its longest patients; the config with
+    its vocabulary fitted to the data."""
+    from ehrplan.grouping import grouping_enabled
+    from ehrplan.training.data import load_training_data
+    from ehrplan.training.schedule import bucket_pool, epoch_batches
+
+    if not root.is_dir():
+        raise UsageError(f"--data {root}: no such directory")
+    data, cfg = load_training_data(root, cfg)
+    train = data.split("train")
+    B = cfg.batch_size
+    candidates = epoch_batches(train.lengths, B, 0, 0, bucket_pool(B))
+    candidates.append([int(i) for i in train.lengths.argsort()[::-1][:B]])
+    grouped = cfg.model_type == "lstm" and grouping_enabled(device)
+    best: tuple[int, Any, dict[str, Any]] | None = None
+    for idx in candidates:
+        batch = data.collate([train.dataset[i] for i in idx])
+        b, v, c = batch.codes.shape
+        shape: dict[str, Any] = {"batch_size": b, "visits": v, "codes": c}
+        if grouped:
+            shape["visit_groups"] = batch.visit_groups()
+        total = estimate_memory(
+            cfg, precision=precision, device=device, checkpointing=ckpt, **shape
+        ).total_bytes
+        if best is None or total > best[0]:
+            best = (total, batch, shape)
+    assert best is not None
+    _, batch, shape = best
+    cfg = cfg.model_copy(update={"batch_size": shape["batch_size"]})
+    info = {
+        "data": str(root),
+        "batch_shape": [shape["batch_size"], shape["visits"], shape["codes"]],
+        "estimate_shape": shape,
+    }
+    return cfg, batch, info
+
+
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     t = Table(
         title=f"Dry run: {p['source']} — {p['model_type']} on {p['device']}, {p['precision']}, "
@@ -196,3 +256,10 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     t.add_row("[bold]error of the estimate", "", f"[bold]{p['error']:+.1%}")
     yield t
     yield f"measured by: {p['measurement_method']}; estimated peak at: {p['estimated_peak_phase']}"
+    if p.get("batch_shape"):
+        b, v, c = p["batch_shape"]
+        groups = p.get("visit_groups")
+        yield (
+            f"the largest real batch of {p['data']}: {b} patients x {v} visits x {c} codes"
+            + (f", {len(groups)} within-visit length groups" if groups else "")
+        )
