@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint format bench clean
+.PHONY: install test lint format bench clean device-wheels
 
 install: $(VENV)/.installed
 
@@ -26,5 +26,18 @@ format: install
 test: lint
 	$(PY) -m pytest
 
+# The GPU machine lent to some sessions has torch but not these (and no network): their wheels
+# are carried there for benchmarks/gpu_check.sh (its header says how to run it).
+DEVICE_WHEELS := pydantic pydantic_core annotated_types typing_inspection lifelines autograd autograd_gamma
+device-wheels: install
+	rm -rf .device-wheels .device-wheels.tmp
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		-d .device-wheels.tmp "pydantic>=2.6,<3" "lifelines>=0.27,<1"
+	mkdir -p .device-wheels
+	for w in $(DEVICE_WHEELS); do cp .device-wheels.tmp/$$w-*.whl .device-wheels/; done
+	rm -rf .device-wheels.tmp
+	ls .device-wheels
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .device-wheels

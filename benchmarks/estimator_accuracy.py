@@ -12,6 +12,8 @@ cross-check (it also holds allocator slack, oneDNN scratch space and lazily load
     python benchmarks/estimator_accuracy.py --csv benchmarks/data/estimator_accuracy_cpu.csv
     python benchmarks/estimator_accuracy.py --measured benchmarks/data/estimator_accuracy_cpu.csv
     python benchmarks/estimator_accuracy.py --random 40 --seed 1        # random small configs
+    python benchmarks/estimator_accuracy.py --device cuda --own-batch   # a GPU: the presets'
+                                                       # own batches (benchmarks/gpu_check.sh)
 
 The preset's own micro-batch is reduced where its measured peak would pass ~6 GiB; the first
 batch size listed for each preset is its "main" batch (the preset's own, or the reduced one).
@@ -136,6 +138,8 @@ def run(
     precision: str = "fp32",
     out: Path | None = None,
     resume: bool = False,
+    device: str = "cpu",
+    own_batch: bool = False,
 ) -> list[dict[str, object]]:
     """Estimate and measure every case (or take the measurements from a CSV written earlier).
 
@@ -158,6 +162,8 @@ def run(
         if only and preset not in only:
             continue
         cfg = get_preset(preset).config
+        if own_batch:  # a GPU has the memory for the preset's own micro-batch
+            batches = (cfg.batch_size,)
         for i, b in enumerate(batches[:1] if quick else batches):
             settings = (False, True)
             if i > 0 and preset in MAIN_BATCH_ONLY_BOTH_CHECKPOINTING:
@@ -167,7 +173,7 @@ def run(
                 )
             for ckpt in settings:
                 est = estimate_memory(
-                    cfg, batch_size=b, checkpointing=ckpt, precision=precision
+                    cfg, batch_size=b, checkpointing=ckpt, precision=precision, device=device
                 )  # fmt: skip
                 t0 = time.perf_counter()
                 key = (preset, precision, b, ckpt)
@@ -184,7 +190,7 @@ def run(
                     rss, seconds = int(old["rss_growth_bytes"]), float(old["seconds"])
                 else:
                     m = measure_in_subprocess(
-                        cfg, batch_size=b, checkpointing=ckpt, precision=precision
+                        cfg, batch_size=b, checkpointing=ckpt, precision=precision, device=device
                     )
                     measured_bytes, micro = m.measured_peak_bytes, m.micro_batches
                     rss = m.process_peak_rss_bytes - m.rss_before_bytes
@@ -210,7 +216,8 @@ def run(
                     fields = ("preset", "precision", "batch", "checkpointing")
                     here = {tuple(r[f] for f in fields) for r in rows}
                     kept = [r for k, r in done.items() if k not in here]
-                    write_csv(rows + kept, out, "python " + " ".join(sys.argv), header_lines)
+                    command = "python " + " ".join(sys.argv)
+                    write_csv(rows + kept, out, command, header_lines, device)
                 print(
                     f"{preset:<19}{b:>6}{'on' if ckpt else 'off':>6}{est.total_bytes:>16,}"
                     f"{measured_bytes:>16,}{err:>+8.1%}{row['rss_growth_bytes']:>16,}"
@@ -223,7 +230,11 @@ def run(
 
 
 def write_csv(
-    rows: list[dict[str, object]], path: Path, command: str, earlier: list[str] | None = None
+    rows: list[dict[str, object]],
+    path: Path,
+    command: str,
+    earlier: list[str] | None = None,
+    device: str = "cpu",
 ) -> None:
     """Write the rows with the command(s) and machine in comment lines; temp file + replace."""
     import torch
@@ -235,9 +246,10 @@ def write_csv(
             if line.startswith("# command"):
                 f.write(line + "\n")
         f.write(f"# command: {command}\n")
+        gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
         f.write(
-            f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"Python {platform.python_version()}\n"
+            f"# machine: {platform.machine()}, {os.cpu_count()} CPUs{gpu}, device {device}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}\n"
         )
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
@@ -261,13 +273,26 @@ def main() -> None:
     )
     ap.add_argument("--random", type=int, metavar="N", help="instead: N random small configs")
     ap.add_argument("--seed", type=int, default=0, help="seed of --random")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    ap.add_argument(
+        "--own-batch", action="store_true", help="each preset at its own batch size only"
+    )
     args = ap.parse_args()
     if args.random:
         run_random(args.random, args.seed)
         return
     if args.resume and not args.csv:
         ap.error("--resume needs --csv")
-    run(args.quick, args.preset, args.measured, args.precision, args.csv, args.resume)
+    run(
+        args.quick,
+        args.preset,
+        args.measured,
+        args.precision,
+        args.csv,
+        args.resume,
+        device=args.device,
+        own_batch=args.own_batch,
+    )
 
 
 if __name__ == "__main__":
