@@ -204,7 +204,8 @@ def _largest_data_batch(
     from ehrplan.training.schedule import bucket_pool, epoch_batches
 
     if not root.is_dir():
-        raise UsageError(f"--data {root}: no such directory")
+        what = "not a directory" if root.exists() else "no such directory"
+        raise UsageError(f"--data {root}: {what}")
     data, cfg = load_training_data(root, cfg)
     train = data.split("train")
     B = cfg.batch_size
