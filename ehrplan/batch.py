@@ -57,6 +57,15 @@ class Batch:
 
         return group_shapes(self.code_mask.sum(-1).flatten().tolist())
 
+    def encoder_groups(self, model_type: str, device_type: str) -> list[tuple[int, int]] | None:
+        """`visit_groups` where the model runs them: an LSTM on a device that groups; None where
+        the within-visit encoder makes one call."""
+        from ehrplan.grouping import grouping_enabled
+
+        if model_type != "lstm" or not grouping_enabled(device_type):
+            return None
+        return self.visit_groups()
+
     def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The positional arguments of the models' ``forward``."""
         return self.codes, self.time_features, self.code_mask

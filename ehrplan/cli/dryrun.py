@@ -199,7 +199,6 @@ def _largest_data_batch(
     """The train split's batch with the largest estimate, among the first epoch's length-bucketed
     batches (what `ehrplan train` trains) and the batch of its longest patients; the config with
     its vocabulary fitted to the data."""
-    from ehrplan.grouping import grouping_enabled
     from ehrplan.training.data import load_training_data
     from ehrplan.training.schedule import bucket_pool, epoch_batches
 
@@ -211,14 +210,12 @@ def _largest_data_batch(
     B = cfg.batch_size
     candidates = epoch_batches(train.lengths, B, 0, 0, bucket_pool(B))
     candidates.append([int(i) for i in train.lengths.argsort()[::-1][:B]])
-    grouped = cfg.model_type == "lstm" and grouping_enabled(device)
     best: tuple[int, Any, dict[str, Any]] | None = None
     for idx in candidates:
         batch = data.collate([train.dataset[i] for i in idx])
         b, v, c = batch.codes.shape
         shape: dict[str, Any] = {"batch_size": b, "visits": v, "codes": c}
-        if grouped:
-            shape["visit_groups"] = batch.visit_groups()
+        shape["visit_groups"] = batch.encoder_groups(cfg.model_type, device)
         total = estimate_memory(
             cfg, precision=precision, device=device, checkpointing=ckpt, **shape
         ).total_bytes

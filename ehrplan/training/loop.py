@@ -31,7 +31,6 @@ import torch
 
 from ehrplan import distributed as dist_
 from ehrplan.atomic import write_json, write_text
-from ehrplan.batch import Batch
 from ehrplan.config import EHRModelConfig
 from ehrplan.distributed import DistEnv
 from ehrplan.errors import DivergedError, UsageError
@@ -326,7 +325,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "stage_loss": 0.0, "time_loss": 0.0}
         patients, shape = 0, (0, 0, 0)
-        largest: tuple[tuple[int, ...], list[tuple[int, int]] | None] | None = None
+        # a measured step: (estimate, shape, groups) of the micro-batch with the largest estimate
+        largest: tuple[int, list[int], list[tuple[int, int]] | None] | None = None
         mine, n = dist_.rank_share(group, self.micro, self.accumulation, self.env)
         # each micro-batch's share of the step's mean; DDP/FSDP average over the ranks on top
         weight = self.env.world_size / n
@@ -336,9 +336,12 @@ class Trainer:
             if tracker is not None:  # made by numpy, outside the dispatcher's view
                 tracker.track([getattr(batch, f.name) for f in fields(batch)])
             shape = max(shape, tuple(batch.codes.shape), key=lambda s: s[0] * s[1] * s[2])
-            if measure:  # a measured step: the micro-batch with the largest estimate
-                shaped = (tuple(batch.codes.shape), self._groups(batch))
-                largest = shaped if largest is None else max(largest, shaped, key=self._est_of)
+            if measure:
+                b, v, c = batch.codes.shape
+                groups = batch.encoder_groups(self.config.model_type, self.device.type)
+                est = self._estimate(b, v, c, groups)
+                if largest is None or est > largest[0]:
+                    largest = (est, [b, v, c], groups)
             with self._autocast():
                 stage_logits, time_pred = self.model(*batch.model_inputs())
             parts = self.loss_fn(stage_logits, time_pred, batch)
@@ -383,22 +386,17 @@ class Trainer:
             "seconds": seconds,
             "max_batch_shape": list(shape),  # the largest micro-batch by code slots
             **(
-                {"estimated_batch": {"shape": list(largest[0]), "visit_groups": largest[1]}}
+                {
+                    "estimated_batch": {
+                        "estimated_peak_bytes": largest[0],
+                        "shape": largest[1],
+                        "visit_groups": largest[2],
+                    }
+                }
                 if largest
                 else {}
             ),
         }
-
-    def _groups(self, batch: Batch) -> list[tuple[int, int]] | None:
-        """The within-visit length groups the model runs for ``batch`` on this device."""
-        from ehrplan.grouping import grouping_enabled
-
-        lstm = self.config.model_type == "lstm"
-        return batch.visit_groups() if lstm and grouping_enabled(self.device.type) else None
-
-    def _est_of(self, shaped: tuple[tuple[int, ...], list[tuple[int, int]] | None]) -> int:
-        (B, V, C), groups = shaped
-        return self._estimate(B, V, C, groups)
 
     def _estimate(self, B: int, V: int, C: int, groups: list[tuple[int, int]] | None) -> int:
         """This rank's estimated peak for a micro-batch of that shape and those groups."""
@@ -431,8 +429,9 @@ class Trainer:
 
     def _memory_record(self, rec: dict[str, Any], progress: TrainProgress) -> None:
         """Measured peak of this step beside the estimate for its largest micro-batch."""
-        (B, V, C), groups = rec["estimated_batch"]["shape"], rec["estimated_batch"]["visit_groups"]
-        est = self._estimate(B, V, C, groups)
+        estimated = rec["estimated_batch"]
+        (B, V, C), groups = estimated["shape"], estimated["visit_groups"]
+        est = estimated["estimated_peak_bytes"]
         measured = rec["measured_peak_bytes"]
         m = {
             "session": self.session,
