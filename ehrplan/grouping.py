@@ -45,12 +45,10 @@ def plan_groups(
     nxt = [d] * (d + 1)
     for j in range(d - 1, -1, -1):
         length, s = lengths_desc[starts[j]], starts[j]
-        cost, cut = None, d
-        for k in range(j + 1, d + 1):
-            c = (bounds[k] - s) * length + call_slots + best[k]
-            if cost is None or c < cost:
-                cost, cut = c, k
-        best[j], nxt[j] = cost or 0, cut
+        # the first group ends at bounds[k]; ties go to the earliest cut
+        best[j], nxt[j] = min(
+            ((bounds[k] - s) * length + call_slots + best[k], k) for k in range(j + 1, d + 1)
+        )
     out, j = [], 0
     while j < d:
         k = nxt[j]
