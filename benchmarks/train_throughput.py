@@ -199,7 +199,8 @@ class Loop:
     def steps(self, n: int, timed: bool = True) -> None:
         """``n`` optimizer steps, data collation included; timed ones are recorded."""
         self.model.train()
-        t0, patients, slots, lstm = time.perf_counter(), 0, 0, 0
+        t0, patients, slots = time.perf_counter(), 0, 0
+        seen: list[Batch] = []  # counted after the clock stops
         for _ in range(n):
             group = self.groups[self.next % len(self.groups)]
             self.next += 1
@@ -212,8 +213,7 @@ class Loop:
                 (self.loss_fn(stage_logits, time_pred, batch).total / len(group)).backward()
                 patients += batch.num_patients
                 slots += batch.codes.numel()
-                if timed:
-                    lstm += self.lstm_slots_of(batch)
+                seen.append(batch)
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
         if timed:
@@ -222,7 +222,7 @@ class Loop:
             self.patients += patients
             self.seconds += seconds
             self.slots += slots
-            self.lstm_slots += lstm
+            self.lstm_slots += sum(self.lstm_slots_of(b) for b in seen)
 
     def lstm_slots_of(self, batch: Batch) -> int:
         """Code positions the within-visit LSTM runs for ``batch`` (the seed: every visit slot
