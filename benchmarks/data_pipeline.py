@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    from ehrplan.config import get_preset
     from ehrplan.data.cohort import load_cohort
     from ehrplan.data.dataset import EHRDataset
     from ehrplan.data.synth import write_cohort
     from ehrplan.data.vocab import train_vocab
+    from ehrplan.plan.config import get_preset
 
     result: dict[str, Any] = {
         "python": platform.python_version(),

@@ -3,15 +3,15 @@
     python benchmarks/data_shaped_memory.py [--preset small-lstm] [--precision fp32|bf16]
         [--patients 2000] [--batches 0 7]
 
-The accuracy benchmark (`estimator_accuracy.py`) measures fully padded batches: every visit and
-code slot real, one within-visit group. Training sees batches of the synthetic CKD cohort
-(`ehrplan train`'s default cohort): patients of different lengths, visits of different code
-counts, which the CPU within-visit LSTM runs as length groups (`ehrplan.grouping`). For a few
-length-bucketed batches at the preset's micro-batch and at --auto's folded one (32 x 1), with
-checkpointing off and on, this measures the second training step (`ehrplan.measure.measure_step`,
-live tensor bytes at the dispatcher) and prints it beside two estimates: the one for the batch's
-shape and its length groups (what the trainer logs), and the one for its shape as if every
-``B x V`` visit were real with ``C`` codes (one group, the estimator before length groups).
+The accuracy benchmark (`estimator_accuracy.py`) measures fully padded batches: every visit and code
+slot real, one within-visit group. Training sees batches of the synthetic CKD cohort (`ehrplan
+train`'s default cohort): patients of different lengths, visits of different code counts, which the
+CPU within-visit LSTM runs as length groups (`ehrplan.plan.grouping`). For a few length-bucketed
+batches at the preset's micro-batch and at --auto's folded one (32 x 1), with checkpointing off and
+on, this measures the second training step (`ehrplan.runtime.measure.measure_step`, live tensor
+bytes at the dispatcher) and prints it beside two estimates: the one for the batch's shape and its
+length groups (what the trainer logs), and the one for its shape as if every ``B x V`` visit were
+real with ``C`` codes (one group, the estimator before length groups).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ehrplan.config import get_preset
 from ehrplan.data.sampler import batches as sampler_batches
-from ehrplan.estimator import estimate_memory
-from ehrplan.measure import measure_step
-from ehrplan.training.data import load_training_data, synthetic_cohort
+from ehrplan.plan.config import get_preset
+from ehrplan.plan.estimator import estimate_memory
+from ehrplan.runtime.measure import measure_step
+from ehrplan.runtime.training.data import load_training_data, synthetic_cohort
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
-"""Per-rank peak memory of DDP and FSDP2 on the CPU (gloo) against `ehrplan.parallel` (by hand).
+"""Per-rank peak memory of DDP and FSDP2 on the CPU (gloo) against `ehrplan.plan.per_gpu` (by hand).
 
 Each strategy runs under ``torchrun --standalone --nproc-per-node W`` (default W = 2); every rank
-builds the model (same seed), wraps it as `ehrplan.distributed.wrap_model` does, runs one
+builds the model (same seed), wraps it as `ehrplan.runtime.distributed.wrap_model` does, runs one
 optimizer step (Adam's state is made), then measures the second step's peak of live tensor bytes
-with `ehrplan.distributed.live_bytes_tracker` (a subclass of `ehrplan.measure.LiveTensorBytes`).
+with `ehrplan.runtime.distributed.live_bytes_tracker` (a subclass of
+`ehrplan.runtime.measure.LiveTensorBytes`).
 One row per strategy: the largest per-rank peak, the estimate for the same per-rank micro-batch
 and the error (estimate - measured) / measured.
 
@@ -18,8 +19,9 @@ after each op, so those frees and re-allocations are seen.
     python benchmarks/distributed_memory.py --time               # also: time estimate vs a CPU run
 
 ``--time`` runs the single-process step of the same config a few times, measures this CPU's dense
-fp32 matmul throughput, and prints the estimated seconds per step (`ehrplan.parallel.estimate_time`
-at that throughput and the default utilisation) beside the measured ones, and their ratio.
+fp32 matmul throughput, and prints the estimated seconds per step
+(`ehrplan.plan.per_gpu.estimate_time` at that throughput and the default utilisation) beside the
+measured ones, and their ratio.
 """
 
 from __future__ import annotations
@@ -48,23 +50,23 @@ def _worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from ehrplan.batch import synthetic_batch
-    from ehrplan.distributed import (
+    from ehrplan.plan.per_gpu import split_batch
+    from ehrplan.runtime.batch import synthetic_batch
+    from ehrplan.runtime.distributed import (
         DistEnv,
         init_process_group,
         live_bytes_tracker,
-        split_batch,
         wrap_model,
     )
-    from ehrplan.models import build_model
-    from ehrplan.training.loss import ProgressionLoss
+    from ehrplan.runtime.models import build_model
+    from ehrplan.runtime.training.loss import ProgressionLoss
 
     torch.set_num_threads(1)
     env = DistEnv.from_environ()
     init_process_group(env, "cpu")
     cfg = _config(args)
     micro, accum = split_batch(cfg.effective_batch_size, cfg.batch_size, env.world_size)
-    n = min(accum, 2)  # as ehrplan.measure: later micro-batches repeat the second one
+    n = min(accum, 2)  # as ehrplan.runtime.measure: later micro-batches repeat the second one
     torch.manual_seed(0)
     model = wrap_model(build_model(cfg), args.strategy, env, "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -129,7 +131,7 @@ class _null:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from ehrplan.config import parse_override, resolve_config
+    from ehrplan.plan.config import parse_override, resolve_config
 
     overrides = dict(parse_override(s) for s in args.set or [])
     return resolve_config(preset=args.preset, overrides=overrides)[0]
@@ -168,10 +170,10 @@ def _cpu_tflops() -> float:
 def _time_check(args: argparse.Namespace) -> None:
     import torch
 
-    from ehrplan.batch import synthetic_batch
-    from ehrplan.measure import make_step
-    from ehrplan.models import build_model
-    from ehrplan.parallel import DEFAULT_UTILISATION, estimate_time
+    from ehrplan.plan.per_gpu import DEFAULT_UTILISATION, estimate_time
+    from ehrplan.runtime.batch import synthetic_batch
+    from ehrplan.runtime.measure import make_step
+    from ehrplan.runtime.models import build_model
 
     cfg = _config(args)
     torch.set_num_threads(1)
@@ -217,7 +219,7 @@ def main() -> None:
         _worker(args)
         return
 
-    from ehrplan.parallel import estimate_parallel
+    from ehrplan.plan.per_gpu import estimate_parallel
 
     cfg = _config(args)
     label = args.preset + "".join(f" {s}" for s in args.set or [])

@@ -2,7 +2,7 @@
 
 For every preset, at batch sizes whose measured peak stays below about 6 GiB (this machine is
 shared), with and without gradient checkpointing: the estimate, the measured peak of the second
-training step (`ehrplan.measure`, each case in a fresh subprocess) and the error
+training step (`ehrplan.runtime.measure`, each case in a fresh subprocess) and the error
 (estimate - measured) / measured. The process's RSS growth is printed beside it as a
 cross-check (it also holds allocator slack, oneDNN scratch space and lazily loaded libraries).
 
@@ -31,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ehrplan.config import EHRModelConfig, get_preset, validate_config
-from ehrplan.estimator import estimate_memory
-from ehrplan.measure import measure_in_subprocess
+from ehrplan.plan.config import EHRModelConfig, get_preset, validate_config
+from ehrplan.plan.estimator import estimate_memory
+from ehrplan.runtime.measure import measure_in_subprocess
 
 #: preset -> batch sizes; the first is the main batch (the preset's, or reduced to fit ~6 GiB).
 CASES: dict[str, tuple[int, ...]] = {
@@ -93,7 +93,7 @@ def random_config(rng: random.Random) -> EHRModelConfig:
 
 def run_random(n: int, seed: int) -> None:
     """Estimate and measure ``n`` random small configs (in this process: they are small)."""
-    from ehrplan.measure import measure_step
+    from ehrplan.runtime.measure import measure_step
 
     rng = random.Random(seed)
     errors = []

@@ -1,4 +1,4 @@
-"""The oneDNN LSTM workspace: measured bytes against `ehrplan.estimator.mkldnn_lstm_workspace`.
+"""The oneDNN LSTM workspace: measured bytes against `ehrplan.plan.estimator.mkldnn_lstm_workspace`.
 
 Calls ``aten::mkldnn_rnn_layer`` (one LSTM layer, fp32, training) directly for a grid of shapes
 and records the size of the uint8 workspace it returns and keeps for backward. The formula in
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ehrplan.estimator import mkldnn_lstm_workspace
+from ehrplan.plan.estimator import mkldnn_lstm_workspace
 
 HIDDEN = (8, 16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 144, 160, 192, 256, 320, 384, 448, 512)
 SHAPES = [(n, t, h, h) for h in HIDDEN for n, t in ((64, 20), (64, 40), (128, 40))] + [

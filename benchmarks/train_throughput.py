@@ -19,7 +19,7 @@ padding, ReLU time head; its loss is ehrplan's (the seed gives none), so only th
 batching differ. The seed ignores ``use_checkpoint``; ehrplan honours it.
 
 Rows for ehrplan (all with ehrplan's model: real visits only, within-visit length groups on the
-CPU, `ehrplan.grouping`):
+CPU, `ehrplan.plan.grouping`):
 
 - ``ehrplan, the reference's batches``: the same patients in the same 4 x 8 batches as the
   reference, padded per batch, checkpointing as the preset says;
@@ -27,7 +27,7 @@ CPU, `ehrplan.grouping`):
   written (4 x 8, checkpointing on), length-bucketed batches;
 - ``ehrplan train --auto``: what ``ehrplan train --auto`` trains on this machine from the same
   preset: checkpointing off and the 32 patients of a step in one micro-batch, where the host
-  budget fits them (`ehrplan.training.choose.spend_room_on_speed`), length-bucketed batches.
+  budget fits them (`ehrplan.runtime.training.choose.spend_room_on_speed`), length-bucketed batches.
 
 ``--seed-at-auto-batch`` adds the seed's loop at ``--auto``'s micro-batch, to show how much of
 the gain the larger micro-batch alone gives.
@@ -53,13 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ehrplan.batch import Batch
-from ehrplan.config import get_preset
-from ehrplan.models import build_model
-from ehrplan.training.choose import budget_for, spend_room_on_speed
-from ehrplan.training.data import load_training_data, synthetic_cohort
-from ehrplan.training.loss import ProgressionLoss
-from ehrplan.training.schedule import bucket_pool, epoch_batches
+from ehrplan.plan.config import get_preset
+from ehrplan.runtime.batch import Batch
+from ehrplan.runtime.models import build_model
+from ehrplan.runtime.training.choose import budget_for, spend_room_on_speed
+from ehrplan.runtime.training.data import load_training_data, synthetic_cohort
+from ehrplan.runtime.training.loss import ProgressionLoss
+from ehrplan.runtime.training.schedule import bucket_pool, epoch_batches
 
 # ------------------------------------------------------------------------------------------------
 # the seed's model, as the seed document writes it (docstrings trimmed)

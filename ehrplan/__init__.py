@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ehrplan.config import EHRModelConfig, get_model_config
+from ehrplan.plan.config import EHRModelConfig, get_model_config
 
 __version__ = "0.1.0"
 
@@ -24,7 +24,7 @@ __all__ = ["EHRModelConfig", "__version__", "get_model_config", *sorted(_MODEL_N
 
 def __getattr__(name: str) -> Any:
     if name in _MODEL_NAMES:
-        from ehrplan import models
+        from ehrplan.runtime import models
 
         return getattr(models, name)
     raise AttributeError(f"module 'ehrplan' has no attribute {name!r}")

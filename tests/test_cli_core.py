@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import REPO, run_cli, run_without_torch
 
-from ehrplan.config import get_preset
-from ehrplan.params import count_parameters
+from ehrplan.plan.config import get_preset
+from ehrplan.plan.params import count_parameters
 
 
 @pytest.mark.parametrize(

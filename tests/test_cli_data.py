@@ -11,7 +11,7 @@ from conftest import run_cli, run_without_torch
 from test_meds import BAD_CASES, _bad
 
 from ehrplan.cli.app import main
-from ehrplan.config import get_preset
+from ehrplan.plan.config import get_preset
 
 
 @pytest.fixture(scope="module")

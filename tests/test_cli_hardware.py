@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from ehrplan.cli.app import main
-from ehrplan.config import get_preset, load_config_file, validate_config
-from ehrplan.estimator import estimate_memory
-from ehrplan.planner import budget_from_size, budget_from_target, precision_for
-from ehrplan.units import parse_size
+from ehrplan.plan.config import get_preset, load_config_file, validate_config
+from ehrplan.plan.estimator import estimate_memory
+from ehrplan.plan.planner import budget_from_size, budget_from_target, precision_for
+from ehrplan.plan.units import parse_size
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE_TRANSFORMER = str(REPO / "presets" / "large-transformer.toml")
@@ -89,7 +89,7 @@ def test_recommend_target_json_matches_the_estimator(
 
 
 def test_recommend_human_output_shows_the_numbers(capsys: pytest.CaptureFixture[str]) -> None:
-    from ehrplan.output import fmt_bytes
+    from ehrplan.plan.units import fmt_bytes
 
     _, doc = run_json(["recommend", "--target", "a10"], capsys)
     code, out, _ = run(["recommend", "--target", "a10"], capsys)
@@ -271,7 +271,7 @@ def test_hardware_renders_recorded_machines(
     from test_hardware import load
 
     import ehrplan.cli.hardware as cmd
-    from ehrplan.hardware import probe
+    from ehrplan.plan.hardware import probe
 
     src, m = load(machine)
     monkeypatch.setattr(cmd, "probe", lambda probe_mps=False: probe(src))

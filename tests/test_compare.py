@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ehrplan.cli.app import main
-from ehrplan.compare import FILES, ROWS, markdown
+from ehrplan.runtime.compare import FILES, ROWS, markdown
 
 STEPS = 6
 

@@ -9,7 +9,8 @@ import pytest
 from conftest import SHARED
 from pydantic import ValidationError
 
-from ehrplan.config import (
+from ehrplan.errors import ConfigError, UsageError
+from ehrplan.plan.config import (
     EHRModelConfig,
     get_model_config,
     get_preset,
@@ -17,7 +18,6 @@ from ehrplan.config import (
     preset_names,
     resolve_config,
 )
-from ehrplan.errors import ConfigError, UsageError
 
 SEED = SHARED / "seed" / "resource-aware-model-configs.md"
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from meds_helpers import write_hand_built
 
-from ehrplan.batch import IGNORE_INDEX
 from ehrplan.data.cohort import Cohort, load_cohort
 from ehrplan.data.dataset import EHRDataset
 from ehrplan.data.stats import batch_dims, truncation
 from ehrplan.data.synth import write_cohort
 from ehrplan.data.vocab import PAD_ID, UNK_ID, Vocab, build_vocab, train_vocab
 from ehrplan.errors import DataError
+from ehrplan.runtime.batch import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +160,8 @@ def test_hand_built_set_batches(tmp_path: Path) -> None:
 
 
 def test_data_batch_dims_for_a_config(cohort: Cohort) -> None:
-    from ehrplan.config import get_preset
     from ehrplan.data.stats import data_batch_dims
+    from ehrplan.plan.config import get_preset
 
     cfg = get_preset("small-lstm").config
     dims = data_batch_dims(cohort.root, cfg)

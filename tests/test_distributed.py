@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from ehrplan.config import get_preset
-from ehrplan.distributed import (
+from ehrplan.errors import UsageError
+from ehrplan.plan.config import get_preset
+from ehrplan.plan.per_gpu import check_strategy, split_batch
+from ehrplan.runtime.distributed import (
     DistEnv,
     check_resume,
-    check_strategy,
     rank_share,
     shard_blocks,
-    split_batch,
     torchrun_argv,
 )
-from ehrplan.errors import UsageError
 
 
 def test_env_from_torchrun_variables():
@@ -58,7 +57,7 @@ def test_fsdp_needs_two_ranks():
 def test_shard_units_cover_the_big_modules():
     import torch
 
-    from ehrplan.models import build_model
+    from ehrplan.runtime.models import build_model
 
     for name, expected in (("tiny-lstm", 3), ("tiny-transformer", 4)):
         with torch.device("meta"):

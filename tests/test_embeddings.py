@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from ehrplan.embeddings import (
+from ehrplan.errors import DataError
+from ehrplan.runtime.embeddings import (
     CodeEmbeddings,
     apply_embeddings,
     fit_width,
     load_embeddings,
     save_embeddings,
 )
-from ehrplan.errors import DataError
 
 EMB = CodeEmbeddings(codes=["N18.3", "E11.22", "LOINC//2160-0"], vectors=torch.randn(3, 4))
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from ehrplan.cli.app import main
-from ehrplan.config import get_preset, validate_config
-from ehrplan.embeddings import EMBEDDING_KEY, load_embeddings
-from ehrplan.estimator import estimate_memory, static_memory
-from ehrplan.models import build_model
-from ehrplan.params import count_parameters
-from ehrplan.training.loss import ProgressionLoss
+from ehrplan.plan.config import get_preset, validate_config
+from ehrplan.plan.estimator import estimate_memory, static_memory
+from ehrplan.plan.params import count_parameters
+from ehrplan.runtime.embeddings import EMBEDDING_KEY, load_embeddings
+from ehrplan.runtime.models import build_model
+from ehrplan.runtime.training.loss import ProgressionLoss
 
 STEPS = 4
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32, per trainable parameter

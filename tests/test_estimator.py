@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from ehrplan.config import EHRModelConfig, get_preset
-from ehrplan.estimator import estimate_memory, mkldnn_lstm_workspace
+from ehrplan.plan.config import EHRModelConfig, get_preset
+from ehrplan.plan.estimator import estimate_memory, mkldnn_lstm_workspace
 
 DATA = REPO / "benchmarks" / "data"
 BOUND = 0.10  # |estimated - measured| / measured
@@ -93,8 +93,8 @@ def test_accumulation_keeps_gradients_alive_not_a_bigger_batch():
 def test_estimator_never_imports_torch():
     code = (
         "import sys\n"
-        "from ehrplan.config import get_preset\n"
-        "from ehrplan.estimator import estimate_memory\n"
+        "from ehrplan.plan.config import get_preset\n"
+        "from ehrplan.plan.estimator import estimate_memory\n"
         "estimate_memory(get_preset('large-lstm').config, precision='bf16', device='cuda')\n"
         "assert 'torch' not in sys.modules\n"
     )
@@ -105,7 +105,7 @@ def test_estimator_never_imports_torch():
 
 
 def _check(cfg: EHRModelConfig, batch: int, ckpt: bool) -> float:
-    from ehrplan.measure import measure_step
+    from ehrplan.runtime.measure import measure_step
 
     measured = measure_step(cfg, batch_size=batch, checkpointing=ckpt).measured_peak_bytes
     est = estimate_memory(cfg, batch_size=batch, checkpointing=ckpt).total_bytes
@@ -125,8 +125,8 @@ def test_data_shaped_batches_with_length_groups_within_the_bound(B, ckpt):
     the estimate for those groups is within the bound (one group of B x V x C is not)."""
     import torch
 
-    from ehrplan.batch import Batch
-    from ehrplan.measure import measure_step
+    from ehrplan.runtime.batch import Batch
+    from ehrplan.runtime.measure import measure_step
 
     cfg = get_preset("small-lstm").config.model_copy(
         update={"vocab_size": 500, "hidden_dim": 64, "visit_embed_dim": 64, "code_embed_dim": 32}
@@ -173,7 +173,7 @@ def test_random_configs_within_the_bound(seed):
 @pytest.mark.parametrize("name", ["tiny-lstm", "tiny-transformer"])
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_bf16_autocast_within_the_bound(name, ckpt):
-    from ehrplan.measure import measure_step
+    from ehrplan.runtime.measure import measure_step
 
     cfg = get_preset(name).config
     m = measure_step(cfg, batch_size=8, precision="bf16", checkpointing=ckpt)
@@ -186,7 +186,7 @@ def test_native_lstm_kernel_within_the_bound():
     """With oneDNN disabled the native ATen LSTM runs; the estimator models its saved state."""
     import torch
 
-    from ehrplan.measure import measure_step
+    from ehrplan.runtime.measure import measure_step
 
     cfg = get_preset("tiny-lstm").config
     torch.backends.mkldnn.enabled = False

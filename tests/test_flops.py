@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ehrplan.batch import synthetic_batch
-from ehrplan.config import get_preset
-from ehrplan.flops import training_step_flops
-from ehrplan.models import build_model
-from ehrplan.training.loss import ProgressionLoss
+from ehrplan.plan.config import get_preset
+from ehrplan.plan.flops import training_step_flops
+from ehrplan.runtime.batch import synthetic_batch
+from ehrplan.runtime.models import build_model
+from ehrplan.runtime.training.loss import ProgressionLoss
 
 
 @pytest.mark.parametrize("name", ["tiny-lstm", "tiny-transformer", "small-transformer"])

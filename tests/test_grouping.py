@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from ehrplan.grouping import group_shapes, plan_groups
+from ehrplan.plan.grouping import group_shapes, plan_groups
 
 
 def cost(lengths_desc: list[int], groups: list[tuple[int, int, int]], call: int) -> int:

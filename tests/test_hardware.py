@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ehrplan.hardware import (
+from ehrplan.plan.hardware import (
     APPLE_LARGE_MEMORY,
     CUDA_CONTEXT_ALLOWANCE,
     GIB,
@@ -20,7 +20,7 @@ from ehrplan.hardware import (
     cgroup_memory,
     probe,
 )
-from ehrplan.planner import budget_from_probe
+from ehrplan.plan.planner import budget_from_probe
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hardware"
 MACHINES = sorted(p.name for p in FIXTURES.iterdir() if (p / "machine.json").is_file())

@@ -7,12 +7,12 @@ from dataclasses import fields
 import pytest
 import torch
 
-from ehrplan.batch import synthetic_batch
-from ehrplan.config import get_preset
 from ehrplan.errors import DeviceError
-from ehrplan.measure import LiveTensorBytes, make_step, measure_step, resolve_device
-from ehrplan.models import build_model
-from ehrplan.training.loss import ProgressionLoss
+from ehrplan.plan.config import get_preset
+from ehrplan.runtime.batch import synthetic_batch
+from ehrplan.runtime.measure import LiveTensorBytes, make_step, measure_step, resolve_device
+from ehrplan.runtime.models import build_model
+from ehrplan.runtime.training.loss import ProgressionLoss
 
 
 def test_tracker_counts_storages_once_and_releases_them():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ehrplan.batch import synthetic_batch
-from ehrplan.config import get_preset, resolve_config
-from ehrplan.models import (
+from ehrplan.plan.config import get_preset, resolve_config
+from ehrplan.runtime.batch import synthetic_batch
+from ehrplan.runtime.models import (
     LSTMProgressionModel,
     LSTMVisitEncoder,
     TransformerProgressionModel,
@@ -119,8 +119,8 @@ def test_length_groups_give_the_one_call_result(monkeypatch):
     one call over every real visit padded to the longest."""
     import functools
 
-    import ehrplan.grouping
-    import ehrplan.models.lstm as lstm_module
+    import ehrplan.plan.grouping
+    import ehrplan.runtime.models.lstm as lstm_module
 
     config = get_preset("tiny-lstm").config.model_copy(update={"dropout": 0.0})
     inputs = varied_batch(config)
@@ -132,7 +132,7 @@ def test_length_groups_give_the_one_call_result(monkeypatch):
         model.encoder.visit_lstm.register_forward_hook(lambda *_, c=calls: c.append(1))
         monkeypatch.setattr(lstm_module, "grouping_enabled", lambda _t, g=grouped: g)
         # every distinct length its own group: the most groups the plan can make
-        plan = functools.partial(ehrplan.grouping.plan_groups, call_slots=0)
+        plan = functools.partial(ehrplan.plan.grouping.plan_groups, call_slots=0)
         monkeypatch.setattr(lstm_module, "plan_groups", plan)
         stage, t = model(*inputs)
         (stage.square().mean() + t.mean()).backward()

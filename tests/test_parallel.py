@@ -6,20 +6,20 @@ import math
 
 import pytest
 
-from ehrplan.catalog import get_target
-from ehrplan.config import get_preset, load_presets
-from ehrplan.distributed import split_batch
 from ehrplan.errors import UsageError
-from ehrplan.estimator import estimate_memory, largest_updated_tensor
-from ehrplan.flops import training_step_flops
-from ehrplan.parallel import (
+from ehrplan.plan.catalog import get_target
+from ehrplan.plan.config import get_preset, load_presets
+from ehrplan.plan.estimator import estimate_memory, largest_updated_tensor
+from ehrplan.plan.flops import training_step_flops
+from ehrplan.plan.params import count_parameters
+from ehrplan.plan.per_gpu import (
     _dynamic_phases,
     catalog_tflops,
     estimate_parallel,
     estimate_time,
     shard_units,
+    split_batch,
 )
-from ehrplan.params import count_parameters
 
 PRESETS = sorted(load_presets())
 
@@ -87,8 +87,8 @@ def test_more_ranks_less_memory_per_rank_for_fsdp():
 def test_units_and_largest_tensor_match_the_built_model(name):
     import torch
 
-    from ehrplan.distributed import shard_blocks
-    from ehrplan.models import build_model
+    from ehrplan.runtime.distributed import shard_blocks
+    from ehrplan.runtime.models import build_model
 
     c = get_preset(name).config
     with torch.device("meta"):

@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ehrplan.config import EHRModelConfig, load_presets
-from ehrplan.models import build_model
-from ehrplan.params import COMPONENTS, count_parameters
+from ehrplan.plan.config import EHRModelConfig, load_presets
+from ehrplan.plan.params import COMPONENTS, count_parameters
+from ehrplan.runtime.models import build_model
 
 
 def built_count(config: EHRModelConfig) -> int:

@@ -8,20 +8,20 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from ehrplan import planner
-from ehrplan.catalog import CatalogDevice, get_target, load_catalog
-from ehrplan.config import EHRModelConfig, get_preset, load_presets
 from ehrplan.errors import ConfigError, UsageError
-from ehrplan.estimator import MemoryEstimate, estimate_memory
-from ehrplan.hardware import CUDA_CONTEXT_ALLOWANCE, GIB, MIB
-from ehrplan.planner import (
+from ehrplan.plan import planner
+from ehrplan.plan.catalog import CatalogDevice, get_target, load_catalog
+from ehrplan.plan.config import EHRModelConfig, get_preset, load_presets
+from ehrplan.plan.estimator import MemoryEstimate, estimate_memory
+from ehrplan.plan.hardware import CUDA_CONTEXT_ALLOWANCE, GIB, MIB
+from ehrplan.plan.planner import (
     budget_from_size,
     budget_from_target,
     cheapest_fix,
     plan,
     precision_for,
 )
-from ehrplan.units import parse_size
+from ehrplan.plan.units import parse_size
 
 # --------------------------------------------------------------------------------------------
 # sizes
@@ -332,7 +332,7 @@ def test_data_parallel_accumulation() -> None:
 
 
 def _speed(budget_bytes: int, changes: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
-    from ehrplan.training.choose import spend_room_on_speed
+    from ehrplan.runtime.training.choose import spend_room_on_speed
 
     budget = budget_from_size(parse_size(f"{budget_bytes}B"), headroom=0.0, device="cpu")
     reasons: list[str] = []

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from ehrplan.cli.app import main
-from ehrplan.config import get_preset
 from ehrplan.errors import DivergedError
-from ehrplan.training.checkpoint import load_checkpoint
-from ehrplan.training.data import load_training_data
-from ehrplan.training.loop import STEP_DELAY_ENV, Trainer, TrainSettings
+from ehrplan.plan.config import get_preset
+from ehrplan.runtime.training.checkpoint import load_checkpoint
+from ehrplan.runtime.training.data import load_training_data
+from ehrplan.runtime.training.loop import STEP_DELAY_ENV, Trainer, TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,16 +10,21 @@ import pytest
 import torch
 from scipy import stats
 
-from ehrplan.batch import IGNORE_INDEX, Batch
 from ehrplan.errors import UsageError
-from ehrplan.training import checkpoint as ckpt
-from ehrplan.training.loss import (
+from ehrplan.runtime.batch import IGNORE_INDEX, Batch
+from ehrplan.runtime.training import checkpoint as ckpt
+from ehrplan.runtime.training.loss import (
     ProgressionLoss,
     days_to_years,
     lognormal_nll,
     population_median_years,
 )
-from ehrplan.training.metrics import Predictions, concordance, evaluate_predictions, macro_auroc
+from ehrplan.runtime.training.metrics import (
+    Predictions,
+    concordance,
+    evaluate_predictions,
+    macro_auroc,
+)
 
 # ---------------------------------------------------------------------------------- the loss
 
@@ -186,7 +191,7 @@ def test_population_median_recovers_a_censored_lognormal() -> None:
 
 
 def test_bucketing_pools_patients_not_batches() -> None:
-    from ehrplan.training.schedule import bucket_pool, epoch_batches
+    from ehrplan.runtime.training.schedule import bucket_pool, epoch_batches
 
     assert (bucket_pool(4), bucket_pool(32), bucket_pool(64), bucket_pool(500)) == (50, 6, 3, 1)
     assert bucket_pool(32, 0) == 1  # --bucket-patients 0: no bucketing

@@ -11,7 +11,7 @@ from rich.console import RenderableType
 from rich.table import Table
 
 from ehrplan.cli.options import JsonOpt, training_environ
-from ehrplan.output import emit
+from ehrplan.cli.output import emit
 
 SizeOpt = Annotated[
     str, typer.Option("--size", help="Preset size to compare: tiny, small, medium or large.")
@@ -77,7 +77,7 @@ def compare(
     comparison folder.
     """
     training_environ()  # before torch is imported
-    from ehrplan.compare import CompareRequest, run_compare
+    from ehrplan.runtime.compare import CompareRequest, run_compare
 
     payload = run_compare(
         CompareRequest(
@@ -97,7 +97,7 @@ def compare(
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
-    from ehrplan.compare import HEADER, notes, table_rows, title
+    from ehrplan.runtime.compare import HEADER, notes, table_rows, title
 
     t = Table(title=title(p), caption=f"held-out: {p['held_out_metrics_of']}")
     t.add_column(HEADER[0])

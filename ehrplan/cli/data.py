@@ -12,7 +12,7 @@ from rich.console import RenderableType
 from rich.table import Table
 
 from ehrplan.cli.options import JsonOpt, PresetOpt
-from ehrplan.output import emit
+from ehrplan.cli.output import emit
 
 data_app = typer.Typer(
     help="Inspect MEDS data sets: size, shape, labels, and what a preset would truncate.",
@@ -62,10 +62,10 @@ def stats(
     the batch shapes of per-batch padding (with and without length bucketing) on the train
     split; without it, the same for every preset.
     """
-    from ehrplan.config import get_preset, load_presets
     from ehrplan.data.cohort import load_cohort
     from ehrplan.data.stats import batch_dims, describe, truncation
     from ehrplan.data.vocab import train_vocab
+    from ehrplan.plan.config import get_preset, load_presets
 
     cohort = load_cohort(directory, labels, window_hours=visit_window)
     vocab = train_vocab(cohort, min_count=min_count, value_bins=value_bins)

@@ -24,10 +24,11 @@ from ehrplan.cli.options import (
     TypeOpt,
     config_from_options,
 )
-from ehrplan.config import EHRModelConfig
+from ehrplan.cli.output import emit
 from ehrplan.errors import DeviceError, DoesNotFitError, UsageError
-from ehrplan.estimator import PRECISIONS, estimate_memory
-from ehrplan.output import emit, fmt_bytes
+from ehrplan.plan.config import EHRModelConfig
+from ehrplan.plan.estimator import PRECISIONS, estimate_memory
+from ehrplan.plan.units import fmt_bytes
 
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 #: Head-room kept free on the CPU: the interpreter, torch's libraries and allocator slack live
@@ -67,7 +68,7 @@ SimulateOpt = Annotated[
 def cpu_available_bytes() -> tuple[int, str]:
     """Memory a CPU step may use now, from the hardware probe: available RAM, within the
     container's cgroup v1/v2 limit where one applies. Returns bytes and where from."""
-    from ehrplan.hardware import Sources, probe_host
+    from ehrplan.plan.hardware import Sources, probe_host
 
     notes: list[str] = []
     host = probe_host(Sources(), notes)
@@ -138,7 +139,7 @@ def dry_run(
     if device == "cpu":  # decided before torch is even imported
         available, available_source = _check_cpu_fits(cfg, precision, ckpt)
 
-    from ehrplan.measure import cpu_lstm_kernel, measure_step, resolve_device
+    from ehrplan.runtime.measure import cpu_lstm_kernel, measure_step, resolve_device
 
     dev = resolve_device(device)
     if dev == "cpu" and available is None:
@@ -199,8 +200,8 @@ def _largest_data_batch(
     """The train split's batch with the largest estimate, among the first epoch's length-bucketed
     batches (what `ehrplan train` trains) and the batch of its longest patients; the config with
     its vocabulary fitted to the data."""
-    from ehrplan.training.data import load_training_data
-    from ehrplan.training.schedule import bucket_pool, epoch_batches
+    from ehrplan.runtime.training.data import load_training_data
+    from ehrplan.runtime.training.schedule import bucket_pool, epoch_batches
 
     if not root.is_dir():
         what = "not a directory" if root.exists() else "no such directory"

@@ -10,7 +10,7 @@ import typer
 from rich.console import RenderableType
 
 from ehrplan.cli.options import JsonOpt
-from ehrplan.output import emit
+from ehrplan.cli.output import emit
 
 RunDirArg = Annotated[
     Path, typer.Argument(help="A run folder of `ehrplan train` (checkpoints/, vocab.json).")
@@ -38,7 +38,7 @@ def export_embeddings(
     One vector per vocabulary code (PAD and UNK are not codes and are left out), from the best
     or last checkpoint, so one run can seed another.
     """
-    from ehrplan.embeddings import _suffix, run_embeddings, save_embeddings
+    from ehrplan.runtime.embeddings import _suffix, run_embeddings, save_embeddings
 
     _suffix(out)  # an unknown format is refused before the checkpoint is read
     emb, step = run_embeddings(run_dir, checkpoint)

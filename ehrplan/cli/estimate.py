@@ -9,7 +9,6 @@ import typer
 from rich.console import RenderableType
 from rich.table import Table
 
-from ehrplan.catalog import get_target
 from ehrplan.cli.options import (
     BatchSizeOpt,
     ConfigOpt,
@@ -20,7 +19,8 @@ from ehrplan.cli.options import (
     TypeOpt,
     config_from_options,
 )
-from ehrplan.cli.parallel import (
+from ehrplan.cli.output import emit, warn
+from ehrplan.cli.per_gpu import (
     GpusOpt,
     PatientsOpt,
     StrategyOpt,
@@ -31,13 +31,14 @@ from ehrplan.cli.parallel import (
     render_parallel,
     time_payload,
 )
-from ehrplan.config import get_preset
 from ehrplan.errors import UsageError
-from ehrplan.estimator import DEVICES, PRECISIONS, estimate_memory, static_memory
-from ehrplan.flops import training_step_flops
-from ehrplan.output import emit, fmt_bytes, fmt_count, warn
-from ehrplan.parallel import DEFAULT_UTILISATION
-from ehrplan.params import count_parameters
+from ehrplan.plan.catalog import get_target
+from ehrplan.plan.config import get_preset
+from ehrplan.plan.estimator import DEVICES, PRECISIONS, estimate_memory, static_memory
+from ehrplan.plan.flops import training_step_flops
+from ehrplan.plan.params import count_parameters
+from ehrplan.plan.per_gpu import DEFAULT_UTILISATION
+from ehrplan.plan.units import fmt_bytes, fmt_count
 
 PrecisionOpt = Annotated[
     str, typer.Option("--precision", help="fp32, or mixed precision: fp16 or bf16 autocast.")

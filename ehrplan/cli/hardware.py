@@ -13,9 +13,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
-from ehrplan.hardware import CUDA_CONTEXT_ALLOWANCE, HardwareReport, probe
-from ehrplan.output import emit, fmt_bytes
-from ehrplan.planner import DEFAULT_HEADROOM
+from ehrplan.cli.output import emit
+from ehrplan.plan.hardware import CUDA_CONTEXT_ALLOWANCE, HardwareReport, probe
+from ehrplan.plan.planner import DEFAULT_HEADROOM
+from ehrplan.plan.units import fmt_bytes
 
 ProbeMpsOpt = Annotated[
     bool,

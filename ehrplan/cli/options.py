@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ehrplan.config import EHRModelConfig, parse_override, resolve_config
+from ehrplan.plan.config import EHRModelConfig, parse_override, resolve_config
 
 PresetOpt = Annotated[
     str | None,

@@ -11,8 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
-from ehrplan.config import PRESET_ALIASES, load_presets
-from ehrplan.output import emit
+from ehrplan.cli.output import emit
+from ehrplan.plan.config import PRESET_ALIASES, load_presets
 
 MarkdownOpt = Annotated[
     bool, typer.Option("--markdown", help="Print a Markdown table (as in the README).")

@@ -12,10 +12,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
-from ehrplan.distributed import STRATEGIES
+from ehrplan.cli.output import emit
 from ehrplan.errors import UsageError
-from ehrplan.output import emit, fmt_bytes
-from ehrplan.planner import (
+from ehrplan.plan.per_gpu import STRATEGIES
+from ehrplan.plan.planner import (
     DEFAULT_HEADROOM,
     Budget,
     budget_from_probe,
@@ -24,7 +24,7 @@ from ehrplan.planner import (
     check_sizes_known,
     plan,
 )
-from ehrplan.units import parse_size
+from ehrplan.plan.units import fmt_bytes, parse_size
 
 TargetOpt = Annotated[
     str | None,
@@ -97,7 +97,7 @@ def _budget(
         return budget_from_target(target, headroom, gpus or 1)
     if memory is not None:
         return budget_from_size(parse_size(memory), headroom, device or "cuda", gpus or 1)
-    from ehrplan.hardware import probe
+    from ehrplan.plan.hardware import probe
 
     return budget_from_probe(probe(), headroom, gpus)
 

@@ -13,7 +13,7 @@ from rich.console import RenderableType
 from rich.table import Table
 
 from ehrplan.cli.options import JsonOpt
-from ehrplan.output import emit
+from ehrplan.cli.output import emit
 
 
 def synth(

@@ -22,8 +22,9 @@ from ehrplan.cli.options import (
     config_from_options,
     training_environ,
 )
+from ehrplan.cli.output import emit
 from ehrplan.errors import UsageError
-from ehrplan.output import emit, fmt_bytes
+from ehrplan.plan.units import fmt_bytes
 
 AutoOpt = Annotated[
     bool,
@@ -181,12 +182,12 @@ def train(
     Ctrl-C saves a checkpoint; --resume continues exactly.
     """
     training_environ()  # before torch is imported
-    from ehrplan.distributed import DistEnv
+    from ehrplan.runtime.distributed import DistEnv
 
     env = DistEnv.from_environ()
     if nproc is not None and nproc > 1 and not env.is_distributed:
         _relaunch(nproc, device)
-    from ehrplan.training import run as runner
+    from ehrplan.runtime.training import run as runner
 
     if bucket_patients is not None and bucket_patients < 0:
         raise UsageError(f"--bucket-patients must be 0 or more, not {bucket_patients}")
@@ -232,7 +233,7 @@ def _relaunch(nproc: int, device: str) -> None:
 
     import torch
 
-    from ehrplan.distributed import torchrun_argv
+    from ehrplan.runtime.distributed import torchrun_argv
 
     cores = os.cpu_count() or 1
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):

@@ -12,6 +12,7 @@ from rich.console import RenderableType
 from rich.table import Table
 
 from ehrplan.cli.options import JsonOpt
+from ehrplan.cli.output import emit
 from ehrplan.cli.recommend import (
     DeviceOpt,
     GpusOpt,
@@ -21,10 +22,10 @@ from ehrplan.cli.recommend import (
     render_budget,
     resolve_budget,
 )
-from ehrplan.config import EHRModelConfig, get_preset, resolve_config
 from ehrplan.errors import DoesNotFitError, UsageError
-from ehrplan.output import emit, fmt_bytes
-from ehrplan.planner import DEFAULT_HEADROOM, fit
+from ehrplan.plan.config import EHRModelConfig, get_preset, resolve_config
+from ehrplan.plan.planner import DEFAULT_HEADROOM, fit
+from ehrplan.plan.units import fmt_bytes
 
 ItemsArg = Annotated[
     list[str],

@@ -32,7 +32,7 @@ import pyarrow as pa
 from ehrplan.data import meds
 from ehrplan.errors import DataError
 
-IGNORE_INDEX = -100  # the stage of an unlabelled or padded visit (matches ehrplan.batch)
+IGNORE_INDEX = -100  # the stage of an unlabelled or padded visit (matches ehrplan.runtime.batch)
 US_PER_DAY = 86_400_000_000
 DEFAULT_WINDOW_HOURS = 24.0
 DEFAULT_TASK = Path("tasks") / "ckd_stage"

@@ -1,4 +1,5 @@
-"""The torch Dataset and collate: `ehrplan.batch.Batch` padded per batch, not to preset maxima.
+"""The torch Dataset and collate: `ehrplan.runtime.batch.Batch` padded per batch, not to preset
+maxima.
 
 A batch of B patients is padded to V = its longest patient's kept visits and C = its largest
 kept visit (not to ``max_visits`` x ``max_codes_per_visit``). Truncation is explicit and counted
@@ -15,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ehrplan.batch import IGNORE_INDEX, Batch
 from ehrplan.data.cohort import Cohort
 from ehrplan.data.sampler import BucketBatchSampler
 from ehrplan.data.stats import Truncation, length_key, patient_shapes, truncation
 from ehrplan.data.vocab import Vocab
 from ehrplan.errors import DataError
+from ehrplan.runtime.batch import IGNORE_INDEX, Batch
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

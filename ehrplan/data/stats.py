@@ -21,7 +21,7 @@ from ehrplan.data.cohort import DEFAULT_WINDOW_HOURS, Cohort, load_cohort
 from ehrplan.data.sampler import batches
 
 if TYPE_CHECKING:
-    from ehrplan.config import EHRModelConfig
+    from ehrplan.plan.config import EHRModelConfig
 
 
 def summary(x: np.ndarray) -> dict[str, float | int]:

@@ -13,7 +13,7 @@ from typing import IO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ehrplan.output import fmt_bytes
+from ehrplan.plan.units import fmt_bytes
 
 
 class TrainProgress:

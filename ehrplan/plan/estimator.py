@@ -1,8 +1,8 @@
 """Analytic peak memory of one training step (no torch import).
 
 The estimate follows what the real kernels keep, tensor by tensor, and was checked against the
-measured step of `ehrplan.measure` (dispatcher live tensor bytes, second step, Adam). A step has
-a few moments where the live set can peak; each is modelled as a `Phase` (a breakdown of live
+measured step of `ehrplan.runtime.measure` (dispatcher live tensor bytes, second step, Adam). A step
+has a few moments where the live set can peak; each is modelled as a `Phase` (a breakdown of live
 bytes by what holds them) and the estimate is the largest one:
 
 - ``forward``: the start of backward, when every tensor saved for backward is alive;
@@ -19,7 +19,7 @@ bytes by what holds them) and the estimate is the largest one:
 
 Gradient accumulation changes the micro-batch, not the memory per micro-batch, except that
 from the second micro-batch on the accumulated gradients are alive during the forward pass
-(`ehrplan.measure` runs two micro-batches when the config accumulates). Mixed precision
+(`ehrplan.runtime.measure` runs two micro-batches when the config accumulates). Mixed precision
 (autocast, fp32 master weights): matmul and LSTM outputs are 16-bit, the Transformer's
 residual stream and the embeddings stay fp32, and the 16-bit weight copies live while saved.
 Per-device overhead (CUDA context, allocator reserve) is reported in ``device_overhead``,
@@ -43,9 +43,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ehrplan.config import EHRModelConfig
-from ehrplan.params import count_parameters
-from ehrplan.params import lstm_layer as lstm_layer_param_count
+from ehrplan.plan.config import EHRModelConfig
+from ehrplan.plan.params import count_parameters
+from ehrplan.plan.params import lstm_layer as lstm_layer_param_count
 
 Precision = Literal["fp32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
@@ -259,7 +259,7 @@ def _lstm_phases(
     grads_before = grads_all if d.micro > 1 else 0  # accumulated grads live from micro-batch 2
 
     a = FP32 if precision == "fp32" else HALF  # bytes of a matmul/LSTM output under autocast
-    # --- within-visit level: one LSTM call per length group (`ehrplan.grouping`) of n visits
+    # --- within-visit level: one LSTM call per length group (`ehrplan.plan.grouping`) of n visits
     # padded to L codes; without groups, one call over all N visits of C codes ---
     groups = d.groups or [(N, C)]
     Nw = sum(n for n, _ in groups)  # visits through the within-visit LSTM
@@ -464,7 +464,7 @@ def estimate_memory(
     ``max_codes_per_visit``, full padding). ``lstm_kernel`` is the CPU LSTM kernel: ``mkldnn``
     (oneDNN, torch's default) or ``native``. ``visit_groups`` (LSTM, data-shaped batches): the
     ``(visits, codes)`` of each length group the within-visit encoder runs, from
-    `ehrplan.grouping.group_shapes` of the batch's real visits; by default every one of the
+    `ehrplan.plan.grouping.group_shapes` of the batch's real visits; by default every one of the
     ``batch x visits`` visits is real and has ``codes`` codes (one group).
     """
     B = batch_size if batch_size is not None else config.batch_size

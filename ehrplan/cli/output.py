@@ -15,9 +15,6 @@ from rich.console import Console, RenderableType
 
 SCHEMA_VERSION = 1
 
-GIB = 1024**3  # GiB = 1024^3 bytes; GB = 10^9 bytes
-MIB = 1024**2
-
 
 def stdout() -> Console:
     return Console(file=sys.stdout, soft_wrap=True)
@@ -25,20 +22,6 @@ def stdout() -> Console:
 
 def stderr() -> Console:
     return Console(file=sys.stderr, soft_wrap=True)
-
-
-def fmt_bytes(n: float | None) -> str:
-    """Human-readable bytes in binary units (MiB below 1 GiB, GiB above)."""
-    if n is None:
-        return "-"
-    if abs(n) >= GIB:
-        return f"{n / GIB:,.2f} GiB"
-    return f"{n / MIB:,.1f} MiB"
-
-
-def fmt_count(n: int) -> str:
-    """An integer with thousands separators and its size in millions."""
-    return f"{n:,} ({n / 1e6:.2f} M)"
 
 
 def emit(

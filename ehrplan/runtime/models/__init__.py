@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ehrplan.models.lstm import LSTMProgressionModel, LSTMVisitEncoder
-from ehrplan.models.transformer import TransformerProgressionModel, TransformerVisitEncoder
+from ehrplan.runtime.models.lstm import LSTMProgressionModel, LSTMVisitEncoder
+from ehrplan.runtime.models.transformer import TransformerProgressionModel, TransformerVisitEncoder
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ehrplan.config import EHRModelConfig
+    from ehrplan.plan.config import EHRModelConfig
 
 __all__ = [
     "LSTMProgressionModel",

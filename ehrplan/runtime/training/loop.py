@@ -2,9 +2,9 @@
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``batch_size`` patients
 (the preset's effective batch). The data order is a pure function of (seed, epoch)
-(`ehrplan.training.schedule`), and a checkpoint holds the position (epoch, next micro-batch, step),
-the model, the loss's own parameter, AdamW, the LR schedule, the grad scaler and every RNG state,
-so ``--resume`` replays exactly what an uninterrupted run would have done.
+(`ehrplan.runtime.training.schedule`), and a checkpoint holds the position (epoch, next
+micro-batch, step), the model, the loss's own parameter, AdamW, the LR schedule, the grad scaler
+and every RNG state, so ``--resume`` replays exactly what an uninterrupted run would have done.
 
 Checkpoints are written at optimizer-step boundaries only: every ``save_every`` steps, after each
 evaluation, on Ctrl-C, and at the end. ``last.pt`` is the newest, ``best.pt`` the one with the
@@ -29,27 +29,28 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from ehrplan import distributed as dist_
 from ehrplan.atomic import write_json, write_text
-from ehrplan.config import EHRModelConfig
-from ehrplan.distributed import DistEnv
 from ehrplan.errors import DivergedError, UsageError
-from ehrplan.models import build_model
-from ehrplan.output import fmt_bytes
-from ehrplan.training.checkpoint import (
+from ehrplan.plan.config import EHRModelConfig
+from ehrplan.plan.per_gpu import split_batch
+from ehrplan.plan.units import fmt_bytes
+from ehrplan.runtime import distributed as dist_
+from ehrplan.runtime.distributed import DistEnv
+from ehrplan.runtime.models import build_model
+from ehrplan.runtime.training.checkpoint import (
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from ehrplan.training.data import Split, TrainData
-from ehrplan.training.device import autocast_dtype, resolve_device, resolve_precision
-from ehrplan.training.loss import ProgressionLoss, population_median_years
-from ehrplan.training.memory import MEMORY_METHOD, estimate_for_batch, memory_in_use
-from ehrplan.training.metrics import Predictions, evaluate_predictions
-from ehrplan.training.progress import TrainProgress
-from ehrplan.training.runfiles import RunFiles, read_json_list, read_records
-from ehrplan.training.schedule import (
+from ehrplan.runtime.training.data import Split, TrainData
+from ehrplan.runtime.training.device import autocast_dtype, resolve_device, resolve_precision
+from ehrplan.runtime.training.loss import ProgressionLoss, population_median_years
+from ehrplan.runtime.training.memory import MEMORY_METHOD, estimate_for_batch, memory_in_use
+from ehrplan.runtime.training.metrics import Predictions, evaluate_predictions
+from ehrplan.runtime.training.progress import TrainProgress
+from ehrplan.runtime.training.runfiles import RunFiles, read_json_list, read_records
+from ehrplan.runtime.training.schedule import (
     BUCKET_POOL_PATIENTS,
     bucket_pool,
     epoch_batches,
@@ -160,7 +161,7 @@ class Trainer:
         )
         # per rank: micro-batch x accumulation x world size = the config's effective batch
         self.micro, self.accumulation = (
-            dist_.split_batch(
+            split_batch(
                 self.config.effective_batch_size, self.config.batch_size, self.env.world_size
             )
             if self.env.is_distributed
@@ -297,7 +298,7 @@ class Trainer:
         the way the dry run does (CPU: live tensor bytes at the dispatcher)."""
         tracker = None
         if measure and self.device.type == "cpu":
-            from ehrplan.measure import LiveTensorBytes
+            from ehrplan.runtime.measure import LiveTensorBytes
 
             tracker = dist_.live_bytes_tracker() if self.env.is_distributed else LiveTensorBytes()
             tracker.track(
@@ -401,7 +402,7 @@ class Trainer:
     def _estimate(self, B: int, V: int, C: int, groups: list[tuple[int, int]] | None) -> int:
         """This rank's estimated peak for a micro-batch of that shape and those groups."""
         if self.env.is_distributed:  # this rank's peak: the strategy's per-device terms
-            from ehrplan.parallel import estimate_parallel
+            from ehrplan.plan.per_gpu import estimate_parallel
 
             pe = estimate_parallel(
                 self.config, world_size=self.env.world_size, strategy=self.strategy,
@@ -514,7 +515,7 @@ class Trainer:
         summary (also written to ``summary.json``)."""
         self._build()
         if resume:
-            from ehrplan.output import warn
+            from ehrplan.cli.output import warn
 
             self._restore(load_checkpoint(self.files.last), warn)
         elif self.env.is_main:
@@ -679,7 +680,7 @@ class Trainer:
             }
         if self.env.is_main:
             write_json(self.files.summary, summary)
-            from ehrplan.training.plot import plot_curves
+            from ehrplan.runtime.training.plot import plot_curves
 
             plot_curves(records, self.files.curves, title=f"{self.run_dir.name}")
         return summary

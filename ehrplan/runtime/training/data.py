@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ehrplan.batch import IGNORE_INDEX, Batch
-from ehrplan.config import EHRModelConfig
 from ehrplan.errors import DataError
+from ehrplan.plan.config import EHRModelConfig
+from ehrplan.runtime.batch import IGNORE_INDEX, Batch
 
 SPLITS = ("train", "tuning", "held_out")
 CACHE_ENV = "EHRPLAN_CACHE"

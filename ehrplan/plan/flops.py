@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ehrplan.config import EHRModelConfig
+from ehrplan.plan.config import EHRModelConfig
 
 
 def mm(m: int, n: int, k: int) -> int:

@@ -21,15 +21,12 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from ehrplan.errors import UsageError
 
 if TYPE_CHECKING:
     from torch import nn
-
-Strategy = Literal["ddp", "fsdp"]
-STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -62,42 +59,12 @@ class DistEnv:
         return self.rank == 0
 
 
-def split_batch(effective_batch: int, micro_batch: int, world_size: int) -> tuple[int, int]:
-    """Per-rank micro-batch and accumulation steps with
-    ``micro x accumulation x world_size == effective_batch``.
-
-    Keeps the config's micro-batch where it divides evenly, else the largest micro-batch no
-    bigger than it that does; refuses an effective batch the ranks cannot share evenly.
-    """
-    if effective_batch % world_size:
-        raise UsageError(
-            f"the effective batch {effective_batch} cannot be split evenly over "
-            f"{world_size} processes"
-        )
-    per_rank = effective_batch // world_size
-    micro = min(micro_batch, per_rank)
-    while per_rank % micro:
-        micro -= 1
-    return micro, per_rank // micro
-
-
-def check_strategy(strategy: str, world_size: int) -> None:
-    """Refuse unknown strategies, and FSDP on one process (sharding over one rank is DDP-less
-    single-device training with extra all-gathers)."""
-    if strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
-    if strategy == "fsdp" and world_size < 2:
-        raise UsageError(
-            "--shard (FSDP) needs at least 2 processes: add --nproc N, or run under torchrun"
-        )
-
-
 def shard_blocks(model: nn.Module) -> list[nn.Module]:
     """The units FSDP shards one by one: each embedding table, each LSTM, each Transformer
     block. The root module is sharded last and holds what is left (projections, heads)."""
     from torch import nn
 
-    from ehrplan.models.transformer import TransformerBlock
+    from ehrplan.runtime.models.transformer import TransformerBlock
 
     units = (nn.Embedding, nn.LSTM, TransformerBlock)
     return [m for m in model.modules() if m is not model and isinstance(m, units)]
@@ -418,15 +385,15 @@ def broadcast_object(obj: object, env: DistEnv) -> object:
 
 
 def live_bytes_tracker() -> object:
-    """`ehrplan.measure.LiveTensorBytes` for sharded runs: it charges a DTensor's local shard,
-    charges op inputs too, and re-reads every tracked storage's size after each op, because
+    """`ehrplan.runtime.measure.LiveTensorBytes` for sharded runs: it charges a DTensor's local
+    shard, charges op inputs too, and re-reads every tracked storage's size after each op, because
     FSDP2 frees and re-allocates all-gathered parameters by resizing their storage outside the
     dispatcher and fills them through ``out=`` arguments."""
     import torch
     from torch.distributed.tensor import DTensor
     from torch.utils._pytree import tree_flatten
 
-    from ehrplan.measure import LiveTensorBytes
+    from ehrplan.runtime.measure import LiveTensorBytes
 
     class ShardedLiveTensorBytes(LiveTensorBytes):
         def _charge(self, t: torch.Tensor) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ehrplan.atomic import write_json
-from ehrplan.config import EHRModelConfig, validate_config
 from ehrplan.errors import UsageError
-from ehrplan.output import fmt_bytes
+from ehrplan.plan.config import EHRModelConfig, validate_config
+from ehrplan.plan.units import fmt_bytes
 
 RUNS_ROOT = Path("runs")
 
@@ -94,7 +94,7 @@ def _say(req: Request, message: str) -> None:
     only rank 0 of a torchrun job speaks."""
     from rich.console import Console
 
-    from ehrplan.distributed import DistEnv
+    from ehrplan.runtime.distributed import DistEnv
 
     if not DistEnv.from_environ().is_main:
         return
@@ -105,13 +105,14 @@ def _say(req: Request, message: str) -> None:
 
 def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig, str]]) -> dict:
     """Do what ``req`` asks; return the summary."""
-    from ehrplan import distributed as dist_
-    from ehrplan.distributed import DistEnv
-    from ehrplan.training.device import resolve_device
+    from ehrplan.plan.per_gpu import check_strategy
+    from ehrplan.runtime import distributed as dist_
+    from ehrplan.runtime.distributed import DistEnv
+    from ehrplan.runtime.training.device import resolve_device
 
     env = DistEnv.from_environ()
     strategy = "fsdp" if req.shard else "ddp"
-    dist_.check_strategy(strategy, env.world_size)
+    check_strategy(strategy, env.world_size)
     device = resolve_device(req.device)
     if env.is_distributed:
         import torch
@@ -130,17 +131,17 @@ def _run(
     strategy: str,
     device: Any,
 ) -> dict:
-    from ehrplan import distributed as dist_
-    from ehrplan.training import choose
-    from ehrplan.training.data import load_training_data, synthetic_cohort
-    from ehrplan.training.device import auto_threads, resolve_precision
-    from ehrplan.training.loop import Trainer, TrainSettings
+    from ehrplan.runtime import distributed as dist_
+    from ehrplan.runtime.training import choose
+    from ehrplan.runtime.training.data import load_training_data, synthetic_cohort
+    from ehrplan.runtime.training.device import auto_threads, resolve_precision
+    from ehrplan.runtime.training.loop import Trainer, TrainSettings
 
     saved: dict[str, Any] | None = None
     if req.resume:
         run_dir = resume_run_dir(req.out)
         saved = json.loads((run_dir / "config.json").read_text())
-        from ehrplan.training.checkpoint import load_checkpoint
+        from ehrplan.runtime.training.checkpoint import load_checkpoint
 
         # refuse a job shape the checkpoint cannot continue on before saying anything
         last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -251,7 +252,7 @@ def _run(
         )
         if prepared is not None:
             write_json(run_dir / "embeddings.json", prepared.info)
-        from ehrplan.estimator import estimate_memory
+        from ehrplan.plan.estimator import estimate_memory
 
         e = estimate_memory(config, precision=precision, device=device.type)
         write_json(
@@ -340,7 +341,7 @@ def _embeddings(
     req: Request, saved: dict[str, Any] | None, vocab: dict[str, Any], config: EHRModelConfig
 ) -> Any:
     """Pre-trained code embeddings for a new run, checked against its vocabulary and width
-    before anything is written (`ehrplan.embeddings.prepare_embeddings`)."""
+    before anything is written (`ehrplan.runtime.embeddings.prepare_embeddings`)."""
     if req.embeddings is None:
         if req.freeze_embeddings or req.project_embeddings:
             flag = "--freeze-embeddings" if req.freeze_embeddings else "--project-embeddings"
@@ -348,7 +349,7 @@ def _embeddings(
         return None
     if saved is not None:
         raise UsageError("--embeddings starts a new run; a resumed run keeps its own weights")
-    from ehrplan.embeddings import prepare_embeddings
+    from ehrplan.runtime.embeddings import prepare_embeddings
 
     return prepare_embeddings(
         req.embeddings,
@@ -361,7 +362,7 @@ def _embeddings(
 
 def _overrides(req: Request) -> dict[str, Any]:
     """``--set KEY=VALUE`` items and ``--batch-size``, as given (coerced by validation)."""
-    from ehrplan.config import parse_override
+    from ehrplan.plan.config import parse_override
 
     out: dict[str, Any] = dict(parse_override(item) for item in req.config_options[4] or [])
     if req.config_options[5] is not None:

@@ -116,7 +116,7 @@ class EHRModelConfig(BaseModel):
     @property
     def total_params(self) -> int:
         """Exact parameter count of the built model (analytic, no torch)."""
-        from ehrplan.params import count_parameters
+        from ehrplan.plan.params import count_parameters
 
         return count_parameters(self).total
 
@@ -129,9 +129,10 @@ class EHRModelConfig(BaseModel):
         """Estimated peak training-step memory in GB (10^9 bytes) on the CPU.
 
         ``dtype_bytes=4`` means fp32 training, 2 means mixed precision (autocast with fp32 master
-        weights). Delegates to `ehrplan.estimator`, whose accuracy and limits are documented there.
+        weights). Delegates to `ehrplan.plan.estimator`, whose accuracy and limits are documented
+        there.
         """
-        from ehrplan.estimator import estimate_memory
+        from ehrplan.plan.estimator import estimate_memory
 
         if dtype_bytes not in (2, 4):
             raise ConfigError(f"dtype_bytes must be 2 or 4, not {dtype_bytes}")
@@ -165,7 +166,7 @@ class Preset(BaseModel):
 
 def presets_dir() -> Path:
     """Where the preset TOML files live: inside an installed wheel, or the repo's `presets/`."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the ehrplan package
     for candidate in (here / "_presets", here.parent / "presets"):
         if candidate.is_dir():
             return candidate

@@ -83,3 +83,17 @@ def parse_size(text: str) -> Size:
     if n <= 0:
         raise UsageError(f"the size '{text}' must be more than zero bytes")
     return Size(text=text.strip(), bytes=n, unit=name, binary=binary)
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Human-readable bytes in binary units (MiB below 1 GiB, GiB above)."""
+    if n is None:
+        return "-"
+    if abs(n) >= GIB:
+        return f"{n / GIB:,.2f} GiB"
+    return f"{n / MIB:,.1f} MiB"
+
+
+def fmt_count(n: int) -> str:
+    """An integer with thousands separators and its size in millions."""
+    return f"{n:,} ({n / 1e6:.2f} M)"

@@ -13,16 +13,16 @@ import typer
 from rich.console import RenderableType
 from rich.text import Text
 
-from ehrplan.catalog import CatalogDevice
-from ehrplan.config import EHRModelConfig
 from ehrplan.errors import UsageError
-from ehrplan.output import fmt_bytes
-from ehrplan.parallel import (
+from ehrplan.plan.catalog import CatalogDevice
+from ehrplan.plan.config import EHRModelConfig
+from ehrplan.plan.per_gpu import (
     DEFAULT_UTILISATION,
     catalog_tflops,
     estimate_parallel,
     estimate_time,
 )
+from ehrplan.plan.units import fmt_bytes
 
 GpusOpt = Annotated[
     int,

@@ -1,4 +1,4 @@
-"""Exact, analytic parameter counts of the models in `ehrplan.models` (no torch import).
+"""Exact, analytic parameter counts of the models in `ehrplan.runtime.models` (no torch import).
 
 Each term names the tensors it counts; `tests/test_params.py` checks the total against
 ``sum(p.numel() for p in model.parameters())`` for every preset and hundreds of random configs.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ehrplan.config import EHRModelConfig
+from ehrplan.plan.config import EHRModelConfig
 
 #: Component names, in the order they are reported.
 COMPONENTS: tuple[str, ...] = ("embeddings", "within_visit_encoder", "visit_encoder", "heads")
@@ -30,8 +30,9 @@ def layer_norm(dim: int) -> int:
 
 
 def transformer_block(d_model: int, d_ff: int) -> int:
-    """One pre-LN block of `ehrplan.models.transformer`: two LayerNorms, fused qkv projection
-    [3d, d] + bias, output projection [d, d] + bias, and the feed-forward pair d -> d_ff -> d."""
+    """One pre-LN block of `ehrplan.runtime.models.transformer`: two LayerNorms, fused qkv
+    projection [3d, d] + bias, output projection [d, d] + bias, and the feed-forward pair
+    d -> d_ff -> d."""
     return (
         2 * layer_norm(d_model)
         + linear(d_model, 3 * d_model)
@@ -72,7 +73,8 @@ def _heads(c: EHRModelConfig, width: int) -> dict[str, int]:
 
 
 def count_parameters(c: EHRModelConfig) -> ParamBreakdown:
-    """The exact parameter count of `ehrplan.models.build_model(c)`, by module and component."""
+    """The exact parameter count of `ehrplan.runtime.models.build_model(c)`, by module and
+    component."""
     E, D, H = c.code_embed_dim, c.visit_embed_dim, c.hidden_dim
     emb = {"encoder.code_embeddings": c.vocab_size * E}  # nn.Embedding [vocab, E]
     if c.model_type == "lstm":

@@ -1,16 +1,16 @@
 """What fits: budgets per device, every preset against them, and the cheapest change that helps.
 
 The logic behind `ehrplan recommend` and `ehrplan validate`. No torch: memory comes from
-`ehrplan.estimator.estimate_memory` (analytic); its caveats for the device (an unmeasured CUDA or
-MPS path) travel with every answer as ``estimate_notes``.
+`ehrplan.plan.estimator.estimate_memory` (analytic); its caveats for the device (an unmeasured CUDA
+or MPS path) travel with every answer as ``estimate_notes``.
 
 Rules, written once:
 
-- Budget = usable memory x (1 - headroom). Usable: see `ehrplan.hardware` (NVIDIA: total less
+- Budget = usable memory x (1 - headroom). Usable: see `ehrplan.plan.hardware` (NVIDIA: total less
   driver reserve and CUDA context; Apple: GPU working set; CPU: RAM or the cgroup limit).
 - Precision: fp32 unless the config asks for mixed precision; then bf16 where the device has it
   (NVIDIA compute capability >= 8.0, CPU autocast), fp16 on MPS and on T4-class GPUs.
-- Data parallel over N GPUs (`ehrplan.parallel`): DDP (default) holds a full replica, Adam state
+- Data parallel over N GPUs (`ehrplan.plan.per_gpu`): DDP (default) holds a full replica, Adam state
   and gradient buckets on every GPU; FSDP (``--strategy fsdp``) shards them and all-gathers one
   unit at a time. Each GPU runs its share of the effective batch (`data_parallel_settings`); the
   peak is per GPU, the budget that of the smallest GPU used, the job total is N x the peak.
@@ -27,13 +27,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ehrplan.catalog import CatalogDevice, get_target
-from ehrplan.config import EHRModelConfig, load_presets
 from ehrplan.errors import DeviceError, UsageError
-from ehrplan.estimator import estimate_memory
-from ehrplan.hardware import GIB, HardwareReport
-from ehrplan.parallel import DEFAULT_UTILISATION, estimate_parallel, estimate_time
-from ehrplan.units import Size
+from ehrplan.plan.catalog import CatalogDevice, get_target
+from ehrplan.plan.config import EHRModelConfig, load_presets
+from ehrplan.plan.estimator import estimate_memory
+from ehrplan.plan.hardware import GIB, HardwareReport
+from ehrplan.plan.per_gpu import DEFAULT_UTILISATION, estimate_parallel, estimate_time
+from ehrplan.plan.units import Size
 
 DEFAULT_HEADROOM = 0.1
 
@@ -58,7 +58,7 @@ class Budget:
     gpus: int = 1
     nominal_bytes: int | None = None  # memory as sold, for the seed's tiers
     notes: tuple[str, ...] = ()
-    strategy: str = "ddp"  # with gpus > 1: ddp or fsdp (`ehrplan.parallel`)
+    strategy: str = "ddp"  # with gpus > 1: ddp or fsdp (`ehrplan.plan.per_gpu`)
     fp32_tflops: float | None = None  # catalog: dense peaks, for the time estimate
     half_tflops: float | None = None
     utilisation: float = DEFAULT_UTILISATION

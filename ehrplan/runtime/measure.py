@@ -37,10 +37,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ehrplan.batch import Batch, synthetic_batch
-from ehrplan.config import EHRModelConfig
 from ehrplan.errors import DeviceError, DoesNotFitError, UsageError
-from ehrplan.models import build_model
+from ehrplan.plan.config import EHRModelConfig
+from ehrplan.runtime.batch import Batch, synthetic_batch
+from ehrplan.runtime.models import build_model
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
@@ -183,7 +183,7 @@ def make_step(
     called after each phase (used to sample memory where there is no peak counter)."""
 
     if loss_fn is None:  # the loss `ehrplan train` trains with: the measured step is its step
-        from ehrplan.training.loss import ProgressionLoss
+        from ehrplan.runtime.training.loss import ProgressionLoss
 
         loss_fn = ProgressionLoss()
 
@@ -337,7 +337,7 @@ def measure_in_subprocess(
     """`measure_step` in a fresh Python process: nothing of this process's memory mixes in, and
     the RSS growth (``process_peak_rss_bytes - rss_before_bytes``) is the step's own."""
     request = json.dumps({"config": config.model_dump(), "kwargs": kwargs})
-    code = "from ehrplan.measure import _subprocess_main; _subprocess_main()"
+    code = "from ehrplan.runtime.measure import _subprocess_main; _subprocess_main()"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         input=request,
@@ -354,8 +354,8 @@ def measure_in_subprocess(
 
 
 def _subprocess_main() -> None:
-    from ehrplan.config import validate_config
     from ehrplan.errors import EhrplanError
+    from ehrplan.plan.config import validate_config
 
     request = json.loads(sys.stdin.read())
     try:

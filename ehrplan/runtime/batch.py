@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ehrplan.config import EHRModelConfig
+from ehrplan.plan.config import EHRModelConfig
 
 IGNORE_INDEX = -100  # stage label of a padded visit (torch's cross-entropy default)
 
@@ -52,15 +52,15 @@ class Batch:
 
     def visit_groups(self) -> list[tuple[int, int]]:
         """``(visits, codes)`` of the length groups the CPU within-visit LSTM runs for this
-        batch (`ehrplan.grouping`), for the estimator's data-shaped estimate."""
-        from ehrplan.grouping import group_shapes
+        batch (`ehrplan.plan.grouping`), for the estimator's data-shaped estimate."""
+        from ehrplan.plan.grouping import group_shapes
 
         return group_shapes(self.code_mask.sum(-1).flatten().tolist())
 
     def encoder_groups(self, model_type: str, device_type: str) -> list[tuple[int, int]] | None:
         """`visit_groups` where the model runs them: an LSTM on a device that groups; None where
         the within-visit encoder makes one call."""
-        from ehrplan.grouping import grouping_enabled
+        from ehrplan.plan.grouping import grouping_enabled
 
         if model_type != "lstm" or not grouping_enabled(device_type):
             return None

@@ -15,7 +15,7 @@ What changed from the seed:
   before a real visit; ``final_hidden`` is gathered at each patient's last real visit.
 - All real visits of a batch go through the within-visit LSTM together instead of in a Python
   loop over visit positions: on the CPU sorted by their number of codes and cut into a few length
-  groups, each padded only to its own longest visit (`ehrplan.grouping`); elsewhere as one
+  groups, each padded only to its own longest visit (`ehrplan.plan.grouping`); elsewhere as one
   ``[N, codes]`` call over the N real visits.
 - Gradient checkpointing (``use_checkpoint``) is a real option: both levels are recomputed in
   backward.
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ehrplan.grouping import grouping_enabled, plan_groups
-from ehrplan.models.common import (
+from ehrplan.plan.grouping import grouping_enabled, plan_groups
+from ehrplan.runtime.models.common import (
     ProgressionHeads,
     last_real,
     maybe_checkpoint,
@@ -38,7 +38,7 @@ from ehrplan.models.common import (
 )
 
 if TYPE_CHECKING:
-    from ehrplan.config import EHRModelConfig
+    from ehrplan.plan.config import EHRModelConfig
 
 
 class LSTMVisitEncoder(nn.Module):

@@ -6,8 +6,8 @@ from typing import Literal
 
 import torch
 
-from ehrplan.config import EHRModelConfig
 from ehrplan.errors import UsageError
+from ehrplan.plan.config import EHRModelConfig
 
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 PRECISION_CHOICES: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
@@ -16,8 +16,8 @@ Precision = Literal["fp32", "fp16", "bf16"]
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA if present, else MPS, else CPU; a named device must be present (the dry
-    run's rule, `ehrplan.measure.resolve_device`)."""
-    from ehrplan.measure import resolve_device as measure_resolve
+    run's rule, `ehrplan.runtime.measure.resolve_device`)."""
+    from ehrplan.runtime.measure import resolve_device as measure_resolve
 
     return torch.device(measure_resolve(name))
 

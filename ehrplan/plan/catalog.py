@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ehrplan.config import presets_dir, read_toml
 from ehrplan.errors import ConfigError
-from ehrplan.hardware import CUDA_CONTEXT_ALLOWANCE, GIB, MIB, apple_working_set
+from ehrplan.plan.config import presets_dir, read_toml
+from ehrplan.plan.hardware import CUDA_CONTEXT_ALLOWANCE, GIB, MIB, apple_working_set
 
 CATALOG_FILE = "hardware.toml"
 
@@ -57,7 +57,7 @@ class CatalogDevice(BaseModel):
 
         NVIDIA: the reported total less the CUDA context allowance (the driver's reserve, which
         NVML v2 reports on a real card, is not known for a catalog row). Apple: the GPU working
-        set estimated from the unified memory (`ehrplan.hardware.apple_working_set`).
+        set estimated from the unified memory (`ehrplan.plan.hardware.apple_working_set`).
         """
         if self.kind == "nvidia":
             assert self.reported_total_mib is not None

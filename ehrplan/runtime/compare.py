@@ -1,18 +1,18 @@
 """`ehrplan compare`: the LSTM and the Transformer of one size, trained alike, side by side.
 
 Both presets of a size (``<size>-lstm`` and ``<size>-transformer``) are trained with the trainer
-(`ehrplan.training.run`) on the same data set (so the same train / tuning / held-out split and
-the same train-split vocabulary), for the same number of optimizer steps, with the same seed, the
-same CPU thread count and the same evaluation schedule. The presets keep their own micro-batch
-and accumulation (they are sized for memory); patients per optimizer step are reported so a
-reader sees whether the two saw as many patients.
+(`ehrplan.runtime.training.run`) on the same data set (so the same train / tuning / held-out split
+and the same train-split vocabulary), for the same number of optimizer steps, with the same seed,
+the same CPU thread count and the same evaluation schedule. The presets keep their own micro-batch
+and accumulation (they are sized for memory); patients per optimizer step are reported so a reader
+sees whether the two saw as many patients.
 
 The comparison folder (``--out``, default ``runs/compare-<size>``, numbered when taken) holds
 the two run folders, ``comparison.json`` (the payload ``--json`` prints), ``comparison.md`` (the
 table) and ``curves.png`` (both learning curves in one figure).
 
 Every number in the table is read from the two runs: parameters are counted analytically from
-the config they trained (exact, `ehrplan.params`); the measured step peak is the largest of the
+the config they trained (exact, `ehrplan.plan.params`); the measured step peak is the largest of the
 run's measurements (``memory.json``) beside the estimator's figure for that same batch; held-out
 metrics are those of each run's best checkpoint (lowest tuning loss).
 """
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ehrplan.config import SIZES, EHRModelConfig, get_preset, validate_config
 from ehrplan.errors import UsageError
-from ehrplan.output import fmt_bytes
+from ehrplan.plan.config import SIZES, EHRModelConfig, get_preset, validate_config
+from ehrplan.plan.units import fmt_bytes
 
 SIDES: tuple[str, ...] = ("lstm", "transformer")
 LABELS = {"lstm": "LSTM", "transformer": "Transformer"}
@@ -56,7 +56,7 @@ class CompareRequest:
 def comparison_dir(out: Path | None, size: str) -> Path:
     """``--out`` (which must not hold a comparison or a run), or ``runs/compare-<size>``,
     ``runs/compare-<size>-2``, ..."""
-    from ehrplan.training.run import RUNS_ROOT
+    from ehrplan.runtime.training.run import RUNS_ROOT
 
     if out is not None:
         taken = [out / FILES["json"], *(out / f"{size}-{t}" for t in SIDES)]
@@ -88,7 +88,7 @@ def _largest_measurement(run_dir: Path) -> dict[str, Any] | None:
 
 def _side(name: str, summary: dict[str, Any], wall: float) -> dict[str, Any]:
     """One column of the table, from a finished run's summary and folder."""
-    from ehrplan.params import count_parameters
+    from ehrplan.plan.params import count_parameters
 
     run_dir = Path(summary["run_dir"])
     config = validate_config(summary["config"])
@@ -146,9 +146,9 @@ def _warm_imports() -> None:
 
 def run_compare(req: CompareRequest) -> dict[str, Any]:
     """Train both models of ``req.size``; write the table and the curves; return the payload."""
-    from ehrplan.training import run as runner
-    from ehrplan.training.data import synthetic_cohort
-    from ehrplan.training.device import auto_threads, resolve_device
+    from ehrplan.runtime.training import run as runner
+    from ehrplan.runtime.training.data import synthetic_cohort
+    from ehrplan.runtime.training.device import auto_threads, resolve_device
 
     configs = _presets(req.size)
     device = resolve_device(req.device)

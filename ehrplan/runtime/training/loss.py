@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ehrplan.batch import IGNORE_INDEX, Batch
+from ehrplan.runtime.batch import IGNORE_INDEX, Batch
 
 DAYS_PER_YEAR = 365.25
 MIN_DAYS = 1.0  # a progression on the visit's own day is read as "within one day" (log 0 = -inf)

@@ -1,7 +1,7 @@
 """What `ehrplan train` trains: `--auto`'s choice, and the fit check for an explicit config.
 
-``--auto`` probes the machine (`ehrplan.hardware`), plans every preset of the model type against
-the budget (`ehrplan.planner.plan`, the logic of ``ehrplan recommend``) and takes its
+``--auto`` probes the machine (`ehrplan.plan.hardware`), plans every preset of the model type
+against the budget (`ehrplan.plan.planner.plan`, the logic of ``ehrplan recommend``) and takes its
 recommendation, including the change (smaller micro-batch with more accumulation, checkpointing,
 mixed precision) that makes it fit. Where the recommendation fits with room to spare, ``--auto``
 also spends the room on speed: checkpointing off when the step fits without it, and fewer, larger
@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ehrplan.config import EHRModelConfig, get_preset, load_presets
 from ehrplan.errors import DeviceError, UsageError
-from ehrplan.output import fmt_bytes
+from ehrplan.plan.config import EHRModelConfig, get_preset, load_presets
+from ehrplan.plan.units import fmt_bytes
 
 CPU_MAX_SIZE = "small"  # largest preset size --auto picks when there is no GPU (see above)
 SIZE_ORDER = ("tiny", "small", "medium", "large")
@@ -43,8 +43,8 @@ class Choice:
 
 def budget_for(device_type: str, headroom: float = 0.1) -> tuple[Any, dict[str, Any]]:
     """The planner's budget for the device the run trains on, and the hardware report."""
-    from ehrplan.hardware import probe
-    from ehrplan.planner import budget_from_probe, host_budget
+    from ehrplan.plan.hardware import probe
+    from ehrplan.plan.planner import budget_from_probe, host_budget
 
     report = probe(probe_mps=device_type == "mps")
     hw = report.model_dump()
@@ -58,14 +58,14 @@ def budget_for(device_type: str, headroom: float = 0.1) -> tuple[Any, dict[str, 
 
 def estimate_bytes(config: EHRModelConfig, precision: str, device_type: str) -> int:
     """The analytic peak of one training step as this run will train it."""
-    from ehrplan.estimator import estimate_memory
+    from ehrplan.plan.estimator import estimate_memory
 
     return estimate_memory(config, precision=precision, device=device_type).total_bytes
 
 
 def auto_choice(model_type: str, device_type: str) -> Choice:
     """``--auto``: recommend's choice for this machine (capped at small on the CPU)."""
-    from ehrplan.planner import fit, plan
+    from ehrplan.plan.planner import fit, plan
 
     budget, hw = budget_for(device_type)
     result = plan(budget, [model_type])
@@ -111,9 +111,9 @@ def auto_choice(model_type: str, device_type: str) -> Choice:
 
 def _fit_as_trained(config: EHRModelConfig, budget: Any, name: str) -> Any:
     """The planner's fit, in the precision the run will train in: on the CPU `ehrplan train`
-    trains fp32 unless asked (`ehrplan.training.device.resolve_precision`), while the planner
-    plans a mixed-precision config in bf16; fp32 is the larger, so the safe, estimate."""
-    from ehrplan.planner import fit
+    trains fp32 unless asked (`ehrplan.runtime.training.device.resolve_precision`), while the
+    planner plans a mixed-precision config in bf16; fp32 is the larger, so the safe, estimate."""
+    from ehrplan.plan.planner import fit
 
     if budget.device == "cpu" and config.mixed_precision:
         return fit(config.model_copy(update={"mixed_precision": False}), budget, name)
@@ -154,7 +154,7 @@ def _fold_accumulation(
     32 x 1 (checkpointing off too) trained 283 patients/s against 130 for the preset's 4 x 8
     (``benchmarks/train_throughput.py``, rows in ``benchmarks/data/``).
     """
-    from ehrplan.planner import larger_micro_batches
+    from ehrplan.plan.planner import larger_micro_batches
 
     for b, acc in larger_micro_batches(config):
         update = {"batch_size": b, "gradient_accumulation_steps": acc}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ehrplan.config import EHRModelConfig
+from ehrplan.plan.config import EHRModelConfig
 
 
 def memory_in_use(device: torch.device) -> int:
@@ -35,7 +35,7 @@ def estimate_for_batch(
 ) -> int:
     """The analytic peak for a micro-batch of ``B`` patients x ``V`` visits x ``C`` codes (the
     data-shaped batch, not the preset maxima), whose within-visit encoder runs ``groups``."""
-    from ehrplan.estimator import estimate_memory
+    from ehrplan.plan.estimator import estimate_memory
 
     est = estimate_memory(
         config, precision=precision, device=device, batch_size=B, visits=V, codes=C,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ehrplan.models.common import (
+from ehrplan.runtime.models.common import (
     ProgressionHeads,
     last_real,
     maybe_checkpoint,
@@ -39,7 +39,7 @@ from ehrplan.models.common import (
 )
 
 if TYPE_CHECKING:
-    from ehrplan.config import EHRModelConfig
+    from ehrplan.plan.config import EHRModelConfig
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,7 +1,7 @@
 """Per-GPU peak memory and step time of data-parallel training (DDP, FSDP2), analytically.
 
-No torch: this composes `ehrplan.estimator.estimate_memory` (one device, one micro-batch) with
-what `ehrplan.distributed.wrap_model` adds or removes on every rank.
+No torch: this composes `ehrplan.plan.estimator.estimate_memory` (one device, one micro-batch) with
+what `ehrplan.runtime.distributed.wrap_model` adds or removes on every rank.
 
 The estimator models a step as phases (moments where the live set can peak). Asked for a step
 that accumulates (``gradient_accumulation_steps >= 2``), every phase it returns holds a full set
@@ -34,7 +34,7 @@ the sharded gradients. gloo has no native reduce-scatter: on the CPU the input i
 
 Dim-0 padding of each tensor to a multiple of W (at most W - 1 rows per tensor) is left out.
 
-The time estimate divides the FLOPs of a rank's share of an optimizer step (`ehrplan.flops`, at
+The time estimate divides the FLOPs of a rank's share of an optimizer step (`ehrplan.plan.flops`, at
 full padding) by the device's dense peak throughput from the hardware catalog times an assumed
 utilisation (``DEFAULT_UTILISATION``). Communication is assumed to overlap with compute and is
 not modelled.
@@ -43,19 +43,52 @@ not modelled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from ehrplan.config import EHRModelConfig
-from ehrplan.distributed import STRATEGIES, split_batch
 from ehrplan.errors import UsageError
-from ehrplan.estimator import (
+from ehrplan.plan.config import EHRModelConfig
+from ehrplan.plan.estimator import (
     CUDA_RESERVED_FACTOR,
     estimate_memory,
     largest_updated_tensor,
     static_memory,
 )
-from ehrplan.flops import training_step_flops
-from ehrplan.params import count_parameters, lstm_layer, transformer_block
+from ehrplan.plan.flops import training_step_flops
+from ehrplan.plan.params import count_parameters, lstm_layer, transformer_block
+
+Strategy = Literal["ddp", "fsdp"]
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
+
+
+def split_batch(effective_batch: int, micro_batch: int, world_size: int) -> tuple[int, int]:
+    """Per-rank micro-batch and accumulation steps with
+    ``micro x accumulation x world_size == effective_batch``.
+
+    Keeps the config's micro-batch where it divides evenly, else the largest micro-batch no
+    bigger than it that does; refuses an effective batch the ranks cannot share evenly.
+    """
+    if effective_batch % world_size:
+        raise UsageError(
+            f"the effective batch {effective_batch} cannot be split evenly over "
+            f"{world_size} processes"
+        )
+    per_rank = effective_batch // world_size
+    micro = min(micro_batch, per_rank)
+    while per_rank % micro:
+        micro -= 1
+    return micro, per_rank // micro
+
+
+def check_strategy(strategy: str, world_size: int) -> None:
+    """Refuse unknown strategies, and FSDP on one process (sharding over one rank is DDP-less
+    single-device training with extra all-gathers)."""
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
+    if strategy == "fsdp" and world_size < 2:
+        raise UsageError(
+            "--shard (FSDP) needs at least 2 processes: add --nproc N, or run under torchrun"
+        )
+
 
 FP32 = 4  # bytes per fp32 element (parameters, gradients, Adam state are fp32 in every precision)
 BACKENDS: tuple[str, ...] = ("nccl", "gloo")
@@ -124,7 +157,7 @@ class ParallelEstimate:
 
 
 def shard_units(config: EHRModelConfig) -> dict[str, int]:
-    """Parameters of each unit `ehrplan.distributed.shard_blocks` shards, and of the root.
+    """Parameters of each unit `ehrplan.runtime.distributed.shard_blocks` shards, and of the root.
 
     LSTM: the code embedding table, the within-visit LSTM, the sequence LSTM (one ``nn.LSTM``,
     all layers); the root keeps the visit projection and the heads. Transformer: the code and the
@@ -246,7 +279,7 @@ def estimate_parallel(
     ``accumulation`` replace that split (the planner grows the effective batch where it cannot be
     split evenly, and says so). ``visits``/``codes``: the padded batch shape (default: the
     config's maxima, full padding); ``visit_groups``: its within-visit length groups (see
-    `ehrplan.estimator.estimate_memory`).
+    `ehrplan.plan.estimator.estimate_memory`).
     """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
