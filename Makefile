@@ -1,18 +1,29 @@
 # Targets named in the README. `make test` creates .venv, installs the CPU build of torch
-# (pinned: an open range would pull a multi-GB CUDA build), installs ehrplan, lints and tests.
+# (pinned: an open range would pull a multi-GB CUDA build), installs ehrplan with its `train` and
+# `dev` extras, prepares the planner's wheelhouse, lints and tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# The planner's dependencies (no torch) and the build backend, as local wheels:
+# tests/test_install.py installs `pip install .` from them into a fresh venv, offline.
+WHEELHOUSE ?= .wheelhouse
 
 .PHONY: install test lint format bench clean device-wheels
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(WHEELHOUSE)/.done
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[train,dev]"
+	touch $@
+
+# `pip download .` resolves the base dependencies only (the planner); hatchling is the
+# build-system requirement of pyproject.toml, needed to build ehrplan itself without an index.
+$(WHEELHOUSE)/.done: pyproject.toml $(VENV)/.installed
+	rm -rf $(WHEELHOUSE)
+	$(PY) -m pip download -q -d $(WHEELHOUSE) . "hatchling>=1.21"
 	touch $@
 
 lint: install
@@ -40,4 +51,4 @@ device-wheels: install
 	ls .device-wheels
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .device-wheels
+	rm -rf $(VENV) $(WHEELHOUSE) .pytest_cache .ruff_cache .device-wheels
