@@ -15,6 +15,7 @@ from ehrplan.cli import dryrun, estimate, presets
 from ehrplan.cli import embeddings as embeddings_cmd
 from ehrplan.cli import hardware as hardware_cmd
 from ehrplan.cli import recommend as recommend_cmd
+from ehrplan.cli import schema as schema_cmd
 from ehrplan.cli import synth as synth_cmd
 from ehrplan.cli import train as train_cmd
 from ehrplan.cli import validate as validate_cmd
@@ -41,6 +42,7 @@ app.command("validate")(validate_cmd.validate)
 app.command("train")(train_cmd.train)
 app.command("compare")(compare_cmd.compare)
 app.command("export-embeddings")(embeddings_cmd.export_embeddings)
+app.command("schema")(schema_cmd.schema)
 
 
 def _fail(message: str, code: int) -> int:

@@ -31,14 +31,45 @@ def emit(
     as_json: bool,
     render: Callable[[dict[str, Any]], Iterable[RenderableType]],
 ) -> None:
-    """Print ``payload`` as JSON (``as_json``) or as the renderables ``render`` builds from it."""
+    """Print ``payload`` as JSON (``as_json``) or as the renderables ``render`` builds from it.
+
+    The JSON document is ``payload`` passed through the command's response model
+    (`ehrplan.cli.schemas`): what `ehrplan schema COMMAND` describes is what is printed.
+    """
     if as_json:
-        doc = {"schema_version": SCHEMA_VERSION, "command": command, **payload}
-        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+        write_json(document(command, payload))
         return
     console = stdout()
     for item in render(payload):
         console.print(item)
+
+
+def document(command: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` as ``command``'s JSON document, checked against its response model.
+
+    A key the model lacks, a missing key, a wrong type or a non-finite number is a bug of
+    ehrplan's (exit 70), reported in one line.
+    """
+    from pydantic import ValidationError
+
+    from ehrplan.cli.schemas import response_model
+
+    doc = {"schema_version": SCHEMA_VERSION, "command": command, **payload}
+    try:
+        model = response_model(command).model_validate(doc)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise RuntimeError(
+            f"the --json output of '{command}' does not match its schema ({e.error_count()} "
+            f"error(s)); first: {where}: {first['msg']}"
+        ) from None
+    return model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def write_json(doc: Any) -> None:
+    """One JSON document on stdout; never a bare NaN or Infinity (not JSON)."""
+    sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
 def warn(message: str) -> None:

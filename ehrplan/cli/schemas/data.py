@@ -1,0 +1,109 @@
+"""`synth --json` and `data stats --json`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ehrplan.cli.schemas.base import Doc, Out
+
+
+class Summary(Out):
+    """mean, median, 95th percentile and maximum of a count."""
+
+    mean: float
+    p50: int
+    p95: int
+    max: int
+
+
+class SynthOut(Doc):
+    command: Literal["synth"]
+    out: str
+    patients: int
+    events: int
+    clinical_visits: int
+    label_rows: int
+    codes: int
+    files: list[str]
+    patients_by_split: dict[str, int]
+    seed: int
+    seconds: float
+
+
+class TimeToEvent(Out):
+    p50: float | None
+    max: float | None
+
+
+class LabelBalance(Out):
+    labelled_visits: int
+    stage_counts: dict[str, int]
+    event_observed: int
+    censored: int
+    time_to_event_days: TimeToEvent
+
+
+class VocabInfo(Out):
+    min_count: int
+    value_bins: int
+    size: int
+
+
+class Truncation(Out):
+    max_visits: int
+    max_codes_per_visit: int
+    patients: int
+    patients_truncated: int
+    visits: int
+    visits_dropped: int
+    visits_truncated: int
+    events: int
+    events_dropped: int
+    labelled_visits_dropped: int
+    events_dropped_fraction: float
+
+
+class BatchDims(Out):
+    batch_size: int
+    bucketing: bool
+    batches: int
+    visits: Summary
+    codes_per_visit: Summary
+    positions: Summary
+    positions_at_preset_maxima: int
+    real_codes: int
+    padding_ratio: float | None
+    padding_ratio_preset_maxima: float | None
+
+
+class BatchShapes(Out):
+    per_batch: BatchDims
+    per_batch_bucketed: BatchDims
+
+
+class PresetStats(Out):
+    preset: str
+    vocab_size: int
+    truncation: Truncation
+    batch_shapes: BatchShapes
+
+
+class DataStatsOut(Doc):
+    command: Literal["data stats"]
+    root: str
+    files: int
+    patients: int
+    events: int
+    visits: int
+    visit_window_hours: float
+    visits_per_patient: Summary
+    codes_per_visit: Summary
+    distinct_codes: int
+    vocab_size: int | None
+    patients_by_split: dict[str, int]
+    labels: LabelBalance | None
+    reader: dict[str, int] = Field(description="What the reader read, dropped and replaced.")
+    vocab: VocabInfo
+    presets: list[PresetStats]

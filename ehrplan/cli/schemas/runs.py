@@ -1,0 +1,187 @@
+"""The torch commands' documents: `dry-run`, `train`, `compare`, `export-embeddings`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ehrplan.cli.schemas.base import ByTerm, Doc, Metric, Out
+from ehrplan.plan.config import EHRModelConfig, ModelType
+
+
+class DryRunOut(Doc):
+    command: Literal["dry-run"]
+    source: str
+    data: str | None
+    batch_shape: list[int] | None = Field(description="patients, visits, codes (--data).")
+    visit_groups: list[tuple[int, int]] | None
+    model_type: ModelType
+    device: str
+    precision: str
+    batch_size: int
+    micro_batches: int
+    checkpointing: bool
+    measured_peak_bytes: int
+    estimated_peak_bytes: int
+    error: float = Field(description="(estimated - measured) / measured.")
+    peak_reserved_bytes: int | None
+    process_peak_rss_bytes: int | None
+    measurement_method: str
+    lstm_kernel: str | None
+    step_seconds: float
+    estimated_peak_phase: str
+    estimate_breakdown: ByTerm
+    device_overhead: ByTerm
+    available_bytes: int | None
+    available_source: str | None
+    notes: list[str]
+
+
+class SplitMetrics(Out):
+    loss: Metric
+    stage_accuracy: Metric
+    stage_macro_f1: Metric
+    stage_macro_auroc: Metric
+    stage_qw_kappa: Metric
+    c_index: Metric
+    mae_days_observed: Metric
+    visits: int
+    observed_events: int
+    baseline_majority_stage: int | None = None
+    baseline_stage_accuracy: Metric = None
+    baseline_stage_macro_f1: Metric = None
+
+
+class TuningAndHeldOut(Out):
+    tuning: SplitMetrics
+    held_out: SplitMetrics
+
+
+class MemoryRecord(Out):
+    """A measured step peak beside the estimate for the same data-shaped batch."""
+
+    session: int
+    step: int
+    method: str
+    batch_shape: list[int]
+    visit_groups: list[tuple[int, int]] | None
+    micro_batches: int | None
+    measured_peak_bytes: int
+    peak_reserved_bytes: int | None
+    estimated_peak_bytes: int
+    error: float | None
+
+
+class Distributed(Out):
+    strategy: str
+    world_size: int
+    micro_batch_per_rank: int
+    accumulation_per_rank: int
+
+
+class EmbeddingsInfo(Out):
+    file: str
+    format: str
+    codes_in_file: int
+    dim: int
+    code_embed_dim: int
+    projected: bool
+    frozen: bool
+    matched: int
+    missing: int
+    unused: int
+
+
+class TrainOut(Doc):
+    command: Literal["train"]
+    run_dir: str
+    steps: int
+    epochs_completed: int
+    device: str
+    precision: str
+    patients_trained: int
+    train_seconds: float
+    patients_per_s: float | None
+    wall_seconds_this_session: float
+    final_train_loss: Metric
+    peak_memory_bytes: int | None = Field(description="Largest process memory of any step.")
+    memory: MemoryRecord | None = Field(description="The measurement with the largest |error|.")
+    memory_measurements: int
+    estimate_bytes: int
+    best_step: int | None
+    last: TuningAndHeldOut = Field(description="Metrics of the last weights.")
+    best: TuningAndHeldOut = Field(description="Metrics of the best checkpoint (tuning loss).")
+    distributed: Distributed | None = None
+    source: str
+    embeddings: EmbeddingsInfo | None = None
+    reasons: list[str]
+    config: EHRModelConfig
+
+
+class HeldOutBrief(Out):
+    loss: Metric
+    stage_accuracy: Metric
+    stage_macro_f1: Metric
+    baseline_stage_macro_f1: Metric
+    stage_macro_auroc: Metric
+    c_index: Metric
+
+
+class CompareSide(Out):
+    preset: str
+    run_dir: str
+    parameters: int
+    trainable_parameters: int
+    vocab_size: int
+    batch: list[int]
+    patients_per_step: int
+    estimated_peak_bytes: int | None
+    measured_peak_bytes: int | None
+    measured_step: int | None
+    measured_batch: list[int] | None
+    measured_method: str | None
+    estimate_for_measured_batch_bytes: int | None
+    estimate_error: float | None
+    memory_measurements: int | None
+    steps: int
+    patients_trained: int
+    patients_per_s: float | None
+    train_seconds: float
+    wall_seconds: float
+    best_step: int | None
+    final_train_loss: Metric
+    held_out: HeldOutBrief
+
+
+class CompareFiles(Out):
+    json_: str = Field(alias="json")
+    markdown: str
+    png: str
+
+
+class CompareOut(Doc):
+    command: Literal["compare"]
+    size: str
+    data: str
+    max_steps: int
+    seed: int
+    eval_every: int
+    threads: int
+    device: str
+    comparison_dir: str
+    files: CompareFiles
+    held_out_metrics_of: str
+    models: dict[ModelType, CompareSide]
+
+
+class ExportEmbeddingsOut(Doc):
+    command: Literal["export-embeddings"]
+    run_dir: str
+    checkpoint: str
+    step: int
+    out: str
+    format: str
+    codes: int
+    dim: int
+    bytes: int
