@@ -157,6 +157,9 @@ def test_torch_command_outputs_validate_against_their_schema(capsys, tmp_path: P
         ["dry-run", "--preset", "tiny", "--device", "cpu"],
         ["train", "--preset", "tiny", "--data", str(data), "--out", str(run), *steps],
         ["export-embeddings", str(run), "--out", str(tmp_path / "emb.safetensors")],
+        # a real run folder read back as a config: validate RUN_DIR, --config its config.json
+        ["validate", str(run), "--budget", "1GiB"],
+        ["estimate", "--config", str(run / "config.json")],
         ["compare", "--data", str(data), "--out", str(tmp_path / "cmp"), *steps],
     ]
     for args in runs:

@@ -72,6 +72,11 @@ def write_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
+def write_text(text: str) -> None:
+    """Machine-read text (GitHub annotations, JUnit XML) on stdout, as it is."""
+    sys.stdout.write(text + "\n")
+
+
 def warn(message: str) -> None:
     """A hint or warning for people, on stderr."""
     stderr().print(f"[yellow]warning:[/] {message}", highlight=False)

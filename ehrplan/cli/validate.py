@@ -1,18 +1,23 @@
 """`ehrplan validate`: for CI. Exit 0 if every config fits the budget, 1 if any does not, 2 if
-the input is invalid. Never imports torch."""
+the input is invalid. Never imports torch.
+
+``--format text|json`` stop at the first invalid input; ``--format github|junit`` report every
+config (an invalid one among them), then exit with the worst code.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import RenderableType
 from rich.table import Table
 
 from ehrplan.cli.options import JsonOpt
-from ehrplan.cli.output import emit
+from ehrplan.cli.output import emit, write_text
 from ehrplan.cli.recommend import (
     DeviceOpt,
     GpusOpt,
@@ -22,16 +27,20 @@ from ehrplan.cli.recommend import (
     render_budget,
     resolve_budget,
 )
-from ehrplan.errors import DoesNotFitError, UsageError
-from ehrplan.plan.config import EHRModelConfig, get_preset, resolve_config
-from ehrplan.plan.planner import DEFAULT_HEADROOM, fit
+from ehrplan.errors import ConfigError, DoesNotFitError, EhrplanError, UsageError
+from ehrplan.plan.config import EHRModelConfig, config_file_path, get_preset, resolve_config
+from ehrplan.plan.planner import DEFAULT_HEADROOM, Budget, fit
 from ehrplan.plan.units import fmt_bytes
+
+if TYPE_CHECKING:
+    from ehrplan.cli.ci_report import Verdict
 
 ItemsArg = Annotated[
     list[str],
     typer.Argument(
         metavar="CONFIG_OR_PRESET...",
-        help="Config TOML files and/or preset names (see `ehrplan presets`).",
+        help="Config files (TOML, or JSON such as a run folder's config.json), run folders, "
+        "and/or preset names (see `ehrplan presets`).",
         show_default=False,
     ),
 ]
@@ -43,10 +52,27 @@ BudgetOpt = Annotated[
     ),
 ]
 
+Format = Literal["text", "json", "github", "junit"]
+FormatOpt = Annotated[
+    Format | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help="text (default), json (= --json), github (workflow annotations on each config "
+        "file) or junit (JUnit XML, one test case per config).",
+        show_default=False,
+    ),
+]
+
+
+def is_file_item(item: str) -> bool:
+    """A config file or run folder (a path, or a name ending in .toml/.json), not a preset."""
+    return item.endswith((".toml", ".json")) or Path(item).exists() or "/" in item
+
 
 def load_item(item: str) -> tuple[str, EHRModelConfig]:
-    """A config file (a path, or any name ending in .toml) or else a preset name."""
-    if item.endswith(".toml") or Path(item).exists() or "/" in item:
+    """A config file (TOML or JSON), a run folder (its config.json), or else a preset name."""
+    if is_file_item(item):
         return item, resolve_config(config_file=item)[0]
     return item, get_preset(item).config
 
@@ -59,6 +85,7 @@ def validate(
     device: DeviceOpt = None,
     gpus: GpusOpt = None,
     strategy: StrategyOpt = "ddp",
+    format_: FormatOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check that configs fit a memory budget (--budget SIZE or --target NAME): a CI gate.
@@ -66,11 +93,17 @@ def validate(
     Exit 0: every config fits; 1: at least one does not (each is named with its estimate and the
     budget); 2: invalid input (unknown preset, malformed file, bad size).
     """
+    if json_ and format_ not in (None, "json"):
+        raise UsageError(f"--json and --format {format_} disagree: give one of them")
+    fmt: Format = "json" if json_ else (format_ or "text")
     if (budget is None) == (target is None):
         raise UsageError("give exactly one of --budget SIZE or --target NAME")
     b = resolve_budget(
         target, budget, gpus, headroom, device, memory_flag="--budget", strategy=strategy
     )
+    if fmt in ("github", "junit"):
+        _report(items, b, fmt)
+        return
     configs = [load_item(i) for i in items]  # every input is checked before any verdict
     fits = [fit(cfg, b, name) for name, cfg in configs]
     notes = list(dict.fromkeys(n for f in fits for n in f.notes))
@@ -80,7 +113,7 @@ def validate(
         "ok": all(f.fits for f in fits),
         "estimate_notes": notes,
     }
-    emit("validate", payload, as_json=json_, render=_render)
+    emit("validate", payload, as_json=fmt == "json", render=_render)
     failing = [f for f in fits if not f.fits]
     if failing:
         raise DoesNotFitError(
@@ -90,6 +123,38 @@ def validate(
                 for f in failing
             )
         )
+
+
+def _verdict(item: str, budget: Budget) -> Verdict:
+    """One config judged; an invalid one is a verdict too (its one-line error)."""
+    from ehrplan.cli.ci_report import Verdict
+
+    file = str(config_file_path(item)) if is_file_item(item) else None
+    start = time.perf_counter()
+    try:
+        name, cfg = load_item(item)
+        f = fit(cfg, budget, name)
+    except EhrplanError as e:
+        return Verdict(item, file, None, str(e), time.perf_counter() - start)
+    return Verdict(item, file, f, None, time.perf_counter() - start)
+
+
+def _report(items: list[str], budget: Budget, fmt: Format) -> None:
+    """Every config's verdict as GitHub annotations or JUnit XML; exit 2 if any is invalid,
+    else 1 if any does not fit."""
+    from ehrplan.cli.ci_report import github_annotations, junit_xml
+
+    verdicts = [_verdict(i, budget) for i in items]
+    render = github_annotations if fmt == "github" else junit_xml
+    write_text(render(verdicts, budget))
+    invalid = [v for v in verdicts if v.status == "invalid"]
+    if invalid:
+        raise ConfigError(
+            f"{len(invalid)} of {len(verdicts)} config(s) invalid: {invalid[0].message}"
+        )
+    failing = [v for v in verdicts if v.status == "does not fit"]
+    if failing:
+        raise DoesNotFitError("; ".join(v.message for v in failing))
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:

@@ -9,6 +9,7 @@ command-line flag > config file > preset > field defaults.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping
 from functools import cache
@@ -221,9 +222,53 @@ def _split_meta(doc: dict[str, Any], path: Path) -> tuple[PresetMeta, dict[str, 
     return meta, doc
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The config fields a user's TOML file sets (its optional `[preset]` table is ignored)."""
+RUN_CONFIG = "config.json"
+"""The file of a run folder that holds its resolved config (`ehrplan train` writes it)."""
+
+
+def config_file_path(path: str | Path) -> Path:
+    """The file a config path names: itself, or a run folder's ``config.json``."""
     path = Path(path)
+    if path.is_dir() and (path / RUN_CONFIG).is_file():
+        return path / RUN_CONFIG
+    return path
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a config accepts")
+
+
+def read_json_config(path: Path) -> dict[str, Any]:
+    """The config fields of a JSON file: a flat object of fields, or a run folder's
+    ``config.json`` (the resolved config under ``"config"``, beside how the run was made)."""
+    if path.is_dir():
+        raise ConfigError(f"config file is a directory (no {RUN_CONFIG} in it): {path}")
+    if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+        raise ConfigError(f"config file is not a regular file: {path}")
+    try:
+        doc = json.loads(path.read_bytes(), parse_constant=_no_constant)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except ValueError as err:  # json.JSONDecodeError, NaN and Infinity
+        raise ConfigError(f"malformed JSON in {path}: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a JSON config is an object of fields, not {type(doc).__name__}")
+    if isinstance(doc.get("config"), dict):  # a run folder's config.json
+        return dict(doc["config"])
+    return doc
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The config fields a user's file sets: TOML (its optional `[preset]` table is ignored), or
+    JSON (``*.json``: flat fields, or a run folder's ``config.json``); a run folder reads its
+    ``config.json``."""
+    path = config_file_path(path)
+    if path.suffix.lower() == ".json":
+        return read_json_config(path)
     _, fields = _split_meta(read_toml(path), path)
     return fields
 
