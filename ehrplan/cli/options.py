@@ -26,7 +26,8 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="A TOML file of config fields; it overrides the preset, flags override it.",
+        help="A TOML or JSON file of config fields (or a run folder / its config.json); it "
+        "overrides the preset, flags override it.",
     ),
 ]
 SetOpt = Annotated[
