@@ -66,8 +66,10 @@ FIELDS = (
 )
 
 
-def random_config(rng: random.Random) -> EHRModelConfig:
-    """A random valid small config (either family, any dropout, accumulation, attention path)."""
+def random_config(rng: random.Random) -> tuple[EHRModelConfig, dict[str, object]]:
+    """A random valid small config (either family, any dropout, accumulation, checkpointing,
+    attention path, frozen table) and the step's settings: precision (fp32 or bf16) and the
+    padded batch shape (visits x codes, full padding or smaller than the config's maxima)."""
     kind = rng.choice(["lstm", "transformer"])
     d: dict[str, object] = dict(
         model_type=kind,
@@ -77,18 +79,26 @@ def random_config(rng: random.Random) -> EHRModelConfig:
         num_layers=rng.randint(1, 3),
         dropout=rng.choice([0.0, 0.1, 0.3]),
         vocab_size=rng.choice([50, 300, 2000]),
-        max_visits=rng.randint(2, 20),
+        max_visits=rng.randint(2, 24),
         max_codes_per_visit=rng.randint(1, 20),
         batch_size=rng.randint(1, 16),
         gradient_accumulation_steps=rng.choice([1, 2, 4]),
         num_stages=rng.randint(2, 6),
         use_checkpoint=rng.random() < 0.5,
+        freeze_embeddings=rng.random() < 0.2,
     )
     if kind == "transformer":
         width = int(d["visit_embed_dim"])  # type: ignore[call-overload]
         d["num_heads"] = rng.choice([h for h in (1, 2, 4, 8) if width % h == 0])
         d["use_flash_attention"] = rng.random() < 0.5
-    return validate_config(d)
+    cfg = validate_config(d)
+    full = rng.random() < 0.5
+    step: dict[str, object] = {
+        "precision": rng.choice(["fp32", "bf16"]),
+        "visits": None if full else rng.randint(1, cfg.max_visits),
+        "codes": None if full else rng.randint(1, cfg.max_codes_per_visit),
+    }
+    return cfg, step
 
 
 def run_random(n: int, seed: int) -> None:

@@ -45,7 +45,9 @@ from typing import Literal
 
 from ehrplan.plan.config import EHRModelConfig
 from ehrplan.plan.params import count_parameters
+from ehrplan.plan.params import layer_norm as layer_norm_param_count
 from ehrplan.plan.params import lstm_layer as lstm_layer_param_count
+from ehrplan.plan.params import transformer_block as transformer_block_param_count
 
 Precision = Literal["fp32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
@@ -274,23 +276,25 @@ def _lstm_phases(
     within = ids + visit_lstm + last
     # --- visit level ---
     p = c.dropout > 0
-    scatter = a * N * D  # visit vectors on the [B,V,D] grid (index_put output)
-    drop_v = 2 * a * N * D if p else 0  # dropout mask (same dtype) + output, [B,V,D]
-    packed = 2 * a * N * (D + 2)  # cat [B,V,D+2] + packed data [N,D+2]
+    # the visit vectors on the [B,V,D] grid (index_put output): no op saves them (index_put's
+    # backward keeps the indices, dropout its mask, cat nothing), so they are alive only where
+    # checkpointing keeps them as the sequence segment's input
+    scatter = a * N * D
+    drop_v = a * N * D if p else 0  # dropout mask (same dtype) [B,V,D]; its output is cat's
+    packed = a * N * (D + 2)  # the LSTM's time-major copy of cat([visits, time]) [V,B,D+2]
     seq = 0
     for layer in range(L):
         n_in = D + 2 if layer == 0 else H
-        seq += lstm_layer_saved(B, V, n_in, H, kernel, a)
+        seq += lstm_layer_saved(B, V, n_in, H, kernel, a)  # its output is the heads' input
         if layer > 0 and p:
             seq += 2 * a * N * H  # inter-layer dropout: mask + output [N,H]
-    padded = a * N * H  # pad_packed_sequence output [B,V,H]
     heads = (2 * a * N * H if p else 0) + a * N * (S + 2)  # dropout; logits; time+softplus
-    visit_level = scatter + drop_v + packed + seq + padded + heads
+    visit_level = drop_v + packed + seq + heads
     saved = {
         "encoder.code_embeddings+indices": ids,
         "encoder.visit_lstm": visit_lstm,
         "encoder.visit_projection": last,
-        "encoder.sequence_lstm": scatter + drop_v + packed + seq + padded,
+        "encoder.sequence_lstm": drop_v + packed + seq,
         "heads": heads,
     }
 
@@ -307,7 +311,8 @@ def _lstm_phases(
     # [B,V,D] visit vectors
     seg_ids = I64 * Nw * C + 2 * I64 * Nw
     # start of backward: every saved tensor alive, plus the head's gradients
-    fwd_saved = (seg_ids + a * N * D + visit_level - seq - packed) if ckpt else within + visit_level
+    # (and the sequence segment's output [V,B,H], which the heads read)
+    fwd_saved = (seg_ids + scatter + a * N * H + heads) if ckpt else within + visit_level
     phases["forward"] = _phase(
         base, inputs, grads_before, fwd_saved, 3 * a * N * max(H, D)
     )  # fmt: skip
@@ -319,12 +324,33 @@ def _lstm_phases(
     weight_new = FP32 * lstm_layer_param_count(E, E) if d.micro > 1 else 0
     within_grads = grads_all if d.micro > 1 else grads_no_emb
     worst = 0
-    for k, (n, L) in enumerate(groups):
+    for k, (n, codes) in enumerate(groups):  # not `L`: that is the layer count
         waiting = sum(FP32 * m * M * E for m, M in groups[k + 1 :])
-        live = sum(group_saved[: k + 1]) + waiting + 2 * a * n * L * E + 2 * a * n * E
+        # the output's gradient is 16-bit under autocast, the input's fp32 (the embedding's)
+        live = sum(group_saved[: k + 1]) + waiting + (a + FP32) * n * codes * E + 2 * a * n * E
         worst = max(worst, live)
+    # under autocast only the visit LSTM's 16-bit weights are still alive here: the other
+    # copies were freed with the saved tensors of their backward (or, checkpointed, never kept)
+    visit_copies = HALF * lstm_layer_param_count(E, E) if precision != "fp32" else 0
     phases["within_visit_backward"] = _phase(
-        base, inputs, within_grads, ids, worst + a * Nw * D + weight_new
+        base, inputs, within_grads, ids, worst + a * Nw * D + weight_new + visit_copies,
+        weight_copies=False,
+    )  # fmt: skip
+    # the end of the within-visit LSTM's forward (checkpointing: its recompute inside backward,
+    # with the gradients of everything above it made): the fp32 embedding output ([T,E], all
+    # groups) is alive beside the groups' saved state; under autocast the LSTM's time-major
+    # copy of its group is fp32 before the 16-bit cast it keeps
+    worst_fwd = 0
+    for k, (n, codes) in enumerate(groups):
+        upcast = FP32 * n * codes * E if a != FP32 else 0
+        worst_fwd = max(worst_fwd, sum(group_saved[: k + 1]) + FP32 * T * E + upcast)
+    phases["within_visit_lstm_forward"] = _phase(
+        base,
+        inputs,
+        within_grads if ckpt else grads_before,
+        ids + worst_fwd + (a * Nw * D + weight_new if ckpt else 0) + visit_copies,
+        0,
+        weight_copies=False,
     )
     if len(groups) > 1:
         # the split's backward: every group's input gradient and their concatenation [T,E]
@@ -333,18 +359,17 @@ def _lstm_phases(
         )
     # the sequence LSTM's top layer's backward: the saved states of every layer with the
     # within-visit level still saved; the heads' and this layer's weight gradients are made;
-    # temporaries: the gradient of its output twice (pad_packed backward, and its packed
-    # copy), its input gradient and dh/dc
+    # temporaries: the gradient of its output, its input gradient and dh/dc
     top_in = H if L > 1 else D + 2
     top_grads = FP32 * (lstm_layer_param_count(top_in, H) + (H + 1) * (S + 1))
-    seq_temps = 2 * a * N * H + a * N * top_in + 2 * a * B * H
+    seq_temps = a * N * H + a * N * top_in + 2 * a * B * H
     if d.micro > 1:  # the new weight gradients before they are added to the accumulated ones
         seq_temps += top_grads
     phases["sequence_backward"] = _phase(
         base,
         inputs,
         grads_all if d.micro > 1 else top_grads,
-        (within if not ckpt else seg_ids) + scatter + drop_v + packed + seq,
+        (within if not ckpt else seg_ids + scatter) + drop_v + packed + seq,
         seq_temps,
     )
     # embedding backward: dense [vocab,E] gradient (in grads_all) while the gradient of the
@@ -419,18 +444,34 @@ def _transformer_phases(
     # start of backward: everything saved; checkpointing keeps only each block's input (the
     # grid's output for the first, counted in grid) and the last block's output (final LN input)
     kept = ids + grid + (L * T if ckpt else L * block) + final + (0 if ckpt else pooled)
-    # (checkpointed blocks save nothing, so their autocast weight copies are not kept)
-    phases["forward"] = _phase(base, inputs, grads_before, kept, 3 * Ta, weight_copies=not ckpt)
+    # under autocast the forward ends (loss computed) before autocast's cache of 16-bit weight
+    # copies is dropped, so the copies of checkpointed blocks are alive at that moment too
+    phases["forward"] = _phase(base, inputs, grads_before, kept, 3 * Ta)
     if ckpt:
-        # the top block recomputed inside backward (heads and final LN already done): its saved
-        # tensors on top of the other blocks' inputs; the gradient of its output and of the
-        # feed-forward are the temporaries
+        # block k recomputed inside backward (top block first): its saved tensors on top of the
+        # inputs of blocks 1..k (block 0's is the grid's output); the gradients of the heads,
+        # the final LN and the blocks above k are made (from micro-batch 2 on: all of them);
+        # the recompute casts the block's weights to 16 bits again (its own autocast cache);
+        # the gradient of its output and of the feed-forward are the temporaries
+        block_p = transformer_block_param_count(D, F)
+        block_copies = HALF * (block_p - 4 * D) if precision != "fp32" else 0  # no LN params
+        heads_p = layer_norm_param_count(D) + (D + 1) * (S + 1)
+        worst = 0
+        for k in range(L - 1, -1, -1):
+            made = grads_before or FP32 * (heads_p + (L - 1 - k) * block_p)
+            worst = max(worst, made + k * T + block + block_copies)
         phases["layer_backward"] = _phase(
+            base, inputs, 0, ids + grid + worst, 2 * Ta + FF, weight_copies=False
+        )
+        # the checkpointed visit encoder recomputed last in backward: every gradient but the
+        # table's and the visit projection's is made; the [N,C,E] embedding output and its
+        # masked copy are alive again
+        phases["embedding_recompute"] = _phase(
             base,
             inputs,
-            grads_before,
-            ids + grid + (L - 1) * T + block,
-            2 * Ta + FF,
+            grads_before or FP32 * (P - P_emb - (E + 1) * D),
+            ids + Ta,
+            2 * FP32 * N * C * E,
             weight_copies=False,
         )
     # embedding backward: dense [vocab,E] gradient while the [N,C,E] gradient of the masked
@@ -442,7 +483,6 @@ def _transformer_phases(
     phases["optimizer"] = _phase(
         base, inputs, grads_all, 0, 2 * FP32 * largest, weight_copies=False
     )
-    del P_emb
     return phases, saved
 
 

@@ -18,7 +18,10 @@ time features and no codes.
 ``use_flash_attention=True`` calls ``scaled_dot_product_attention(is_causal=True)`` (fused
 flash/memory-efficient kernels where the device has them); ``False`` materialises the
 ``[batch, heads, visits, visits]`` attention matrix explicitly, which is what the estimator models
-for that case. ``use_checkpoint`` recomputes each block in backward.
+for that case. On the CPU with dropout in training the explicit path is taken either way: SDPA has
+no fused CPU kernel with dropout, and its math fallback upcasts to fp32 under autocast (-33% for
+the estimate on one bf16 config; `benchmarks/cpu_attention_path.py`). ``use_checkpoint``
+recomputes each block in backward.
 """
 
 from __future__ import annotations
@@ -54,13 +57,18 @@ class CausalSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.dropout = dropout
         self.fused = fused
+        #: On the CPU, fused SDPA with dropout runs its math fallback, which under autocast
+        #: upcasts q, k, v and the attention matrices to fp32; the explicit path computes the
+        #: same in the autocast dtype (benchmarks/cpu_attention_path.py measures both).
+        self.explicit_on_cpu_dropout = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, V, D = x.shape
         q, k, v = self.qkv(x).view(B, V, 3, self.num_heads, D // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, V, head_dim]
         p = self.dropout if self.training else 0.0
-        if self.fused:
+        explicit = p > 0 and x.device.type == "cpu" and self.explicit_on_cpu_dropout
+        if self.fused and not explicit:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
