@@ -19,6 +19,8 @@ class Summary(Out):
 
 
 class SynthOut(Doc):
+    """`ehrplan synth --json`: what was written."""
+
     command: Literal["synth"]
     out: str
     patients: int
@@ -91,6 +93,8 @@ class PresetStats(Out):
 
 
 class DataStatsOut(Doc):
+    """`ehrplan data stats --json`: the shape of a MEDS data set and what each preset would cut."""
+
     command: Literal["data stats"]
     root: str
     files: int

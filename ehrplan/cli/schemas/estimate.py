@@ -62,6 +62,8 @@ class StaticMemory(Out):
 
 
 class EstimateOut(Doc):
+    """`ehrplan estimate --json`: parameters, peak training-step memory and FLOPs of one config."""
+
     command: Literal["estimate"]
     preset: str | None
     source: str = Field(description="Where the config came from (preset, file, overrides).")

@@ -11,6 +11,8 @@ from ehrplan.plan.hardware import HardwareReport
 
 
 class DeviceBudget(Out):
+    """Usable memory of one device and the budget at the headroom."""
+
     device: str
     name: str
     usable_bytes: int
@@ -19,6 +21,8 @@ class DeviceBudget(Out):
 
 
 class HardwareOut(Doc):
+    """`ehrplan hardware --json`: what this machine has and each device's memory budget."""
+
     command: Literal["hardware"]
     hardware: HardwareReport
     headroom: float

@@ -14,14 +14,14 @@ from ehrplan.plan.config import ModelType
 class Budget(Out):
     """The memory budget a config is checked against."""
 
-    label: str
+    label: str = Field(description="What the budget is, in words.")
     source: str = Field(description="probe, catalog or declared.")
-    device: str
-    gpus: int
+    device: str = Field(description="cuda, mps or cpu.")
+    gpus: int = Field(description="Data-parallel devices; bytes are per device.")
     strategy: str = Field(description="single, ddp or fsdp.")
-    nominal_bytes: int | None
-    usable_bytes: int
-    headroom: float
+    nominal_bytes: int | None = Field(description="The memory as declared or listed, if any.")
+    usable_bytes: int = Field(description="What a training step may use, before headroom.")
+    headroom: float = Field(description="Fraction of usable memory kept free.")
     budget_bytes: int = Field(description="usable_bytes x (1 - headroom).")
     mixed_precision_dtype: str = Field(description="What mixed precision means on this device.")
     notes: list[str]
@@ -30,23 +30,23 @@ class Budget(Out):
 class Fit(Out):
     """One config against the budget."""
 
-    name: str
+    name: str = Field(description="The config as given: a file, a run folder or a preset.")
     model_type: ModelType
-    precision: str
+    precision: str = Field(description="Precision estimated: fp32, bf16 or fp16.")
     batch_size: int
     gradient_accumulation_steps: int
     effective_batch_size: int
     checkpointing: bool
     estimate_bytes: int = Field(description="Estimated peak per device.")
-    estimate_notes: list[str]
+    estimate_notes: list[str] = Field(description="The estimator's caveats for this device.")
     budget_bytes: int
-    fits: bool
-    shortfall_bytes: int
-    breakdown: ByTerm
+    fits: bool = Field(description="estimate_bytes <= budget_bytes.")
+    shortfall_bytes: int = Field(description="How much is missing (0 when it fits).")
+    breakdown: ByTerm = Field(description="The peak's bytes by what holds them.")
     per_gpu_bytes: int
-    job_bytes: int
-    parallel: ParallelEstimate | None
-    time: TimeEstimate | None
+    job_bytes: int = Field(description="Every device of the job together.")
+    parallel: ParallelEstimate | None = Field(description="Over several devices (gpus > 1).")
+    time: TimeEstimate | None = Field(description="Where the budget has a peak throughput.")
 
 
 class ConfigChanges(Out):
@@ -66,6 +66,8 @@ class Adjustment(Fit):
 
 
 class DataParallel(Out):
+    """Per-GPU micro-batch and accumulation that keep the effective batch over the GPUs."""
+
     batch_size: int
     gradient_accumulation_steps: int
     effective_batch_size: int
@@ -73,15 +75,19 @@ class DataParallel(Out):
 
 
 class PresetFit(Fit):
+    """A preset against the budget, and the cheapest change that makes it fit."""
+
     preset: str
     size: str
-    seed_target: str
-    fits_after_change: Adjustment | None
+    seed_target: str = Field(description="The machine the seed design names for this preset.")
+    fits_after_change: Adjustment | None = Field(description="None if it fits or nothing helps.")
     data_parallel_accumulation: int | None
     data_parallel: DataParallel
 
 
 class Recommendation(Out):
+    """The largest preset of a model type that fits, as shipped or after one change."""
+
     preset: str
     change: str | None
     changes: ConfigChanges
@@ -93,6 +99,8 @@ class Recommendation(Out):
 
 
 class NextSizeUp(Out):
+    """The preset after the largest that fits as shipped, and what it would take."""
+
     preset: str
     estimate_bytes: int
     shortfall_bytes: int
@@ -103,6 +111,8 @@ class NextSizeUp(Out):
 
 
 class SeedCheck(Out):
+    """The seed design's tier for this machine against the estimator."""
+
     seed_tier: str | None
     seed_preset: str | None = Field(None, description="Absent where the seed names no tier.")
     agrees: bool | None
@@ -110,6 +120,8 @@ class SeedCheck(Out):
 
 
 class RecommendOut(Doc):
+    """`ehrplan recommend --json`: every preset against one budget."""
+
     command: Literal["recommend"]
     budget: Budget
     model_types: list[ModelType]
@@ -117,12 +129,14 @@ class RecommendOut(Doc):
     recommendation: dict[ModelType, Recommendation | None]
     next_size_up: dict[ModelType, NextSizeUp | None]
     seed_check: dict[ModelType, SeedCheck]
-    estimate_notes: list[str]
+    estimate_notes: list[str] = Field(description="The estimator's caveats, once each.")
 
 
 class ValidateOut(Doc):
+    """`ehrplan validate --json`: the configs given against one budget."""
+
     command: Literal["validate"]
     budget: Budget
     results: list[Fit] = Field(description="One per config, in the order given.")
     ok: bool = Field(description="Every config fits (exit 0).")
-    estimate_notes: list[str]
+    estimate_notes: list[str] = Field(description="The estimator's caveats, once each.")

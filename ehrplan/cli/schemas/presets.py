@@ -11,6 +11,8 @@ from ehrplan.plan.config import ModelType
 
 
 class PresetRow(Out):
+    """One preset: its shape, batch and exact parameter count."""
+
     name: str
     aliases: list[str]
     model_type: ModelType
@@ -25,5 +27,7 @@ class PresetRow(Out):
 
 
 class PresetsOut(Doc):
+    """`ehrplan presets --json`: the shipped presets."""
+
     command: Literal["presets"]
     presets: list[PresetRow]

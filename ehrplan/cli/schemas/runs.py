@@ -11,6 +11,8 @@ from ehrplan.plan.config import EHRModelConfig, ModelType
 
 
 class DryRunOut(Doc):
+    """`ehrplan dry-run --json`: a measured training step beside its estimate."""
+
     command: Literal["dry-run"]
     source: str
     data: str | None
@@ -39,6 +41,8 @@ class DryRunOut(Doc):
 
 
 class SplitMetrics(Out):
+    """Metrics of one split (null where undefined)."""
+
     loss: Metric
     stage_accuracy: Metric
     stage_macro_f1: Metric
@@ -94,6 +98,8 @@ class EmbeddingsInfo(Out):
 
 
 class TrainOut(Doc):
+    """`ehrplan train --json`: the run's summary (also its summary.json)."""
+
     command: Literal["train"]
     run_dir: str
     steps: int
@@ -129,6 +135,8 @@ class HeldOutBrief(Out):
 
 
 class CompareSide(Out):
+    """One model's run in a comparison."""
+
     preset: str
     run_dir: str
     parameters: int
@@ -161,6 +169,8 @@ class CompareFiles(Out):
 
 
 class CompareOut(Doc):
+    """`ehrplan compare --json`: the LSTM and the Transformer of one size, trained alike."""
+
     command: Literal["compare"]
     size: str
     data: str
@@ -176,6 +186,8 @@ class CompareOut(Doc):
 
 
 class ExportEmbeddingsOut(Doc):
+    """`ehrplan export-embeddings --json`: the file written."""
+
     command: Literal["export-embeddings"]
     run_dir: str
     checkpoint: str
