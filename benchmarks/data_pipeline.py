@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ehrplan.data.cohort import load_cohort
     from ehrplan.data.dataset import EHRDataset
-    from ehrplan.data.synth import write_cohort
+    from ehrplan.data.synth_write import write_cohort
     from ehrplan.data.vocab import train_vocab
     from ehrplan.plan.config import get_preset
 

@@ -19,7 +19,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ehrplan.data.synth import write_cohort
+    from ehrplan.data.synth_write import write_cohort
 
     root = tmp_path_factory.mktemp("cohort") / "ckd"
     write_cohort(root, 120, seed=1)

@@ -83,7 +83,7 @@ def test_simulate_is_refused_with_a_reason(preset):
 def test_data_measures_the_largest_real_batch(capsys, tmp_path):
     """--data: the largest length-bucketed batch of the data's train split, with its within-visit
     length groups, measured beside the estimate for exactly that batch."""
-    from ehrplan.data.synth import write_cohort
+    from ehrplan.data.synth_write import write_cohort
 
     write_cohort(tmp_path / "ckd", 80, seed=1)
     args = ["dry-run", "--preset", "tiny", "--device", "cpu", "--json"]

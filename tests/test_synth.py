@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -23,8 +24,8 @@ from ehrplan.data.synth import (
     egfr_from_creatinine,
     g_category,
     stage_of,
-    write_cohort,
 )
+from ehrplan.data.synth_write import write_cohort
 from ehrplan.errors import UsageError
 
 N = 120
@@ -152,3 +153,72 @@ def test_stage_is_learnable_but_not_trivially(cohort_dir: Path) -> None:
     assert 0.3 < n18[labelled].mean() < 0.8  # a stage code on some visits, not all
     assert 0.5 < has_egfr.sum() / labelled.sum() < 0.98  # eGFR measured on most visits
     assert 0.6 < agree.mean() < 0.98  # the measured eGFR mostly, not always, gives the stage
+
+
+def _events(root: Path) -> pa.Table:
+    files = sorted((root / "data").rglob("*.parquet"))
+    return pa.concat_tables(pq.read_table(p) for p in files).sort_by([("subject_id", "ascending")])
+
+
+def test_shards_hold_shard_size_patients_and_the_same_events(
+    tmp_path: Path, cohort_dir: Path
+) -> None:
+    write_cohort(tmp_path / "small", N, seed=3, shard_size=25)
+    again = tmp_path / "again"
+    write_cohort(again, N, seed=3, shard_size=25)
+    assert _files(again) == _files(tmp_path / "small")  # same seed and shard size: same bytes
+    per_file = {
+        str(p.relative_to(tmp_path / "small")): len(pc.unique(pq.read_table(p)["subject_id"]))
+        for p in (tmp_path / "small" / "data").rglob("*.parquet")
+    }
+    assert max(per_file.values()) == 25
+    assert len(per_file) > len(list((cohort_dir / "data").rglob("*.parquet")))
+    # the shard size changes how subjects are split over files, not what they are
+    assert _events(tmp_path / "small").equals(_events(cohort_dir))
+
+
+def test_first_patients_of_a_larger_cohort_are_the_smaller_cohort(
+    tmp_path: Path, cohort_dir: Path
+) -> None:
+    write_cohort(tmp_path / "few", 30, seed=3)
+    few = _events(tmp_path / "few")
+    many = _events(cohort_dir)
+    assert few.equals(many.filter(pc.less(many["subject_id"], 30)))
+
+
+def test_refuses_an_output_larger_than_the_free_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collections import namedtuple
+
+    from ehrplan.data import synth_write
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(synth_write.shutil, "disk_usage", lambda _: usage(10**9, 0, 10**6))
+    with pytest.raises(UsageError, match="GB free"):
+        write_cohort(tmp_path / "big", 10_000)
+    assert not (tmp_path / "big").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder either
+
+
+def test_cli_refuses_a_full_disk_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ehrplan",
+            "synth",
+            "--patients",
+            str(10**13),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "GB free" in r.stderr
+    assert not (tmp_path / "x").exists()

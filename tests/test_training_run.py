@@ -32,7 +32,7 @@ SETTINGS = dict(max_steps=STEPS, save_every=3, eval_every=4, seed=3, threads=1)
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ehrplan.data.synth import write_cohort
+    from ehrplan.data.synth_write import write_cohort
 
     root = tmp_path_factory.mktemp("cohort") / "ckd"
     write_cohort(root, 150, seed=0)

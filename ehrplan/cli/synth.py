@@ -23,19 +23,30 @@ def synth(
     patients: Annotated[
         int, typer.Option("--patients", "-n", help="Number of patients to generate.")
     ] = 2000,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same bytes.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed: same seed and shard size, same bytes.")
+    ] = 0,
+    shard_size: Annotated[
+        int,
+        typer.Option(
+            "--shard-size",
+            help="Patients per data file (data/<split>/<k>.parquet); written as they fill.",
+        ),
+    ] = 10_000,
     json_: JsonOpt = False,
 ) -> None:
     """Generate a synthetic chronic-kidney-disease cohort and write it as MEDS.
 
-    Writes data/<split>/<k>.parquet, metadata/{codes,subject_splits}.parquet,
-    metadata/dataset.json and the label task tasks/ckd_stage/ (stage per visit, days to the next
-    stage change, and whether it was seen). See `ehrplan.data.synth` for the modelling choices.
+    Streams the patients in blocks of 1,000, so memory stays bounded at any --patients, and
+    refuses up front an output larger than the free disk space. Writes
+    data/<split>/<k>.parquet, metadata/{codes,subject_splits}.parquet, metadata/dataset.json and
+    the label task tasks/ckd_stage/ (stage per visit, days to the next stage change, and whether
+    it was seen). See `ehrplan.data.synth` for the modelling choices.
     """
-    from ehrplan.data.synth import write_cohort
+    from ehrplan.data.synth_write import write_cohort
 
     start = time.perf_counter()
-    summary = write_cohort(out, patients, seed)
+    summary = write_cohort(out, patients, seed, shard_size)
     payload = asdict(summary) | {"seed": seed, "seconds": round(time.perf_counter() - start, 3)}
     emit("synth", payload, as_json=json_, render=_render)
 

@@ -1,9 +1,12 @@
 """A seeded synthetic chronic-kidney-disease (CKD) cohort, written as a MEDS data set.
 
-Every patient is drawn from ``numpy.random.default_rng([seed, index])``: the same seed gives
-byte-identical files (same pyarrow), and the first N patients of a larger cohort are the cohort
-of N. Nothing here is real patient data; the numbers below are modelling choices, each named
-with where it comes from, sized to look like a nephrology clinic's records, not fitted to any.
+Patients are drawn in blocks of `BLOCK` (1,000): block b holds patients b*1000 .. b*1000+999, all
+drawn from ``numpy.random.default_rng([seed, b])`` and simulated together, visit by visit, as
+numpy arrays (`simulate_block`). The same seed gives byte-identical files (same pyarrow and shard
+size), and the first N patients of a larger cohort are the cohort of N. Nothing here is real
+patient data; the numbers below are modelling choices, each named with where it comes from, sized
+to look like a nephrology clinic's records, not fitted to any. `ehrplan.data.synth_write` streams
+the blocks into MEDS files.
 
 The disease
 - True kidney function is an eGFR trajectory (mL/min/1.73m²): a baseline drawn from N(58, 22)
@@ -77,42 +80,26 @@ and ``boolean_value`` is False: right-censored. The LabelSchema is closed, so ce
 its own ``boolean_value`` column rather than an extra one.
 
 Splits: 80 % train, 10 % tuning, 10 % held_out, by patient; data files ``data/<split>/<k>.parquet``
-of at most 1,000 patients each. ``metadata/dataset.json`` has no ``created_at`` so that the same
-seed gives the same bytes.
+of ``--shard-size`` patients each (10,000 by default, as MEDS extractions shard), the last of each
+split smaller. ``metadata/dataset.json`` has no ``created_at`` so that the same seed gives the same
+bytes.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from ehrplan.atomic import write_json
-from ehrplan.data.meds import (
-    CODES_FILE,
-    DATA_DIR,
-    DATA_SCHEMA,
-    DATASET_FILE,
-    MEDS_VERSION,
-    SPLITS,
-    SPLITS_FILE,
-    codes_table,
-    splits_table,
-    write_parquet,
-)
-from ehrplan.errors import UsageError
+from ehrplan.data.meds import NULL_TIME
 
 TASK = "ckd_stage"
 TASK_DIR = Path("tasks") / TASK
-SHARD_PATIENTS = 1000
+BLOCK = 1000
+"""Patients drawn together from one generator, ``default_rng([seed, block])``."""
 US_PER_DAY = 86_400_000_000
 _EPOCH = datetime(1970, 1, 1)
 
@@ -206,408 +193,414 @@ _TAIL_CDF = np.cumsum(1.0 / np.arange(1, TAIL_SIZE + 1) ** TAIL_EXPONENT)  # Zip
 _TAIL_CDF /= _TAIL_CDF[-1]
 
 
-def g_category(egfr: float) -> int:
-    """KDIGO 2012 GFR category index: 0=G1, 1=G2, 2=G3a, 3=G3b, 4=G4, 5=G5."""
-    for g, lower in enumerate(G_LOWER):
-        if egfr >= lower:
-            return g
-    return 5
+def g_category(egfr: Any) -> Any:
+    """KDIGO 2012 GFR category index: 0=G1, 1=G2, 2=G3a, 3=G3b, 4=G4, 5=G5 (scalar or array)."""
+    g = len(G_LOWER) - np.searchsorted(_G_ASCENDING, egfr, side="right")
+    return int(g) if np.ndim(g) == 0 else g
 
 
-def stage_of(egfr: float) -> int:
+def stage_of(egfr: Any) -> Any:
     """The 5-stage label (0..4) of an eGFR: K/DOQI stages, G3a and G3b merged into stage 2."""
-    return G_TO_STAGE[g_category(egfr)]
+    s = _G_TO_STAGE[g_category(egfr)]
+    return int(s) if np.ndim(s) == 0 else s
 
 
-def creatinine_from_egfr(egfr: float, age: float, female: bool) -> float:
-    """Serum creatinine (mg/dL) whose CKD-EPI 2021 eGFR is ``egfr`` (the equation inverted)."""
-    kappa, alpha = (0.7, -0.241) if female else (0.9, -0.302)
-    # CKD-EPI 2021: 142 * min(Scr/k,1)^a * max(Scr/k,1)^-1.2 * 0.9938^age * 1.012 [female]
-    base = 142.0 * 0.9938**age * (1.012 if female else 1.0)
-    ratio = egfr / base
-    return kappa * ratio ** (-1 / 1.2) if ratio <= 1.0 else kappa * ratio ** (1 / alpha)
-
-
-def egfr_from_creatinine(scr: float, age: float, female: bool) -> float:
-    """CKD-EPI 2021 eGFR (mL/min/1.73m²) from serum creatinine, age and sex (Inker 2021)."""
-    kappa, alpha = (0.7, -0.241) if female else (0.9, -0.302)
-    r = scr / kappa
-    # the equation's two branches: below and above the sex-specific creatinine knot kappa
+def _sex_terms(female: Any) -> tuple[Any, Any, Any]:
+    """CKD-EPI 2021's sex-specific kappa, alpha and factor."""
     return (
-        142.0
-        * min(r, 1.0) ** alpha
-        * max(r, 1.0) ** -1.2
-        * 0.9938**age
-        * (1.012 if female else 1.0)
+        np.where(female, 0.7, 0.9),
+        np.where(female, -0.241, -0.302),
+        np.where(female, 1.012, 1.0),
     )
+
+
+def creatinine_from_egfr(egfr: Any, age: Any, female: Any) -> Any:
+    """Serum creatinine (mg/dL) whose CKD-EPI 2021 eGFR is ``egfr`` (the equation inverted)."""
+    kappa, alpha, sex = _sex_terms(female)
+    # CKD-EPI 2021: 142 * min(Scr/k,1)^a * max(Scr/k,1)^-1.2 * 0.9938^age * 1.012 [female]
+    ratio = np.asarray(egfr, dtype=np.float64) / (142.0 * 0.9938**age * sex)
+    below = kappa * np.power(ratio, -1 / 1.2)  # Scr above kappa: the -1.2 branch
+    above = kappa * np.power(ratio, 1 / alpha)  # Scr below kappa: the alpha branch
+    return np.where(ratio <= 1.0, below, above)
+
+
+def egfr_from_creatinine(scr: Any, age: Any, female: Any) -> Any:
+    """CKD-EPI 2021 eGFR (mL/min/1.73m²) from serum creatinine, age and sex (Inker 2021)."""
+    kappa, alpha, sex = _sex_terms(female)
+    r = np.asarray(scr, dtype=np.float64) / kappa
+    # the equation's two branches: below and above the sex-specific creatinine knot kappa
+    return 142.0 * np.minimum(r, 1.0) ** alpha * np.maximum(r, 1.0) ** -1.2 * 0.9938**age * sex
+
+
+_G_ASCENDING = np.array(G_LOWER[::-1])
+_G_TO_STAGE = np.array(G_TO_STAGE)
+CODES: tuple[str, ...] = (*DESCRIPTIONS, *TAIL_CODES)
+"""Every code the generator can write; events carry indices into it."""
+_ID = {c: i for i, c in enumerate(CODES)}
+_TAIL0 = _ID[TAIL_CODES[0]]
+_TAIL_IS_LAB = np.array(["//LAB//" in c for c in TAIL_CODES])
+
+
+def _ids(prefix: str, names: tuple[str, ...]) -> np.ndarray:
+    return np.array([_ID[f"{prefix}//{n}"] for n in names])
+
+
+_N18 = _ids("ICD10CM", N18)
+_EM = _ids("CPT", ("99213", "99214", "99215"))
+_ACEI = _ids("ATC", ("C09AA05", "C09AA03", "C09CA01"))
+_SGLT2 = _ids("ATC", ("A10BK01", "A10BK03"))
+_YEAR_US = 365.25 * US_PER_DAY
+_MINUTE_US = 60_000_000
+_T0 = _us(datetime(1900, 1, 1))  # before any birth (entry from 2012, age at most 90)
 
 
 @dataclass
-class _Patient:
-    time: list[int]
-    code: list[str]
-    value: list[float | None]
-    labels: list[tuple[int, int, float, bool]]  # prediction_time, stage, days, observed
-    split: str
+class Block:
+    """One block of `BLOCK` patients drawn together: events sorted by (patient, time) and the
+    per-visit labels, with block-local patient indices 0..n-1."""
+
+    split: np.ndarray
+    """int8 [n]: 0 train, 1 tuning, 2 held_out."""
+    patient: np.ndarray
+    time: np.ndarray
+    """int64 [E]: microseconds; `NULL_TIME` for the static event."""
+    code: np.ndarray
+    """int32 [E]: indices into `CODES`."""
+    value: np.ndarray
+    """float32 [E]: NaN where the event has no value."""
+    label_patient: np.ndarray
+    label_time: np.ndarray
+    label_stage: np.ndarray
+    label_days: np.ndarray
+    label_seen: np.ndarray
 
 
-def _split(u: float) -> str:
-    return "train" if u < 0.8 else ("tuning" if u < 0.9 else "held_out")
+class _Draws:
+    """The uniforms and standard normals drawn per visit, drawn in two calls: row after row."""
+
+    def __init__(self, rng: np.random.Generator, m: int) -> None:
+        self.uniform = rng.random((_UNIFORMS, m))
+        self.normal = rng.standard_normal((_NORMALS, m))
+        self.i = self.j = 0
+
+    def u(self) -> np.ndarray:
+        self.i += 1
+        return self.uniform[self.i - 1]
+
+    def z(self) -> np.ndarray:
+        self.j += 1
+        return self.normal[self.j - 1]
 
 
-def simulate_patient(seed: int, index: int) -> _Patient:
-    """One patient's events and labels, from its own generator ``default_rng([seed, index])``."""
-    rng = np.random.default_rng([seed, index])
-    split = _split(rng.random())
-    female = bool(rng.random() < 0.5)
-    age0 = float(np.clip(rng.normal(63, 12), 25, 90))
-    diabetic = bool(rng.random() < 0.4)
-    hypertensive = bool(rng.random() < (0.85 if diabetic else 0.7))
-    lipids = bool(rng.random() < 0.5)
-    egfr0 = float(np.clip(rng.normal(58, 22), 8, 125))
-    uacr0 = float(rng.lognormal(math.log(80 if diabetic else 30), 1.0))
-    slope = float(rng.lognormal(math.log(2.4 if diabetic else 1.2), 0.75))
-    slope *= (uacr0 / 30.0) ** 0.25
-    entry = int(rng.integers(ENTRY_FROM, ENTRY_TO))
-    follow_end = min(STUDY_END, entry + int(rng.exponential(9 * 365.25) * US_PER_DAY))
-    acei = ("C09AA05", "C09AA03", "C09CA01")[int(rng.integers(3))]
-    sglt2 = ("A10BK01", "A10BK03")[int(rng.integers(2))]
-    on_acei = hypertensive or uacr0 > 30
-    on_amlodipine = hypertensive and rng.random() < 0.4
-    on_statin = lipids or age0 >= 50
-    takes_sglt2 = (diabetic or uacr0 > 200) and rng.random() < 0.6
-    # prescribing thresholds differ between clinicians: per-patient, not one cut-off
-    metformin_stop = float(rng.normal(35, 8))  # labelled limit 30; many stop nearer 45
-    insulin_from_start = rng.random() < 0.25
-    loop_diuretic_below = float(rng.normal(25, 10)) if rng.random() < 0.85 else 200.0
-    acei_stop = float(rng.normal(12, 5)) if rng.random() < 0.5 else -1.0
+_UNIFORMS = 30  # the d.u() calls of `_visit` and `_treat`
+_NORMALS = 7  # the d.z() calls of `_visit`
 
-    times: list[int] = []
-    codes: list[str] = []
-    values: list[float | None] = []
 
-    def add(t: int, code: str, value: float | None = None) -> None:
-        times.append(t)
-        codes.append(code)
-        values.append(None if value is None else round(float(value), 2))
+class _Visit:
+    """One visit pass's events, kind by kind: a row per kind over the patients followed."""
 
-    birth = entry - int((age0 * 365.25 + rng.uniform(0, 365)) * US_PER_DAY)
-    static = "GENDER//F" if female else "GENDER//M"
-    codes.append(static)
-    times.append(-1)  # null time: written as null
-    values.append(None)
-    add(birth, "MEDS_BIRTH")
+    def __init__(self) -> None:
+        self.rows: list[tuple[np.ndarray, Any, Any, Any]] = []
 
-    t = entry + int(rng.integers(8 * 60, 17 * 60)) * 60_000_000  # clinic hours
-    dialysis = fistula = False
-    prev_g = None
-    visit_times: list[int] = []
-    visit_stages: list[int] = []
-    death: int | None = None
-    while True:
-        years = (t - entry) / (365.25 * US_PER_DAY)
-        age = age0 + years
-        egfr = max(egfr0 - slope * years, 3.0)
+    def __call__(self, mask: np.ndarray, t: Any, code: Any, v: Any = None) -> None:
+        self.rows.append((mask, t, code, v))
+
+    def commit(self, out: _Sink, a: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """Hand the events to ``out`` (kind order kept per patient); return each visit's end."""
+        shape = (len(self.rows), len(a))
+        mask = np.empty(shape, bool)
+        time = np.empty(shape, np.int64)
+        code = np.empty(shape, np.int32)
+        value = np.full(shape, np.nan)
+        for i, (mk, t, c, v) in enumerate(self.rows):
+            mask[i], time[i], code[i] = mk, t, c
+            if v is not None:
+                value[i] = v
+        gi, pi = np.nonzero(mask)
+        out.add(a[pi], time[gi, pi], code[gi, pi], value[gi, pi])
+        return np.where(mask, time, start).max(axis=0)
+
+
+class _Sink:
+    """The events of one block as they are drawn, in draw order (a stable sort keeps it)."""
+
+    def __init__(self) -> None:
+        self.p: list[np.ndarray] = []
+        self.t: list[np.ndarray] = []
+        self.c: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+
+    def add(self, p: np.ndarray, t: np.ndarray, c: Any, v: np.ndarray | None = None) -> None:
+        n = len(p)
+        if n == 0:
+            return
+        self.p.append(p)
+        self.t.append(t)
+        self.c.append(np.broadcast_to(np.asarray(c, dtype=np.int32), (n,)))
+        self.v.append(np.full(n, np.nan, np.float32) if v is None else np.round(v, 2))
+
+    def sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        p, t = np.concatenate(self.p), np.concatenate(self.t)
+        # one int64 key, patient (10 bits) then time since 1900 (52 bits: to 2042), static first
+        key = np.where(t == NULL_TIME, 0, t - _T0 + 1) | (p.astype(np.int64) << 52)
+        order = np.argsort(key, kind="stable")  # same-time events keep the order they were drawn
+        c = np.concatenate(self.c)[order]
+        v = np.concatenate(self.v).astype(np.float32)[order]
+        return p[order], t[order], c, v
+
+
+def simulate_block(seed: int, block: int) -> Block:
+    """Patients ``block * BLOCK .. + BLOCK - 1``, all drawn from ``default_rng([seed, block])``.
+
+    Two passes: first the course of the disease (visit times, dialysis, death), visit after
+    visit for every patient still followed; then what every visit records, drawn at once.
+    """
+    rng = np.random.default_rng([seed, block])
+    n = BLOCK
+    u = rng.random(n)
+    split = np.where(u < 0.8, 0, np.where(u < 0.9, 1, 2)).astype(np.int8)
+    female = rng.random(n) < 0.5
+    age0 = np.clip(rng.normal(63, 12, n), 25, 90)
+    diabetic = rng.random(n) < 0.4
+    hypertensive = rng.random(n) < np.where(diabetic, 0.85, 0.7)
+    lipids = rng.random(n) < 0.5
+    egfr0 = np.clip(rng.normal(58, 22, n), 8, 125)
+    uacr0 = rng.lognormal(np.log(np.where(diabetic, 80.0, 30.0)), 1.0)
+    slope = rng.lognormal(np.log(np.where(diabetic, 2.4, 1.2)), 0.75) * (uacr0 / 30.0) ** 0.25
+    entry = rng.integers(ENTRY_FROM, ENTRY_TO, n)
+    followed = (rng.exponential(9 * 365.25, n) * US_PER_DAY).astype(np.int64)
+    follow_end = np.minimum(STUDY_END, entry + followed)
+    birth = entry - ((age0 * 365.25 + rng.uniform(0, 365, n)) * US_PER_DAY).astype(np.int64)
+    start = entry + rng.integers(8 * 60, 17 * 60, n) * _MINUTE_US  # clinic hours
+    p, t, egfr, g, dia, death = _course(rng, start, entry, egfr0, slope, follow_end)
+
+    out = _Sink()
+    everyone = np.arange(n)
+    out.add(everyone, np.full(n, NULL_TIME), np.where(female, _ID["GENDER//F"], _ID["GENDER//M"]))
+    out.add(everyone, birth, _ID["MEDS_BIRTH"])
+    m = len(p)
+    d = _Draws(rng, m)
+    add = _Visit()
+    age = age0[p] + (t - entry[p]) / _YEAR_US
+    first = np.ones(m, bool)
+    first[1:] = p[1:] != p[:-1]
+    prev_g = np.where(first, -1, np.roll(g, 1))
+    hb, k, phos = _visit(
+        rng, d, add, t, egfr, g, prev_g, age, female[p], diabetic[p], hypertensive[p], lipids[p]
+    )
+    _treat(
+        rng, d, add, p, t, egfr, g, dia, hb, k, phos, diabetic, hypertensive, lipids, uacr0, age0
+    )
+    end = add.commit(out, p, t)
+    stage = _G_TO_STAGE[g]
+    who = np.repeat(np.arange(m), rng.poisson(3 + stage))
+    tail_u = rng.random((2, len(who)))
+    j = np.minimum(np.searchsorted(_TAIL_CDF, tail_u[0]), TAIL_SIZE - 1)
+    tail_t = t[who] + (tail_u[1] * 150).astype(np.int64) * _MINUTE_US
+    tail_v = np.where(_TAIL_IS_LAB[j], rng.lognormal(0, 0.5, len(who)), np.nan)
+    out.add(p[who], tail_t, _TAIL0 + j, tail_v)
+    np.maximum.at(end, who, tail_t)  # prediction time: the visit's last event
+    dead = np.flatnonzero((death >= 0) & (death <= STUDY_END))
+    out.add(dead, death[dead], _ID["MEDS_DEATH"])
+    patient, time, code, value = out.sorted()
+    return Block(split, patient, time, code, value, *_labels(p, end, stage))
+
+
+def _course(
+    rng: np.random.Generator,
+    start: np.ndarray,
+    entry: np.ndarray,
+    egfr0: np.ndarray,
+    slope: np.ndarray,
+    follow_end: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Every visit of every patient, sorted by patient and time: (patient, time, true eGFR,
+    G category, on dialysis), and each patient's death time (-1: none)."""
+    n = len(start)
+    t = start.copy()
+    dialysis = np.zeros(n, bool)
+    death = np.full(n, -1, np.int64)
+    active = np.arange(n)
+    seen: list[tuple[np.ndarray, ...]] = []
+    while len(active):
+        a = active
+        m = len(a)
+        ta = t[a]
+        years = (ta - entry[a]) / _YEAR_US
+        egfr = np.maximum(egfr0[a] - slope[a] * years, 3.0)
         g = g_category(egfr)
-        if not dialysis and (egfr < 6 or (egfr < 10 and rng.random() < 0.5)):
-            dialysis = True
-        ev: list[tuple[int, str, float | None]] = []
-
-        def vadd(et: int, ec: str, evl: float | None = None, ev: list = ev) -> None:
-            ev.append((et, ec, evl))
-
-        hb, k, phos = _visit(
-            vadd, rng, t, egfr, g, prev_g, age, female, diabetic, hypertensive, lipids
-        )
-        # medications and procedures
-        med_t = t + int(rng.integers(5, 60)) * 60_000_000
-        meds = []
-        if on_acei and egfr >= acei_stop and not (k is not None and k > 6.0):
-            meds.append(acei)
-        if takes_sglt2 and t >= SGLT2_FROM and egfr >= 20 and not dialysis:
-            meds.append(sglt2)
-        if on_statin:
-            meds.append("C10AA05")
-        if diabetic:
-            insulin = insulin_from_start or egfr < metformin_stop
-            meds.append("A10AE04" if insulin else "A10BA02")
-        if on_amlodipine:
-            meds.append("C08CA01")
-        if egfr < loop_diuretic_below:
-            meds.append("C03CA01")
-        if hb is not None and hb < 10:
-            meds.append("B03XA01")
-        if phos is not None and phos > 5.5:
-            meds.append("V03AE02")
-        for m in meds:
-            if rng.random() < 0.8:  # a medication is recorded on 80 % of the visits it is taken
-                vadd(med_t, f"ATC//{m}")
-        if dialysis:
-            vadd(t, "CPT//90935")
-            vadd(t, "ICD10CM//Z99.2")
-        elif g == 5 and not fistula and rng.random() < 0.3:
-            fistula = True
-            vadd(t, "CPT//36821")
-        stage = G_TO_STAGE[g]
-        n_tail = int(rng.poisson(3 + stage))
-        for j in np.searchsorted(_TAIL_CDF, rng.random(n_tail)):
-            j = int(min(j, TAIL_SIZE - 1))
-            code = TAIL_CODES[j]
-            val = float(rng.lognormal(0, 0.5)) if "//LAB//" in code else None
-            ev.append((t + int(rng.integers(0, 150)) * 60_000_000, code, val))
-        ev.sort(key=lambda e: e[0])  # stable: same-time events keep their order
-        for et, ec, evl in ev:
-            add(et, ec, evl)
-        visit_times.append(ev[-1][0])  # the visit's last event: its prediction time
-        visit_stages.append(stage)
-        prev_g = g
-        rate = 12.0 if dialysis else VISITS_PER_YEAR[g]
-        gap_years = float(rng.gamma(2.0, 1.0 / (2.0 * rate)))
-        gap = max(int(gap_years * 365.25 * US_PER_DAY), 7 * US_PER_DAY)
-        hazard = 0.15 if dialysis else DEATH_PER_YEAR[g]
-        if rng.random() < 1.0 - math.exp(-hazard * gap / (365.25 * US_PER_DAY)):
-            death = t + int(rng.uniform(0.5, 1.0) * gap)
-            break
-        t += gap
-        if t > follow_end:
-            break
-    if death is not None and death <= STUDY_END:
-        add(death, "MEDS_DEATH")
-    labels = _labels(visit_times, visit_stages)
-    return _Patient(times, codes, values, labels, split)
+        u = rng.random((3, m))
+        dia = dialysis[a] | (egfr < 6) | ((egfr < 10) & (u[0] < 0.5))
+        dialysis[a] = dia
+        seen.append((a, ta, egfr, g, dia))
+        rate = np.where(dia, 12.0, _VISITS_PER_YEAR[g])
+        gap = rng.gamma(2.0, 1.0 / (2.0 * rate)) * _YEAR_US
+        gap = np.maximum(gap.astype(np.int64), 7 * US_PER_DAY)
+        hazard = np.where(dia, 0.15, _DEATH_PER_YEAR[g])
+        dies = u[1] < 1.0 - np.exp(-hazard * gap / _YEAR_US)
+        death[a[dies]] = ta[dies] + ((0.5 + 0.5 * u[2][dies]) * gap[dies]).astype(np.int64)
+        t[a] = ta + gap
+        active = a[~dies & (t[a] <= follow_end[a])]
+    cols = [np.concatenate(c) for c in zip(*seen, strict=True)]
+    order = np.argsort(cols[0], kind="stable")  # passes were appended in visit order
+    return (*(c[order] for c in cols), death)
 
 
-def _labels(pt: list[int], stages: list[int]) -> list[tuple[int, int, float, bool]]:
-    """Per visit: (prediction time, stage, days to the next stage change or censoring, seen)."""
-    out: list[tuple[int, int, float, bool]] = []
-    n = len(pt)
-    next_change = [-1] * n  # index of the first later visit with a different stage
-    for i in range(n - 2, -1, -1):
-        next_change[i] = i + 1 if stages[i + 1] != stages[i] else next_change[i + 1]
-    for i in range(n):
-        j = next_change[i]
-        target = pt[j] if j >= 0 else pt[-1]
-        out.append((pt[i], stages[i], (target - pt[i]) / US_PER_DAY, j >= 0))
-    return out
+def _treat(
+    rng: np.random.Generator,
+    d: _Draws,
+    add: _Visit,
+    p: np.ndarray,
+    t: np.ndarray,
+    egfr: np.ndarray,
+    g: np.ndarray,
+    dia: np.ndarray,
+    hb: np.ndarray,
+    k: np.ndarray,
+    phos: np.ndarray,
+    diabetic: np.ndarray,
+    hypertensive: np.ndarray,
+    lipids: np.ndarray,
+    uacr0: np.ndarray,
+    age0: np.ndarray,
+) -> None:
+    """Medications and procedures at every visit (per-patient choices indexed by ``p``)."""
+    n = len(diabetic)
+    acei = _ACEI[rng.integers(3, size=n)]
+    sglt2 = _SGLT2[rng.integers(2, size=n)]
+    pu = rng.random((6, n))
+    on_acei = hypertensive | (uacr0 > 30)
+    on_amlodipine = hypertensive & (pu[0] < 0.4)
+    on_statin = lipids | (age0 >= 50)
+    takes_sglt2 = (diabetic | (uacr0 > 200)) & (pu[1] < 0.6)
+    # prescribing thresholds differ between clinicians: per-patient, not one cut-off
+    metformin_stop = rng.normal(35, 8, n)  # labelled limit 30; many stop nearer 45
+    insulin_from_start = pu[2] < 0.25
+    loop_diuretic_below = np.where(pu[3] < 0.85, rng.normal(25, 10, n), 200.0)
+    acei_stop = np.where(pu[4] < 0.5, rng.normal(12, 5, n), -1.0)
+    med_t = t + rng.integers(5, 60, len(p)) * _MINUTE_US
+    insulin = insulin_from_start[p] | (egfr < metformin_stop[p])
+    meds = (
+        (on_acei[p] & (egfr >= acei_stop[p]) & ~(k > 6.0), acei[p]),
+        (takes_sglt2[p] & (t >= SGLT2_FROM) & (egfr >= 20) & ~dia, sglt2[p]),
+        (on_statin[p], _ID["ATC//C10AA05"]),
+        (diabetic[p], np.where(insulin, _ID["ATC//A10AE04"], _ID["ATC//A10BA02"])),
+        (on_amlodipine[p], _ID["ATC//C08CA01"]),
+        (egfr < loop_diuretic_below[p], _ID["ATC//C03CA01"]),
+        (hb < 10, _ID["ATC//B03XA01"]),  # NaN (not measured) compares False
+        (phos > 5.5, _ID["ATC//V03AE02"]),
+    )
+    for taken, code in meds:
+        add(taken & (d.u() < 0.8), med_t, code)  # recorded on 80 % of the visits it is taken
+    add(dia, t, _ID["CPT//90935"])
+    add(dia, t, _ID["ICD10CM//Z99.2"])
+    # a fistula is made once, before dialysis: at the first G5 visit off dialysis that draws it
+    want = ~dia & (g == 5) & (d.u() < 0.3)
+    before = np.cumsum(want) - want  # wanted at an earlier visit (of any patient) ...
+    first_of = np.searchsorted(p, p)  # ... minus those of earlier patients
+    add(want & (before == before[first_of]), t, _ID["CPT//36821"])
+
+
+_VISITS_PER_YEAR = np.array(VISITS_PER_YEAR)
+_DEATH_PER_YEAR = np.array(DEATH_PER_YEAR)
+_EM_215 = np.array(EM_99215)
+_EM_214 = np.array(EM_99214) + _EM_215
+_P_BMP = np.array((0.7, 0.7, 0.8, 0.8, 0.9, 0.9))
+_P_PHOSPHATE = np.array(P_PHOSPHATE)
+_P_PTH = np.array(P_PTH)
+
+
+def _labels(
+    p: np.ndarray, t: np.ndarray, s: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per visit (sorted by patient and time): patient, prediction time, stage, days to the next
+    stage change or to the last visit (censored), and whether the change was seen."""
+    n = len(p)
+    new_run = np.ones(n, bool)  # a run: consecutive visits of one patient at one stage
+    new_run[1:] = (p[1:] != p[:-1]) | (s[1:] != s[:-1])
+    starts = np.append(np.flatnonzero(new_run), n)
+    nxt = starts[np.cumsum(new_run)]  # the first visit of the next run
+    seen = nxt < n
+    seen[seen] = p[nxt[seen]] == p[seen]
+    last = np.searchsorted(p, p, side="right") - 1  # each patient's last visit
+    target = np.where(seen, t[np.minimum(nxt, n - 1)], t[last])
+    days = ((target - t) / US_PER_DAY).astype(np.float32)
+    return p, t, s, days, seen
 
 
 def _visit(
-    add: Callable[..., None],
     rng: np.random.Generator,
-    t: int,
-    egfr: float,
-    g: int,
-    prev_g: int | None,
-    age: float,
-    female: bool,
-    diabetic: bool,
-    hypertensive: bool,
-    lipids: bool,
-) -> tuple[float | None, float | None, float | None]:
-    """Add one visit's E/M code, diagnoses and labs; return (hemoglobin, potassium, phosphate)."""
-    u = rng.random()  # visit complexity rises with stage, but every level occurs at every stage
-    em = "99215" if u < EM_99215[g] else ("99214" if u < EM_99215[g] + EM_99214[g] else "99213")
-    add(t, f"CPT//{em}")
-    dx: list[str] = []
-    u = rng.random()
-    if u < 0.45:
-        code = N18[g]
-        if g in (2, 3) and t < N18_3_SPLIT:
-            code = "N18.3"
-        if g == 5 and egfr < 10 and rng.random() < 0.5:
-            code = "N18.6"
-        dx.append(code)
-    elif u < 0.60:
-        dx.append("N18.9")
-    elif u < 0.65 and prev_g is not None:
-        dx.append(N18[prev_g] if not (prev_g in (2, 3) and t < N18_3_SPLIT) else "N18.3")
-    if diabetic and rng.random() < 0.7:
-        dx.append("E11.22" if rng.random() < 0.7 else "E11.9")
-    if hypertensive and rng.random() < 0.6:
-        dx.append(("I12.0" if g == 5 else "I12.9") if rng.random() < 0.6 else "I10")
-    if lipids and rng.random() < 0.4:
-        dx.append("E78.5")
-    if g >= 4 and rng.random() < 0.3:
-        dx.append("N25.81")
-    lab_t = t + int(rng.integers(15, 90)) * 60_000_000
-    labs: list[tuple[str, float]] = []
-    p_bmp = (0.7, 0.7, 0.8, 0.8, 0.9, 0.9)[g]
-    k = hb = phos = None
-    if rng.random() < p_bmp:
-        scr = creatinine_from_egfr(egfr, age, female) * float(rng.lognormal(0, 0.10))
-        if rng.random() < 0.08:  # intercurrent illness (dehydration, AKI): a transient rise
-            scr *= float(rng.uniform(1.2, 1.6))
-        labs.append(("2160-0", scr))
-        if rng.random() < 0.9:
-            loinc = "98979-8" if t >= CKD_EPI_2021_FROM else "33914-3"
-            labs.append((loinc, egfr_from_creatinine(scr, age, female)))
-        k = 4.2 + 0.02 * max(0.0, 45 - egfr) + float(rng.normal(0, 0.35))
-        labs.append(("2823-3", k))
-    if rng.random() < (0.5 if diabetic else 0.3):
-        uacr = 30.0 * float(rng.lognormal(0, 0.5)) * (3.0 if diabetic else 1.0)
-        uacr *= 1.0 + max(0.0, 60 - egfr) / 20.0
-        labs.append(("9318-7", uacr))
-        if uacr > 300 and rng.random() < 0.3:
-            dx.append("R80.9")
-    if rng.random() < (0.7 if g >= 4 else 0.4):
-        hb = (13.0 if female else 14.0) - 0.07 * max(0.0, 60 - egfr) + float(rng.normal(0, 0.8))
-        labs.append(("718-7", hb))
-        if hb < 11 and rng.random() < 0.5:
-            dx.append("D63.1")
-    if diabetic and rng.random() < 0.5:
-        labs.append(("4548-4", 7.2 + float(rng.normal(0, 0.9))))
-    if rng.random() < P_PHOSPHATE[g]:
-        phos = 3.6 + 0.05 * max(0.0, 30 - egfr) + float(rng.normal(0, 0.4))
-        labs.append(("2777-1", phos))
-    if rng.random() < P_PTH[g]:
-        labs.append(("2731-8", 40.0 * math.exp(0.04 * max(0.0, 60 - egfr) + rng.normal(0, 0.3))))
-    if k is not None and k > 5.5 and rng.random() < 0.6:
-        dx.append("E87.5")
-    for d in dx:
-        add(t, f"ICD10CM//{d}")
-    for loinc, v in labs:
-        add(lab_t, f"LOINC//{loinc}", v)
+    d: _Draws,
+    add: _Visit,
+    t: np.ndarray,
+    egfr: np.ndarray,
+    g: np.ndarray,
+    prev_g: np.ndarray,
+    age: np.ndarray,
+    female: np.ndarray,
+    diabetic: np.ndarray,
+    hypertensive: np.ndarray,
+    lipids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Add one visit's E/M code, diagnoses and labs; return hemoglobin, potassium and phosphate
+    (NaN where not measured)."""
+    m = len(t)
+    yes = np.ones(m, bool)
+    u = d.u()  # visit complexity rises with stage, but every level occurs at every stage
+    add(yes, t, _EM[np.where(u < _EM_215[g], 2, np.where(u < _EM_214[g], 1, 0))])
+    dx: list[tuple[np.ndarray, Any]] = []
+    u = d.u()
+    g3_old = np.isin(g, (2, 3)) & (t < N18_3_SPLIT)
+    stage_code = np.where(g3_old, _ID["ICD10CM//N18.3"], _N18[g])
+    esrd = (g == 5) & (egfr < 10) & (d.u() < 0.5)
+    stage_code = np.where(esrd, _ID["ICD10CM//N18.6"], stage_code)
+    pg = np.maximum(prev_g, 0)
+    prev_old = np.isin(prev_g, (2, 3)) & (t < N18_3_SPLIT)
+    lag_code = np.where(prev_old, _ID["ICD10CM//N18.3"], _N18[pg])
+    dx.append((u < 0.45, stage_code))
+    dx.append(((u >= 0.45) & (u < 0.60), _ID["ICD10CM//N18.9"]))
+    dx.append(((u >= 0.60) & (u < 0.65) & (prev_g >= 0), lag_code))  # coding lag
+    e11 = np.where(d.u() < 0.7, _ID["ICD10CM//E11.22"], _ID["ICD10CM//E11.9"])
+    dx.append((diabetic & (d.u() < 0.7), e11))
+    i12 = np.where(g == 5, _ID["ICD10CM//I12.0"], _ID["ICD10CM//I12.9"])
+    htn = np.where(d.u() < 0.6, i12, _ID["ICD10CM//I10"])
+    dx.append((hypertensive & (d.u() < 0.6), htn))
+    dx.append((lipids & (d.u() < 0.4), _ID["ICD10CM//E78.5"]))
+    dx.append(((g >= 4) & (d.u() < 0.3), _ID["ICD10CM//N25.81"]))
+    lab_t = t + rng.integers(15, 90, m) * _MINUTE_US
+    labs: list[tuple[np.ndarray, str, np.ndarray]] = []
+    bmp = d.u() < _P_BMP[g]
+    scr = creatinine_from_egfr(egfr, age, female) * np.exp(0.10 * d.z())
+    aki = d.u() < 0.08  # intercurrent illness (dehydration, AKI): a transient rise
+    scr = np.where(aki, scr * (1.2 + 0.4 * d.u()), scr)
+    labs.append((bmp, "2160-0", scr))
+    reported = egfr_from_creatinine(scr, age, female)
+    shown = bmp & (d.u() < 0.9)  # the lab reports eGFR beside creatinine
+    labs.append((shown & (t < CKD_EPI_2021_FROM), "33914-3", reported))
+    labs.append((shown & (t >= CKD_EPI_2021_FROM), "98979-8", reported))
+    k = 4.2 + 0.02 * np.maximum(0.0, 45 - egfr) + 0.35 * d.z()
+    labs.append((bmp, "2823-3", k))
+    k = np.where(bmp, k, np.nan)
+    has_uacr = d.u() < np.where(diabetic, 0.5, 0.3)
+    uacr = 30.0 * np.exp(0.5 * d.z()) * np.where(diabetic, 3.0, 1.0)
+    uacr *= 1.0 + np.maximum(0.0, 60 - egfr) / 20.0
+    labs.append((has_uacr, "9318-7", uacr))
+    dx.append((has_uacr & (uacr > 300) & (d.u() < 0.3), _ID["ICD10CM//R80.9"]))
+    has_hb = d.u() < np.where(g >= 4, 0.7, 0.4)
+    hb = np.where(female, 13.0, 14.0) - 0.07 * np.maximum(0.0, 60 - egfr)
+    hb = np.where(has_hb, hb + 0.8 * d.z(), np.nan)
+    labs.append((has_hb, "718-7", hb))
+    dx.append(((hb < 11) & (d.u() < 0.5), _ID["ICD10CM//D63.1"]))
+    labs.append((diabetic & (d.u() < 0.5), "4548-4", 7.2 + 0.9 * d.z()))
+    has_phos = d.u() < _P_PHOSPHATE[g]
+    phos = 3.6 + 0.05 * np.maximum(0.0, 30 - egfr) + 0.4 * d.z()
+    phos = np.where(has_phos, phos, np.nan)
+    labs.append((has_phos, "2777-1", phos))
+    pth = 40.0 * np.exp(0.04 * np.maximum(0.0, 60 - egfr) + 0.3 * d.z())
+    labs.append((d.u() < _P_PTH[g], "2731-8", pth))
+    dx.append(((k > 5.5) & (d.u() < 0.6), _ID["ICD10CM//E87.5"]))
+    for mask, code in dx:
+        add(mask, t, code)
+    for mask, loinc, v in labs:
+        add(mask, lab_t, _ID[f"LOINC//{loinc}"], v)
     return hb, k, phos
-
-
-def synthesize(n_patients: int, seed: int = 0) -> list[_Patient]:
-    """The cohort in memory: ``n_patients`` patients, ids 0..n-1."""
-    if n_patients < 1:
-        raise UsageError(f"--patients must be at least 1 (got {n_patients})")
-    return [simulate_patient(seed, i) for i in range(n_patients)]
-
-
-@dataclass(frozen=True)
-class SynthSummary:
-    """What `write_cohort` wrote."""
-
-    out: str
-    patients: int
-    events: int
-    clinical_visits: int
-    label_rows: int
-    codes: int
-    files: list[str]
-    patients_by_split: dict[str, int]
-
-
-def _events_table(patients: list[_Patient], ids: list[int]) -> pa.Table:
-    sid: list[int] = []
-    time: list[int | None] = []
-    code: list[str] = []
-    value: list[float | None] = []
-    for i in ids:
-        p = patients[i]
-        n = len(p.code)
-        sid.extend([i] * n)
-        time.extend(None if x == -1 else x for x in p.time)
-        code.extend(p.code)
-        value.extend(p.value)
-    return pa.table(
-        {
-            "subject_id": pa.array(sid, pa.int64()),
-            "time": pa.array(time, pa.int64()).cast(pa.timestamp("us")),
-            "code": pa.array(code, pa.string()),
-            "numeric_value": pa.array(value, pa.float32()),
-        },
-        schema=DATA_SCHEMA,
-    )
-
-
-def _label_table(patients: list[_Patient]) -> pa.Table:
-    sid, pt, stage, days, seen = [], [], [], [], []
-    for i, p in enumerate(patients):
-        for t, s, d, o in p.labels:
-            sid.append(i)
-            pt.append(t)
-            stage.append(s)
-            days.append(d)
-            seen.append(o)
-    schema = pa.schema(
-        [
-            pa.field("subject_id", pa.int64(), nullable=False),
-            pa.field("prediction_time", pa.timestamp("us"), nullable=False),
-            pa.field("boolean_value", pa.bool_(), nullable=False),
-            pa.field("integer_value", pa.int64(), nullable=False),
-            pa.field("float_value", pa.float32(), nullable=False),
-        ]
-    )
-    return pa.table(
-        {
-            "subject_id": pa.array(sid, pa.int64()),
-            "prediction_time": pa.array(pt, pa.int64()).cast(pa.timestamp("us")),
-            "boolean_value": pa.array(seen, pa.bool_()),
-            "integer_value": pa.array(stage, pa.int64()),
-            "float_value": pa.array(days, pa.float32()),
-        },
-        schema=schema,
-    )
-
-
-def write_cohort(out: str | Path, n_patients: int, seed: int = 0) -> SynthSummary:
-    """Generate and write the cohort as a MEDS data set at ``out`` (built aside, then renamed)."""
-    from ehrplan import __version__
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(
-            f"{out} already exists and is not an empty directory; choose another --out"
-        )
-    patients = synthesize(n_patients, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        files: list[str] = []
-        by_split = {s: [i for i, p in enumerate(patients) if p.split == s] for s in SPLITS}
-        events = 0
-        for split, ids in by_split.items():
-            for k in range(0, max(len(ids), 1), SHARD_PATIENTS):
-                chunk = ids[k : k + SHARD_PATIENTS]
-                if not chunk:
-                    continue
-                table = _events_table(patients, chunk)
-                events += table.num_rows
-                rel = Path(DATA_DIR) / split / f"{k // SHARD_PATIENTS}.parquet"
-                write_parquet(table, tmp / rel)
-                files.append(str(rel))
-        all_codes = sorted({c for p in patients for c in p.code})
-        write_parquet(codes_table(all_codes, DESCRIPTIONS | _tail_descriptions()), tmp / CODES_FILE)
-        write_parquet(
-            splits_table(np.arange(len(patients), dtype=np.int64), [p.split for p in patients]),
-            tmp / SPLITS_FILE,
-        )
-        write_json(
-            tmp / DATASET_FILE,
-            {
-                "dataset_name": "ehrplan-synthetic-ckd",
-                "dataset_version": f"seed={seed},patients={n_patients}",
-                "etl_name": "ehrplan synth",
-                "etl_version": __version__,
-                "meds_version": MEDS_VERSION,
-                "license": "CC0-1.0 (synthetic data, no real patients)",
-            },
-            sort_keys=True,
-        )
-        labels = _label_table(patients)
-        write_parquet(labels, tmp / TASK_DIR / "0.parquet")
-        files += [str(CODES_FILE), str(SPLITS_FILE), str(DATASET_FILE), str(TASK_DIR / "0.parquet")]
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return SynthSummary(
-        out=str(out),
-        patients=n_patients,
-        events=events,
-        clinical_visits=labels.num_rows,
-        label_rows=labels.num_rows,
-        codes=len(all_codes),
-        files=files,
-        patients_by_split={s: len(v) for s, v in by_split.items()},
-    )
-
-
-def _tail_descriptions() -> dict[str, str]:
-    return {c: "synthetic placeholder code (long tail)" for c in TAIL_CODES}

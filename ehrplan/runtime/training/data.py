@@ -65,17 +65,18 @@ def synthetic_cohort(patients: int, seed: int = SYNTH_SEED) -> Path:
     """The synthetic CKD cohort of ``patients`` patients, made once (atomically) and cached."""
     import hashlib
 
-    from ehrplan.data import synth
+    from ehrplan.data import synth, synth_write
 
     # keyed by the generator's source too: a changed generator never reuses a stale cohort
-    code = hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()[:10]
+    source = b"".join(Path(m.__file__).read_bytes() for m in (synth, synth_write))
+    code = hashlib.sha256(source).hexdigest()[:10]
     root = cache_dir() / f"synth-ckd-{patients}-seed{seed}-{code}"
     if (root / "metadata" / "dataset.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    synth.write_cohort(tmp, patients, seed)
+    synth_write.write_cohort(tmp, patients, seed)
     try:
         os.replace(tmp, root)  # another process may have won the race: keep its copy
     except OSError:
