@@ -53,6 +53,15 @@ def run_without_torch(args: list[str]) -> tuple[int, str, str]:
     return int(tail.split()[0]), body, out.stderr
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Generated cohorts and example caches go to a temporary folder, not the user's cache
+    (subprocesses inherit it); a caller's own EHRPLAN_CACHE is kept."""
+    import os
+
+    os.environ.setdefault("EHRPLAN_CACHE", str(tmp_path_factory.mktemp("ehrplan-cache")))
+
+
 @pytest.fixture
 def cli():
     return run_cli

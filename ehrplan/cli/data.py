@@ -101,6 +101,70 @@ def stats(
 data_app.command("stats")(stats)
 
 
+def prepare(
+    directory: Annotated[Path, typer.Argument(help="Root of a MEDS data set.")],
+    labels: LabelsOpt = None,
+    visit_window: WindowOpt = 24.0,
+    min_count: MinCountOpt = 5,
+    value_bins: BinsOpt = 5,
+    json_: JsonOpt = False,
+) -> None:
+    """Build (or reuse) the example cache that `train` and `dry-run --data` read.
+
+    Reads the data files one at a time and writes token ids, visit offsets, visit times and
+    labels as memory-mapped arrays under $EHRPLAN_CACHE (default ~/.cache/ehrplan), keyed by the
+    data's files (names, sizes, mtimes) and these settings. A valid cache is reused; a changed,
+    truncated or other-version one is rebuilt.
+    """
+    import time
+
+    from ehrplan.data.cache import Settings
+    from ehrplan.data.cache import prepare as prepare_cache
+
+    settings = Settings(
+        task=str(labels) if labels is not None else None,
+        window_hours=visit_window,
+        min_count=min_count,
+        value_bins=value_bins,
+    )
+    start = time.perf_counter()
+    cache = prepare_cache(directory, settings)
+    seconds = time.perf_counter() - start
+    h = cache.header
+    payload: dict[str, Any] = {
+        "root": str(directory),
+        "cache": str(cache.path),
+        "reused": cache.reused,
+        "seconds": round(seconds, 3),
+        **h["counts"],
+        "vocab_size": h["vocab_size"],
+        "token_dtype": h["arrays"]["tokens"]["dtype"],
+        "bytes_on_disk": cache.disk_bytes(),
+        "arrays": {n: a["bytes"] for n, a in h["arrays"].items()},
+    }
+    if not cache.reused:
+        payload["events_per_second"] = round(h["counts"]["events"] / max(seconds, 1e-9))
+    emit("data prepare", payload, as_json=json_, render=_render_prepare)
+
+
+data_app.command("prepare")(prepare)
+
+
+def _render_prepare(p: dict[str, Any]) -> Iterable[RenderableType]:
+    how = "reused" if p["reused"] else f"built in {p['seconds']} s"
+    t = Table(title=f"Example cache of {p['root']} ({how})")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("cache", p["cache"])
+    for key in ("patients", "visits", "events", "vocab_size"):
+        t.add_row(key.replace("_", " "), f"{p[key]:,}")
+    t.add_row("token ids", p["token_dtype"])
+    t.add_row("bytes on disk", f"{p['bytes_on_disk'] / 2**20:,.1f} MiB")
+    if "events_per_second" in p:
+        t.add_row("events/s", f"{p['events_per_second']:,}")
+    yield t
+
+
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     t = Table(title=f"MEDS data set {p['root']}")
     t.add_column("")

@@ -145,16 +145,45 @@ def load_cohort(
         raise DataError(f"the visit window must be positive (got {window_hours} hours)")
     root = Path(root)
     ev = meds.read_events(root)
+    cohort = build_cohort(
+        str(root),
+        ev.subject_id,
+        ev.time,
+        ev.code,
+        ev.numeric_value,
+        split_map=meds.read_splits(root),
+        window_hours=window_hours,
+        files=ev.files,
+    )
+    label_path = Path(labels) if labels is not None else root / DEFAULT_TASK
+    if labels is not None or label_path.exists():
+        attach_labels(cohort, label_path, known=np.unique(ev.subject_id))
+    return cohort
+
+
+def build_cohort(
+    root: str,
+    sid: np.ndarray,
+    time: np.ndarray,
+    code: pa.Array,
+    value: np.ndarray,
+    *,
+    split_map: dict[int, str] | None,
+    window_hours: float,
+    files: tuple[str, ...] = (),
+) -> Cohort:
+    """Visits, time features and splits from events in file order (every subject's events
+    together and sorted by time): a whole data set, or one of its files."""
     report: dict[str, int] = {}
-    t, keep = _fill_static_times(ev.subject_id, ev.time)
-    report["events_read"] = len(ev)
+    t, keep = _fill_static_times(sid, time)
+    report["events_read"] = len(sid)
     report["static_only_events_dropped"] = int((~keep).sum())
-    sid = ev.subject_id[keep]
+    sid = sid[keep]
     t = t[keep]
-    code = ev.code.filter(pa.array(keep)) if not keep.all() else ev.code
-    value = ev.numeric_value[keep]
+    code = code.filter(pa.array(keep)) if not keep.all() else code
+    value = value[keep]
     if len(sid) == 0:
-        raise DataError(f"{root / meds.DATA_DIR}: no timed events (only static ones)")
+        raise DataError(f"{Path(root) / meds.DATA_DIR}: no timed events (only static ones)")
 
     # visits: a new one where the subject changes or the gap exceeds the window
     new_subject = np.ones(len(sid), dtype=bool)
@@ -181,7 +210,6 @@ def load_cohort(
     time_features = np.stack([scale_days(since_prev), scale_days(since_first)], axis=1)
 
     # splits
-    split_map = meds.read_splits(root)
     if split_map is None:
         split = np.full(len(subject_ids), "train", dtype=object)
         report["splits_file_missing"] = 1
@@ -190,8 +218,8 @@ def load_cohort(
         report["subjects_without_split"] = int((split == "").sum())
 
     n_visits = len(visit_start)
-    cohort = Cohort(
-        root=str(root),
+    return Cohort(
+        root=root,
         subject_ids=subject_ids,
         split=split,
         visit_offsets=visit_offsets,
@@ -206,18 +234,18 @@ def load_cohort(
         time_to_event=np.zeros(n_visits, dtype=np.float32),
         event_observed=np.zeros(n_visits, dtype=bool),
         window_hours=window_hours,
-        files=ev.files,
+        files=files,
         report=report,
     )
-    label_path = Path(labels) if labels is not None else root / DEFAULT_TASK
-    if labels is not None or label_path.exists():
-        attach_labels(cohort, label_path, known=np.unique(ev.subject_id))
-    return cohort
 
 
 def attach_labels(cohort: Cohort, path: Path, known: np.ndarray) -> None:
     """Join a label task onto the cohort's visits by subject and prediction time (as-of)."""
-    lab = meds.read_labels(path, known_subjects=known)
+    attach_label_rows(cohort, meds.read_labels(path, known_subjects=known), path)
+
+
+def attach_label_rows(cohort: Cohort, lab: meds.Labels, path: Path) -> None:
+    """Join label rows (all of a task's, or those of the cohort's subjects) onto its visits."""
     vals = lab.values
     if "integer_value" in vals:
         stage = vals["integer_value"].astype(np.int64)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ehrplan.data.cache import ExampleCache
 from ehrplan.data.cohort import Cohort
 from ehrplan.data.sampler import BucketBatchSampler
 from ehrplan.data.stats import Truncation, length_key, patient_shapes, truncation
-from ehrplan.data.vocab import Vocab
+from ehrplan.data.vocab import UNK_ID, Vocab
 from ehrplan.errors import DataError
 from ehrplan.runtime.batch import IGNORE_INDEX, Batch
 
@@ -37,7 +38,7 @@ class EHRDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        cohort: Cohort,
+        cohort: Cohort | ExampleCache,
         vocab: Vocab,
         *,
         split: str | None = "train",
@@ -46,6 +47,7 @@ class EHRDataset(torch.utils.data.Dataset):
         max_codes_per_visit: int,
         num_stages: int | None = None,
         ids: np.ndarray | None = None,
+        id_cap: int | None = None,
     ) -> None:
         self.cohort = cohort
         self.vocab = vocab
@@ -55,6 +57,7 @@ class EHRDataset(torch.utils.data.Dataset):
         self.max_visits = max_visits
         self.max_codes_per_visit = max_codes_per_visit
         self.ids = ids if ids is not None else vocab.encode(cohort.code, cohort.numeric_value)
+        self.id_cap = id_cap  # ids at or above it (the rarest tokens) become UNK in a batch
         if num_stages is not None:
             top = int(cohort.stage.max(initial=IGNORE_INDEX))
             if top >= num_stages:
@@ -118,7 +121,10 @@ class EHRDataset(torch.utils.data.Dataset):
         v_of_event = np.repeat(v_local, ncodes)
 
         codes = np.zeros((B, V, C), dtype=np.int64)
-        codes[b_of_event, v_of_event, c_local] = self.ids[events]
+        ids = self.ids[events]
+        if self.id_cap is not None:
+            ids = np.where(ids >= self.id_cap, UNK_ID, ids)
+        codes[b_of_event, v_of_event, c_local] = ids
         time_features = np.zeros((B, V, 2), dtype=np.float32)
         time_features[b_of_visit, v_local] = c.time_features[visits]
         stage = np.full((B, V), IGNORE_INDEX, dtype=np.int64)

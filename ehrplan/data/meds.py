@@ -105,9 +105,11 @@ def data_files(root: Path) -> list[Path]:
     return files
 
 
-def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+def _read_table(
+    path: Path, columns: list[str] | None = None, read_dictionary: list[str] | None = None
+) -> pa.Table:
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, read_dictionary=read_dictionary)
     except (pa.ArrowInvalid, OSError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path}: not a readable parquet file ({msg})") from None
@@ -180,34 +182,14 @@ def read_events(root: str | Path) -> Events:
     sids, times, codes, values, uniq = [], [], [], [], []
     read: list[Path] = []  # the files with rows, parallel to the lists above
     for path in files:
-        schema = _read_schema(path)
-        _check_column(path, schema, "subject_id", pa.types.is_integer, "int64 subject_id")
-        _check_column(path, schema, "time", pa.types.is_timestamp, "timestamp[us] time")
-        _check_column(path, schema, "code", _is_string, "string code")
-        has_value = _check_column(
-            path,
-            schema,
-            "numeric_value",
-            lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t),
-            "float32 numeric_value",
-            required=False,
-        )
-        cols = ["subject_id", "time", "code"] + (["numeric_value"] if has_value else [])
-        table = _read_table(path, cols)
-        if table.num_rows == 0:
+        got = read_data_file(path)
+        if got is None:
             continue
-        _no_nulls(path, table, ["subject_id", "code"])
-        sid = table.column("subject_id").cast(pa.int64()).to_numpy()
-        t = _time_us(path, table.column("time"), "time")
-        _check_order(path, sid, t)
+        sid, t, code, value = got
         sids.append(sid)
         times.append(t)
-        codes.append(table.column("code").cast(pa.string()).combine_chunks())
-        if has_value:
-            v = table.column("numeric_value").cast(pa.float32())
-            values.append(pc.fill_null(v, float("nan")).to_numpy().astype(np.float32))
-        else:
-            values.append(np.full(table.num_rows, np.nan, dtype=np.float32))
+        codes.append(code)
+        values.append(value)
         uniq.append(np.unique(sid))
         read.append(path)
     if not sids:
@@ -220,6 +202,45 @@ def read_events(root: str | Path) -> Events:
         numeric_value=np.concatenate(values),
         files=tuple(str(p.relative_to(root)) for p in files),
     )
+
+
+def read_data_file(
+    path: Path, *, dictionary: bool = False
+) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray] | None:
+    """One data file's checked events: subject_id, time (`NULL_TIME` for null), code and
+    numeric_value (NaN for null); None when it has no rows. Checks as `read_events`, except
+    that a subject may be in one file only, which needs every file. ``dictionary``: the codes
+    as one dictionary array (each distinct code once, then int32 indices), read 3x faster."""
+    schema = _read_schema(path)
+    _check_column(path, schema, "subject_id", pa.types.is_integer, "int64 subject_id")
+    _check_column(path, schema, "time", pa.types.is_timestamp, "timestamp[us] time")
+    _check_column(path, schema, "code", _is_string, "string code")
+    has_value = _check_column(
+        path,
+        schema,
+        "numeric_value",
+        lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t),
+        "float32 numeric_value",
+        required=False,
+    )
+    cols = ["subject_id", "time", "code"] + (["numeric_value"] if has_value else [])
+    table = _read_table(path, cols, ["code"] if dictionary else None)
+    if table.num_rows == 0:
+        return None
+    _no_nulls(path, table, ["subject_id", "code"])
+    sid = table.column("subject_id").cast(pa.int64()).to_numpy()
+    t = _time_us(path, table.column("time"), "time")
+    _check_order(path, sid, t)
+    if dictionary and pa.types.is_dictionary(table.schema.field("code").type):
+        code = table.unify_dictionaries().column("code").combine_chunks()
+    else:
+        code = table.column("code").cast(pa.string()).combine_chunks()
+    if has_value:
+        v = table.column("numeric_value").cast(pa.float32())
+        value = pc.fill_null(v, float("nan")).to_numpy().astype(np.float32)
+    else:
+        value = np.full(table.num_rows, np.nan, dtype=np.float32)
+    return sid, t, code, value
 
 
 def _check_order(path: Path, sid: np.ndarray, t: np.ndarray) -> None:

@@ -130,6 +130,33 @@ class Vocab:
         pos = pc.index_in(tokens, value_set=pa.array(self.tokens[2:], pa.string()))
         return pc.fill_null(pc.add(pos, 2), UNK_ID).to_numpy().astype(np.int64)
 
+    def encode_dictionary(
+        self, code: pa.DictionaryArray, values: np.ndarray, token_id: dict[str, int] | None = None
+    ) -> np.ndarray:
+        """`encode` for dictionary-encoded codes: each distinct code is looked up once.
+        ``token_id``: `token_to_id`, when the caller keeps it across calls."""
+        tid = token_id if token_id is not None else self.token_to_id
+        names = code.dictionary.to_pylist()
+        idx = code.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        base = np.array([max(tid.get(n, UNK_ID), UNK_ID) for n in names] or [UNK_ID])
+        ids = base[idx] if len(names) else np.full(len(idx), UNK_ID, np.int64)
+        binned = np.array([n in self.bin_edges for n in names], dtype=bool)
+        if not binned.any():
+            return ids.astype(np.int64)
+        pos = np.flatnonzero(binned[idx] & ~np.isnan(values))
+        order, starts = _groups(idx[pos], len(names))
+        for i in np.flatnonzero(binned):
+            sel = pos[order[starts[i] : starts[i + 1]]]
+            if not len(sel):
+                continue
+            e = self.bin_edges[names[i]]
+            # CODE//Qk, k = 1..len(e)+1, as `tokenize` names them; ids for k = 0..len(e)+1
+            lut = np.array(
+                [UNK_ID] + [tid.get(f"{names[i]}//Q{k}", UNK_ID) for k in range(1, len(e) + 2)]
+            )
+            ids[sel] = lut[np.searchsorted(np.asarray(e), values[sel], side="right") + 1]
+        return ids.astype(np.int64)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -229,3 +256,87 @@ def train_vocab(
         min_count=min_count,
         value_bins=value_bins,
     )
+
+
+class VocabCounter:
+    """Train events seen shard by shard; `vocab` equals `build_vocab` over all of them at once.
+
+    Keeps a count per bare code and, for codes with values, the values themselves (float32: the
+    exact quantile edges need them), so its memory grows with the value-bearing train events,
+    4 bytes each, not with the rest.
+    """
+
+    def __init__(self) -> None:
+        self.bare: dict[str, int] = {}
+        self.values: dict[str, list[np.ndarray]] = {}
+        self.events = 0
+
+    def add(self, code: pa.Array, values: np.ndarray) -> None:
+        self.events += len(code)
+        has = ~np.isnan(values)
+        if pa.types.is_dictionary(code.type):
+            self._add_dictionary(code, values, has)
+            return
+        vc = pc.value_counts(code.filter(pa.array(~has)))
+        for name, n in zip(
+            vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True
+        ):
+            self.bare[name] = self.bare.get(name, 0) + n
+        if not has.any():
+            return
+        enc = _dict_encode(code.filter(pa.array(has)))
+        names = enc.dictionary.to_pylist()
+        order, starts = _groups(enc.indices.to_numpy(), len(names))
+        v = values[has]
+        for i, name in enumerate(names):
+            self.values.setdefault(name, []).append(v[order[starts[i] : starts[i + 1]]])
+
+    def _add_dictionary(
+        self, code: pa.DictionaryArray, values: np.ndarray, has: np.ndarray
+    ) -> None:
+        names = code.dictionary.to_pylist()
+        idx = code.indices.to_numpy(zero_copy_only=False)
+        bare = np.bincount(idx[~has], minlength=len(names))
+        for i in np.flatnonzero(bare):
+            self.bare[names[i]] = self.bare.get(names[i], 0) + int(bare[i])
+        order, starts = _groups(idx[has], len(names))
+        v = values[has]
+        for i in np.flatnonzero(np.diff(starts)):
+            self.values.setdefault(names[i], []).append(v[order[starts[i] : starts[i + 1]]])
+
+    def vocab(
+        self, *, min_count: int = DEFAULT_MIN_COUNT, value_bins: int = DEFAULT_VALUE_BINS
+    ) -> Vocab:
+        if min_count < 1:
+            raise DataError(f"min_count must be at least 1 (got {min_count})")
+        if self.events == 0:
+            raise DataError(
+                "no training events to build a vocabulary from (is the train split empty?)"
+            )
+        counts = dict(self.bare)
+        edges: dict[str, list[float]] = {}
+        qs = np.linspace(0, 1, value_bins + 1)[1:-1]
+        for name, parts in self.values.items():
+            vals = np.concatenate(parts)
+            e = np.zeros(0)
+            if value_bins >= 2 and len(vals) >= MIN_VALUES_TO_BIN:
+                e = np.unique(np.quantile(vals.astype(np.float64), qs))
+            if not len(e):
+                counts[name] = counts.get(name, 0) + len(vals)
+                continue
+            edges[name] = [float(x) for x in e]
+            k = np.searchsorted(e, vals, side="right") + 1
+            for b, n in enumerate(np.bincount(k)):
+                if n:
+                    token = f"{name}//Q{b}"
+                    counts[token] = counts.get(token, 0) + int(n)
+        names = np.asarray([n for n, c in counts.items() if c >= min_count], dtype=object)
+        kept = np.asarray([counts[n] for n in names], dtype=np.int64)
+        order = np.lexsort((names.astype(str), -kept)) if len(names) else np.zeros(0, int)
+        return Vocab(
+            tokens=(PAD_TOKEN, UNK_TOKEN, *names[order].tolist()),
+            counts=(0, 0, *(int(c) for c in kept[order])),
+            min_count=min_count,
+            value_bins=value_bins,
+            bin_edges=edges,
+        )

@@ -96,11 +96,12 @@ def load_training_data(
 ) -> tuple[TrainData, EHRModelConfig]:
     """Read ``root`` (MEDS with labels) into splits; return them and the config with its
     ``vocab_size`` fitted to the data. ``vocab_file``: reuse a saved vocabulary (resume)."""
-    from ehrplan.data.cohort import load_cohort
+    from ehrplan.data.cache import prepare
     from ehrplan.data.dataset import EHRDataset
-    from ehrplan.data.vocab import Vocab, train_vocab
+    from ehrplan.data.vocab import Vocab
 
-    cohort = load_cohort(root)
+    given = Vocab.load(vocab_file) if vocab_file is not None and vocab_file.is_file() else None
+    cohort = prepare(root, vocab=given)  # the example cache: built once, then memory-mapped
     labelled = cohort.stage != IGNORE_INDEX
     if not labelled.any():
         raise DataError(
@@ -108,13 +109,11 @@ def load_training_data(
             "integer_value = stage, float_value = days to the next stage change, "
             "boolean_value = whether it was seen)"
         )
-    if vocab_file is not None and vocab_file.is_file():
-        full = Vocab.load(vocab_file)
-    else:
-        full = train_vocab(cohort)
+    full = cohort.vocab
     vocab = _capped(full, config.vocab_size)
     config = config.model_copy(update={"vocab_size": len(vocab)})
-    ids = vocab.encode(cohort.code, cohort.numeric_value)
+    ids = cohort.tokens
+    id_cap = len(vocab) if len(vocab) < len(full) else None
     splits: dict[str, Split] = {}
     datasets = {}
     for name in SPLITS:
@@ -126,6 +125,7 @@ def load_training_data(
             max_codes_per_visit=config.max_codes_per_visit,
             num_stages=config.num_stages,
             ids=ids,
+            id_cap=id_cap,
         )
         if len(ds) == 0:
             raise DataError(f"{root}: split '{name}' has no patients (need train/tuning/held_out)")
@@ -146,6 +146,7 @@ def load_training_data(
     trunc = datasets["train"].truncation
     info = {
         "root": str(root),
+        "example_cache": {"path": str(cohort.path), "bytes_on_disk": cohort.disk_bytes()},
         "patients": {n: len(d) for n, d in datasets.items()},
         "labelled_visits": int(labelled.sum()),
         "vocab_tokens_in_data": len(full),
