@@ -154,6 +154,7 @@ def test_torch_command_outputs_validate_against_their_schema(capsys, tmp_path: P
     runs = [
         ["synth", "--patients", "60", "--out", str(data)],
         ["data", "stats", str(data), "--preset", "tiny"],
+        ["data", "prepare", str(data)],
         ["dry-run", "--preset", "tiny", "--device", "cpu"],
         ["train", "--preset", "tiny", "--data", str(data), "--out", str(run), *steps],
         ["export-embeddings", str(run), "--out", str(tmp_path / "emb.safetensors")],

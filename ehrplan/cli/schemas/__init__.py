@@ -32,6 +32,7 @@ MODELS: dict[str, str] = {
     "dry-run": "runs:DryRunOut",
     "synth": "data:SynthOut",
     "data stats": "data:DataStatsOut",
+    "data prepare": "data:DataPrepareOut",
     "train": "runs:TrainOut",
     "compare": "runs:CompareOut",
     "export-embeddings": "runs:ExportEmbeddingsOut",

@@ -28,10 +28,29 @@ class SynthOut(Doc):
     clinical_visits: int
     label_rows: int
     codes: int
+    shard_size: int = Field(description="Patients per data file (the last of a split fewer).")
     files: list[str]
     patients_by_split: dict[str, int]
     seed: int
     seconds: float
+
+
+class DataPrepareOut(Doc):
+    command: Literal["data prepare"]
+    root: str
+    cache: str = Field(description="The cache folder (under $EHRPLAN_CACHE/examples/).")
+    reused: bool = Field(description="True: a valid cache was opened; False: built now.")
+    seconds: float
+    patients: int
+    visits: int
+    events: int
+    vocab_size: int
+    token_dtype: Literal["int16", "int32"]
+    bytes_on_disk: int = Field(description="All arrays of the cache, in bytes.")
+    arrays: dict[str, int] = Field(description="Bytes per array file.")
+    events_per_second: int | None = Field(
+        default=None, description="Build speed; only when the cache was built now."
+    )
 
 
 class TimeToEvent(Out):
