@@ -180,3 +180,22 @@ def test_cli_prepare_builds_then_reuses(data: Path, cache_home: Path) -> None:
     assert again["reused"] is True and again["cache"] == doc["cache"]
     bad = run_cli("data", "prepare", str(data / "nope"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_data_memory_counts_the_cache_bytes_exactly(data: Path) -> None:
+    from ehrplan.data.cache import cache_bytes, data_memory
+
+    cache = prepare(data)
+    sizes = {
+        "events": cache.num_events,
+        "visits": cache.num_visits,
+        "patients": cache.num_patients,
+        "vocab_size": len(cache.vocab),
+    }
+    assert cache_bytes(**sizes) == cache.disk_bytes()
+    shape = {"batch_size": 4, "max_visits": 8, "max_codes_per_visit": 12}
+    solo = data_memory(**sizes, **shape)
+    two = data_memory(**sizes, **shape, workers=2, prefetch=2)
+    assert solo["cache_pages"] == cache.disk_bytes()
+    assert two["batches"] == 5 * solo["batches"]  # one in training + 2 per worker
+    assert solo["total"] == sum(v for k, v in solo.items() if k != "total")

@@ -62,6 +62,7 @@ def stats(
     the batch shapes of per-batch padding (with and without length bucketing) on the train
     split; without it, the same for every preset.
     """
+    from ehrplan.data.cache import cache_bytes, data_memory
     from ehrplan.data.cohort import load_cohort
     from ehrplan.data.stats import batch_dims, describe, truncation
     from ehrplan.data.vocab import train_vocab
@@ -71,6 +72,13 @@ def stats(
     vocab = train_vocab(cohort, min_count=min_count, value_bins=value_bins)
     payload: dict[str, Any] = describe(cohort, vocab_size=len(vocab))
     payload["vocab"] = {"min_count": min_count, "value_bins": value_bins, "size": len(vocab)}
+    sizes = {
+        "events": cohort.num_events,
+        "visits": cohort.num_visits,
+        "patients": cohort.num_patients,
+        "vocab_size": len(vocab),
+    }
+    payload["example_cache_bytes"] = cache_bytes(**sizes)
     presets = [get_preset(preset)] if preset else list(load_presets().values())
     train = cohort.patients_in("train")
     rows = []
@@ -84,6 +92,12 @@ def stats(
                 "truncation": truncation(
                     cohort, cohort.patients_in(None), cfg.max_visits, cfg.max_codes_per_visit
                 ).to_dict(),
+                "host_ram_for_data": data_memory(
+                    **sizes,
+                    batch_size=bs,
+                    max_visits=cfg.max_visits,
+                    max_codes_per_visit=cfg.max_codes_per_visit,
+                ),
                 "batch_shapes": {
                     "per_batch": batch_dims(
                         cohort, train, bs, cfg.max_visits, cfg.max_codes_per_visit
@@ -175,6 +189,7 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     t.add_row("events", f"{p['events']:,}")
     t.add_row("visits", f"{p['visits']:,} (window {p['visit_window_hours']:g} h)")
     t.add_row("distinct codes", f"{p['distinct_codes']:,}")
+    t.add_row("example cache on disk", f"{p['example_cache_bytes'] / 2**20:,.1f} MiB")
     v = p["vocab"]
     t.add_row(
         "vocabulary (train split)",
@@ -217,7 +232,7 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         collapse_padding=True,
     )
     pt.add_column("preset", no_wrap=True, min_width=max(len(r["preset"]) for r in p["presets"]))
-    for col in ("V x C", "lost", "V p95", "C p95", "batch", "bucketed", "preset"):
+    for col in ("V x C", "lost", "V p95", "C p95", "batch", "bucketed", "preset", "data RAM"):
         pt.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 6))
     for r in p["presets"]:
         tr = r["truncation"]
@@ -232,5 +247,6 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
             f"{per['padding_ratio']:.2f}",
             f"{buck['padding_ratio']:.2f}",
             f"{per['padding_ratio_preset_maxima']:.2f}",
+            f"{r['host_ram_for_data']['total'] / 2**20:,.0f} MiB",
         )
     yield pt

@@ -340,11 +340,14 @@ def prepare(
             **body,
         }
         (tmp / "header.json").write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
-        if final.exists():  # an invalid old cache: out of the way, then ours in its place
-            old = final.with_name(f".{key}.{os.getpid()}.old")
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        if open_cache(final, root, fp) is not None:  # another process (a rank) won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if final.exists():  # an invalid old cache: out of the way, then ours in its place
+                old = final.with_name(f".{key}.{os.getpid()}.old")
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -514,3 +517,58 @@ def _map(path: Path, specs: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 __all__ = ["IGNORE_INDEX", "ExampleCache", "Settings", "open_cache", "prepare"]
+
+
+# --------------------------------------------------------------------------------------------
+# the host memory a training process needs for its data
+
+
+def cache_bytes(events: int, visits: int, patients: int, vocab_size: int) -> int:
+    """Bytes on disk of the cache of a data set of this size (`ARRAYS`, headers included)."""
+    token = 2 if vocab_size <= _INT16_MAX else 4
+    per_visit = 8 + 8 + 8 + 4 + 4 + 1  # event offset, end, time features, stage, time, observed
+    per_patient = 8 + 8 + 1  # visit offset, subject id, split
+    return (
+        events * token
+        + visits * per_visit
+        + patients * per_patient
+        + 16
+        + _HEADER_BYTES * len(ARRAYS)
+    )
+
+
+def data_memory(
+    *,
+    events: int,
+    visits: int,
+    patients: int,
+    vocab_size: int,
+    batch_size: int,
+    max_visits: int,
+    max_codes_per_visit: int,
+    workers: int = 0,
+    prefetch: int = 2,
+) -> dict[str, int]:
+    """Host RAM a training process needs for its data, by term (bytes).
+
+    - ``cache_pages``: the mapped cache; an epoch touches all of it. Page cache, shared by the
+      DataLoader workers and given back under pressure, but resident while training runs.
+    - ``process_arrays``: what `load_training_data` and `EHRDataset` compute in memory: per
+      visit a label mask, kept-visit mask and the shape temporaries (25 bytes), per patient the
+      split name, length keys and shapes (40 bytes).
+    - ``batches``: the batches alive at once, each at the largest shape (int64 codes, bool mask,
+      per visit time features, stage, time, observed): one being trained plus ``prefetch`` per
+      worker.
+    Worker processes are forked and share the parent's pages; their own interpreter overhead is
+    not counted here.
+    """
+    pages = cache_bytes(events, visits, patients, vocab_size)
+    arrays = visits * 25 + patients * 40
+    one = batch_size * max_visits * (max_codes_per_visit * 9 + 8 + 8 + 4 + 1)
+    batches = one * (1 + workers * prefetch)
+    return {
+        "cache_pages": pages,
+        "process_arrays": arrays,
+        "batches": batches,
+        "total": pages + arrays + batches,
+    }

@@ -104,10 +104,21 @@ class BatchShapes(Out):
     per_batch_bucketed: BatchDims
 
 
+class DataMemory(Out):
+    cache_pages: int = Field(description="The mapped example cache (an epoch touches all).")
+    process_arrays: int = Field(description="Per-visit and per-patient arrays held in memory.")
+    batches: int = Field(description="Batches alive at once at the largest shape.")
+    total: int
+
+
 class PresetStats(Out):
     preset: str
     vocab_size: int
     truncation: Truncation
+    host_ram_for_data: DataMemory = Field(
+        description="Host RAM (bytes) a training process needs for the data at this preset's "
+        "batch and maxima, no DataLoader workers (`ehrplan.data.cache.data_memory`)."
+    )
     batch_shapes: BatchShapes
 
 
@@ -129,4 +140,7 @@ class DataStatsOut(Doc):
     labels: LabelBalance | None
     reader: dict[str, int] = Field(description="What the reader read, dropped and replaced.")
     vocab: VocabInfo
+    example_cache_bytes: int = Field(
+        description="Bytes on disk of this data set's example cache (`ehrplan data prepare`)."
+    )
     presets: list[PresetStats]
