@@ -55,3 +55,7 @@ class DivergedError(EhrplanError):
     """The loss or the gradient became NaN or infinite; the last good checkpoint is kept."""
 
     exit_code = EXIT_DIVERGED
+
+
+class MissingExtraError(EhrplanError):
+    """A command needs an optional extra (`pip install 'ehrplan[train]'`) that is not installed."""
