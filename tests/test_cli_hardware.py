@@ -274,7 +274,7 @@ def test_hardware_renders_recorded_machines(
     from ehrplan.plan.hardware import probe
 
     src, m = load(machine)
-    monkeypatch.setattr(cmd, "probe", lambda probe_mps=False: probe(src))
+    monkeypatch.setattr(cmd, "probe", lambda mps_reader=None: probe(src))
     code, out, err = run(["hardware"], capsys)
     assert code == 0 and "Traceback" not in out + err
     code, doc = run_json(["hardware"], capsys)

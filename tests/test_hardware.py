@@ -213,7 +213,7 @@ def test_apple_working_set_fraction_and_overrides() -> None:
     assert a is not None and a.working_set_bytes == 12288 * MIB
     # --probe-mps asks torch (here a fake reader, so torch is not imported)
     src, _ = load("m1-16gb")
-    a = probe(src, probe_mps=True, mps_reader=lambda: 11 * GIB).apple
+    a = probe(src, mps_reader=lambda: 11 * GIB).apple
     assert a is not None and a.working_set_bytes == 11 * GIB
     assert a.working_set_source == "torch.mps.recommended_max_memory()"
 
@@ -224,7 +224,7 @@ def test_probe_mps_failure_falls_back_to_the_fraction() -> None:
     def boom() -> int:
         raise RuntimeError("no torch")
 
-    report = probe(src, probe_mps=True, mps_reader=boom)
+    report = probe(src, mps_reader=boom)
     assert report.apple is not None
     assert report.apple.working_set_bytes == int(16 * GIB * 2 / 3)
     assert any("--probe-mps" in n for n in report.notes)

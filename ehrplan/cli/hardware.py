@@ -112,7 +112,10 @@ def hardware(probe_mps: ProbeMpsOpt = False, json_: JsonOpt = False) -> None:
     Honours container (cgroup) memory limits, CUDA_VISIBLE_DEVICES and MIG; counts only Metal's
     working set of Apple's unified memory. Never imports torch unless --probe-mps.
     """
-    report = probe(probe_mps=probe_mps)
+    reader = None
+    if probe_mps:
+        from ehrplan.runtime.training.device import mps_recommended_max_memory as reader
+    report = probe(mps_reader=reader)
     budgets = device_budgets(report)
     payload = {
         "hardware": report.model_dump(),

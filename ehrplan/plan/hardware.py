@@ -512,20 +512,15 @@ def apple_working_set(unified_bytes: int) -> int:
     return int(unified_bytes * APPLE_WORKING_SET_FRACTION_SMALL)
 
 
-def _mps_recommended() -> int | None:
-    import torch  # only with --probe-mps
-
-    if not torch.backends.mps.is_available():
-        return None
-    return int(torch.mps.recommended_max_memory())
-
-
 def probe_apple(
     src: Sources,
     notes: list[str],
-    probe_mps: bool = False,
-    mps_reader: Callable[[], int | None] = _mps_recommended,
+    mps_reader: Callable[[], int | None] | None = None,
 ) -> AppleGPU | None:
+    """Apple Silicon's GPU budget. ``mps_reader`` (``--probe-mps``) asks torch for Metal's
+    recommended working set; it lives in the runtime
+    (`ehrplan.runtime.training.device.mps_recommended_max_memory`), as this package imports no
+    torch."""
     if src.system != "Darwin":
         return None
     rosetta = src.sysctl_value("sysctl.proc_translated") == "1"
@@ -546,7 +541,7 @@ def probe_apple(
     ws: int | None = None
     source = "unknown"
     wired = src.sysctl_value("iogpu.wired_limit_mb")
-    if probe_mps:
+    if mps_reader is not None:
         try:
             ws = mps_reader()
             source = "torch.mps.recommended_max_memory()"
@@ -578,10 +573,11 @@ def probe_apple(
 def probe(
     sources: Sources | None = None,
     *,
-    probe_mps: bool = False,
-    mps_reader: Callable[[], int | None] = _mps_recommended,
+    mps_reader: Callable[[], int | None] | None = None,
 ) -> HardwareReport:
-    """Describe this machine (or the one the recorded ``sources`` describe). Never raises."""
+    """Describe this machine (or the one the recorded ``sources`` describe). Never raises.
+
+    ``mps_reader``: ask torch for Apple's working set (``--probe-mps``; see `probe_apple`)."""
     src = sources or Sources()
     notes: list[str] = []
     host = probe_host(src, notes)
@@ -590,7 +586,7 @@ def probe(
     driver = cuda = None
     if src.system != "Darwin":
         gpus, driver, cuda = probe_nvidia(src, notes)
-    apple = probe_apple(src, notes, probe_mps=probe_mps, mps_reader=mps_reader)
+    apple = probe_apple(src, notes, mps_reader=mps_reader)
     return HardwareReport(
         system=src.system,
         machine=src.machine,

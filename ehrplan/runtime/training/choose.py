@@ -45,8 +45,9 @@ def budget_for(device_type: str, headroom: float = 0.1) -> tuple[Any, dict[str, 
     """The planner's budget for the device the run trains on, and the hardware report."""
     from ehrplan.plan.hardware import probe
     from ehrplan.plan.planner import budget_from_probe, host_budget
+    from ehrplan.runtime.training.device import mps_recommended_max_memory
 
-    report = probe(probe_mps=device_type == "mps")
+    report = probe(mps_reader=mps_recommended_max_memory if device_type == "mps" else None)
     hw = report.model_dump()
     if device_type == "cpu":
         return host_budget(report, headroom, "training on the CPU"), hw

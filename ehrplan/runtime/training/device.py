@@ -14,6 +14,14 @@ PRECISION_CHOICES: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
+def mps_recommended_max_memory() -> int | None:
+    """Metal's recommended working set in bytes, from torch; None where MPS is unavailable.
+    The hardware probe's ``mps_reader`` for ``--probe-mps``."""
+    if not torch.backends.mps.is_available():
+        return None
+    return int(torch.mps.recommended_max_memory())
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA if present, else MPS, else CPU; a named device must be present (the dry
     run's rule, `ehrplan.runtime.measure.resolve_device`)."""
