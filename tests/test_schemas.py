@@ -4,7 +4,6 @@ refused, never printed."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -14,7 +13,7 @@ import jsonschema
 import pytest
 from conftest import run_cli, run_without_torch
 
-from ehrplan.cli.app import app, main
+from ehrplan.cli.app import COMMANDS, load_command, main
 from ehrplan.cli.output import SCHEMA_VERSION, document, write_json
 from ehrplan.cli.schemas import MODELS, json_schema
 
@@ -54,13 +53,11 @@ def _check(doc: dict[str, Any]) -> None:
 def _json_commands() -> set[str]:
     """Every command of the app that takes --json, by the name its document carries."""
     names = set()
-    for info in app.registered_commands:
-        if "json_" in inspect.signature(info.callback).parameters:
-            names.add(info.name)
-    for group in app.registered_groups:
-        for info in group.typer_instance.registered_commands:
-            if "json_" in inspect.signature(info.callback).parameters:
-                names.add(f"{group.name} {info.name}")
+    for name in COMMANDS:
+        cmd = load_command(name)
+        for sub_name, sub in (getattr(cmd, "commands", None) or {name: cmd}).items():
+            if any(p.name == "json_" for p in sub.params):
+                names.add(name if sub is cmd else f"{name} {sub_name}")
     return names
 
 
