@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_without_torch
 
 from ehrplan.plan.config import get_preset, load_config_file
 
@@ -266,3 +266,11 @@ def test_pre_commit_hook_runs_validate_on_config_files() -> None:
     argv = [*entry[1:], *hook["args"]]
     assert run_cli(*argv, "presets/small-lstm.toml").returncode == 0
     assert run_cli(*argv, "presets/large-lstm.toml").returncode == 1
+
+
+@pytest.mark.parametrize("fmt", ["github", "junit"])
+def test_ci_formats_never_import_torch(fmt: str) -> None:
+    args = ["validate", "presets/small-lstm.toml", "--budget", BUDGET, "--format", fmt]
+    code, out, err = run_without_torch(args)
+    assert code == 0, err
+    assert "small-lstm.toml" in out
