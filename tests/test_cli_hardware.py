@@ -75,7 +75,7 @@ def test_recommend_target_json_matches_the_estimator(
     assert doc["budget"]["budget_bytes"] == budget.budget_bytes
     for row in doc["presets"]:
         cfg = get_preset(row["preset"]).config
-        precision = precision_for(cfg, budget)
+        precision = precision_for(cfg, budget).precision
         est = estimate_memory(cfg, precision=precision, device=budget.device)
         assert (row["precision"], row["estimate_bytes"]) == (precision, est.total_bytes)
         assert row["estimate_notes"] == est.notes

@@ -114,6 +114,11 @@ def test_each_fake_gives_the_expected_budget(name: str) -> None:
     assert budget.device == exp["device"]
     if "budget_usable_mib" in exp:
         assert budget.usable_bytes == exp["budget_usable_mib"] * MIB
+    elif exp["device"] == "cpu":
+        # the host budget is what the OS can give now; the total (RAM or cgroup limit) beside it
+        assert budget.total_bytes == exp["budget_usable_bytes"]
+        available = report.host.available_bytes
+        assert budget.usable_bytes == (budget.total_bytes if available is None else available)
     else:
         assert budget.usable_bytes == exp["budget_usable_bytes"]
     if "usable_mib" in exp:
@@ -283,4 +288,4 @@ def test_cuda_order_on_mixed_gpus(order: str | None, names: list[str]) -> None:
     budget = budget_from_probe(report, headroom=0.0, gpus=2)
     # two GPUs: the smaller one bounds the per-GPU budget, and T4 has no bf16
     assert budget.usable_bytes == 15360 * MIB - CUDA_CONTEXT_ALLOWANCE
-    assert budget.mixed_dtype == "fp16"
+    assert budget.target.native_half == "fp16"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import product
 from typing import Any
 
@@ -115,11 +116,11 @@ def test_budgets_from_targets() -> None:
     a10 = budget_from_target("a10", headroom=0.1)
     assert a10.usable_bytes == 23028 * MIB - CUDA_CONTEXT_ALLOWANCE
     assert a10.budget_bytes == int(a10.usable_bytes * 0.9)
-    assert a10.device == "cuda" and a10.mixed_dtype == "bf16"
+    assert a10.device == "cuda" and a10.target.native_half == "bf16"
     m1 = budget_from_target("m1-16gb", headroom=0.0)
     assert m1.device == "mps" and m1.usable_bytes == int(16 * GIB * 2 / 3)
-    assert m1.mixed_dtype == "fp16"
-    assert budget_from_target("t4").mixed_dtype == "fp16"
+    assert m1.target.native_half == "fp16"
+    assert budget_from_target("t4").target.native_half == "fp16"
 
 
 @pytest.mark.parametrize("headroom", [-0.1, 1.0, 2.0])
@@ -137,11 +138,14 @@ def test_precision_rule() -> None:
     mixed = get_preset("small-lstm").config
     fp32 = get_preset("tiny-lstm").config
     assert mixed.mixed_precision and not fp32.mixed_precision
-    assert precision_for(mixed, budget_from_target("a100-40gb")) == "bf16"
-    assert precision_for(mixed, budget_from_target("m1-16gb")) == "fp16"
-    assert precision_for(mixed, budget_from_target("t4")) == "fp16"
-    assert precision_for(fp32, budget_from_target("a100-40gb")) == "fp32"
-    assert precision_for(mixed, budget_from_size(parse_size("8GB"), device="cpu")) == "bf16"
+    assert precision_for(mixed, budget_from_target("a100-40gb")).precision == "bf16"
+    assert precision_for(mixed, budget_from_target("m1-16gb")).precision == "fp16"
+    assert precision_for(mixed, budget_from_target("t4")).precision == "fp16"
+    assert precision_for(fp32, budget_from_target("a100-40gb")).precision == "fp32"
+    # a declared CPU: native bf16 unknown, so fp32 (--precision bf16 asks for it)
+    cpu = budget_from_size(parse_size("8GB"), device="cpu")
+    assert precision_for(mixed, cpu).precision == "fp32"
+    assert precision_for(mixed, replace(cpu, precision="bf16")).precision == "bf16"
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ def _every_change(config: EHRModelConfig) -> list[dict[str, Any]]:
 
 
 def _estimate(config: EHRModelConfig, budget: planner.Budget) -> int:
-    precision = precision_for(config, budget)
+    precision = precision_for(config, budget).precision
     return estimate_memory(
         config,
         precision=precision,
@@ -282,8 +286,8 @@ def test_cheapest_fix_reaches_mixed_precision_last(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(planner, "estimate_memory", _toy_estimator(4 * GIB, GIB))
     budget = budget_from_size(parse_size("1.8GiB"), headroom=0.0)
     fix = cheapest_fix(_cfg(), budget, "toy")
-    assert fix is not None and fix.changes.get("mixed_precision") is True
-    assert fix.fit.precision == "bf16"
+    assert fix is not None and fix.changes.get("precision") == "bf16"
+    assert fix.fit.precision == "bf16" and "--precision bf16" in fix.flags
     assert cheapest_fix(_cfg(), budget_from_size(parse_size("1GiB"), headroom=0.0), "t") is None
 
 

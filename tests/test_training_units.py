@@ -206,3 +206,24 @@ def test_bucketing_pools_patients_not_batches() -> None:
         for pool in (1, 6)
     }
     assert spread[6] < spread[1] / 2
+
+
+def test_the_trainer_trains_the_planned_precision_on_a_t4(monkeypatch) -> None:
+    # torch.cuda.is_bf16_supported() is True on a T4 (emulated); the plan says fp16 there
+    import torch
+
+    from ehrplan.plan.config import get_preset
+    from ehrplan.runtime.training import device as device_mod
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cfg = get_preset("small-lstm").config
+    cuda = torch.device("cuda")
+    assert device_mod.resolve_precision(cfg, cuda, "auto") == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 6))
+    assert device_mod.resolve_precision(cfg, cuda, "auto") == "bf16"
+    cpu = device_mod.device_target(torch.device("cpu"))
+    assert device_mod.resolve_precision(cfg, torch.device("cpu"), "auto") == (
+        cpu.native_half or "fp32"
+    )

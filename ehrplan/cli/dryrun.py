@@ -27,19 +27,23 @@ from ehrplan.cli.options import (
 from ehrplan.cli.output import emit
 from ehrplan.errors import DeviceError, DoesNotFitError, UsageError
 from ehrplan.plan.config import EHRModelConfig
-from ehrplan.plan.estimator import PRECISIONS, estimate_memory
+from ehrplan.plan.estimator import estimate_memory
+from ehrplan.plan.planner import DEFAULT_HEADROOM, Budget, host_budget
+from ehrplan.plan.target import Resolved, check_precision, resolve
 from ehrplan.plan.units import fmt_bytes
 
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
-#: Head-room kept free on the CPU: the interpreter, torch's libraries and allocator slack live
-#: beside the tensors (the process's RSS exceeds the live tensor bytes by a few hundred MiB).
-CPU_HEADROOM_BYTES = 512 * 1024**2
 
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")
 ]
 PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="fp32, or mixed precision: fp16 or bf16 autocast.")
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (the device's rule, as `ehrplan estimate` and `ehrplan train` use it), or "
+        "fp32, fp16, bf16.",
+    ),
 ]
 CheckpointOpt = Annotated[
     bool | None,
@@ -65,33 +69,26 @@ SimulateOpt = Annotated[
 ]
 
 
-def cpu_available_bytes() -> tuple[int, str]:
-    """Memory a CPU step may use now, from the hardware probe: available RAM, within the
-    container's cgroup v1/v2 limit where one applies. Returns bytes and where from."""
-    from ehrplan.plan.hardware import Sources, probe_host
-
-    notes: list[str] = []
-    host = probe_host(Sources(), notes)
-    if host.available_bytes is None:
-        raise DeviceError("cannot tell how much memory is available: " + "; ".join(notes))
-    if host.cgroup_limit_bytes is not None:
-        return host.available_bytes, f"cgroup v{host.cgroup_version} limit ({host.cgroup_file})"
-    return host.available_bytes, "available RAM"
-
-
-def _check_cpu_fits(cfg: EHRModelConfig, precision: str, ckpt: bool) -> tuple[int, str]:
-    """Raise DoesNotFitError, without allocating anything, when the estimated peak plus
-    head-room exceeds the memory available: on the CPU the kernel kills an out-of-memory
+def _check_cpu_fits(
+    cfg: EHRModelConfig, precision: str | None, ckpt: bool
+) -> tuple[Resolved, Budget]:
+    """The CPU's precision and host budget (`ehrplan.plan.planner.host_budget`, the one
+    `recommend` and `validate --device cpu` use); raise DoesNotFitError, without allocating
+    anything, when the estimated peak exceeds it: on the CPU the kernel kills an out-of-memory
     process instead of raising, so the step must not be started."""
-    est = estimate_memory(cfg, precision=precision, device="cpu", checkpointing=ckpt)
-    available, source = cpu_available_bytes()
-    if est.total_bytes + CPU_HEADROOM_BYTES > available:
+    from ehrplan.plan.hardware import probe
+
+    budget = host_budget(probe(), DEFAULT_HEADROOM, "dry-run on the CPU")
+    resolved = resolve(cfg, budget.target, precision)
+    est = estimate_memory(cfg, precision=resolved.precision, device="cpu", checkpointing=ckpt)
+    if est.total_bytes > budget.budget_bytes:
         raise DoesNotFitError(
-            f"does not fit: the estimated peak {fmt_bytes(est.total_bytes)} plus "
-            f"{fmt_bytes(CPU_HEADROOM_BYTES)} head-room exceeds the {fmt_bytes(available)} "
-            f"available ({source}); the step was not run"
+            f"does not fit: the estimated peak {fmt_bytes(est.total_bytes)} "
+            f"({resolved.precision}) exceeds the budget {fmt_bytes(budget.budget_bytes)} "
+            f"({fmt_bytes(budget.usable_bytes)} available now, less "
+            f"{budget.headroom:.0%} headroom); the step was not run"
         )
-    return available, source
+    return resolved, budget
 
 
 def dry_run(
@@ -102,7 +99,7 @@ def dry_run(
     set_: SetOpt = None,
     batch_size: BatchSizeOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = "auto",
     checkpointing: CheckpointOpt = None,
     data: DataOpt = None,
     simulate: SimulateOpt = False,
@@ -116,8 +113,7 @@ def dry_run(
     or on the CPU an estimate above the available memory (the step is then not started). Exit 2
     for an unknown or absent device, or data that cannot be read.
     """
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision '{precision}' (valid: {', '.join(PRECISIONS)})")
+    asked = check_precision(precision)
     cfg, source = config_from_options(preset, size, model_type, config, set_, batch_size=batch_size)
     if simulate:
         lstm = (
@@ -134,19 +130,23 @@ def dry_run(
     ckpt = cfg.use_checkpoint if checkpointing is None else checkpointing
     if device not in DEVICE_CHOICES:
         raise DeviceError(f"unknown device '{device}' (valid: {', '.join(DEVICE_CHOICES)})")
-    available: int | None = None
-    available_source = None
+    host: Budget | None = None
     if device == "cpu":  # decided before torch is even imported
-        available, available_source = _check_cpu_fits(cfg, precision, ckpt)
+        resolved, host = _check_cpu_fits(cfg, asked, ckpt)
 
     from ehrplan.runtime.measure import cpu_lstm_kernel, measure_step, resolve_device
 
     dev = resolve_device(device)
-    if dev == "cpu" and available is None:
-        available, available_source = _check_cpu_fits(cfg, precision, ckpt)
-    if dev == "cuda":  # UNMEASURED here (no GPU): refuse what cannot fit the free memory
+    if dev == "cpu" and host is None:
+        resolved, host = _check_cpu_fits(cfg, asked, ckpt)
+    if dev != "cpu":
         import torch
 
+        from ehrplan.runtime.training.device import device_target
+
+        resolved = resolve(cfg, device_target(torch.device(dev)), asked)
+    precision = resolved.precision
+    if dev == "cuda":  # UNMEASURED here (no GPU): refuse what cannot fit the free memory
         free, _ = torch.cuda.mem_get_info()
         est = estimate_memory(cfg, precision=precision, device="cuda", checkpointing=ckpt)
         if est.total_bytes > free:
@@ -173,6 +173,7 @@ def dry_run(
         "model_type": cfg.model_type,
         "device": dev,
         "precision": precision,
+        "precision_reason": resolved.reason,
         "batch_size": cfg.batch_size,
         "micro_batches": m.micro_batches,
         "checkpointing": ckpt,
@@ -187,8 +188,10 @@ def dry_run(
         "estimated_peak_phase": est.peak_phase,
         "estimate_breakdown": dict(est.breakdown),
         "device_overhead": dict(est.device_overhead),
-        "available_bytes": available,
-        "available_source": available_source,
+        "available_bytes": host.usable_bytes if host else None,
+        "total_bytes": host.total_bytes if host else None,
+        "budget_bytes": host.budget_bytes if host else None,
+        "headroom": host.headroom if host else None,
         "notes": est.notes,
     }
     emit("dry-run", payload, as_json=json_, render=_render)
@@ -247,13 +250,16 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         ("estimated peak", p["estimated_peak_bytes"]),
         ("peak reserved", p["peak_reserved_bytes"]),
         ("process peak RSS", p["process_peak_rss_bytes"]),
-        ("available (CPU)", p["available_bytes"]),
+        ("available now (CPU)", p["available_bytes"]),
+        ("total (CPU)", p["total_bytes"]),
+        ("budget (CPU, less headroom)", p["budget_bytes"]),
     ]
     for label, value in rows:
         if value is not None:
             t.add_row(label, f"{value:,}", fmt_bytes(value))
     t.add_row("[bold]error of the estimate", "", f"[bold]{p['error']:+.1%}")
     yield t
+    yield f"device and precision: {p['precision']} on {p['device']}: {p['precision_reason']}"
     yield f"measured by: {p['measurement_method']}; estimated peak at: {p['estimated_peak_phase']}"
     if p.get("batch_shape"):
         b, v, c = p["batch_shape"]

@@ -32,20 +32,31 @@ from ehrplan.cli.per_gpu import (
     time_payload,
 )
 from ehrplan.errors import UsageError
-from ehrplan.plan.catalog import get_target
+from ehrplan.plan.catalog import CatalogDevice, get_target
 from ehrplan.plan.config import get_preset
-from ehrplan.plan.estimator import DEVICES, PRECISIONS, estimate_memory, static_memory
+from ehrplan.plan.estimator import estimate_memory, static_memory
 from ehrplan.plan.flops import training_step_flops
 from ehrplan.plan.params import count_parameters
 from ehrplan.plan.per_gpu import DEFAULT_UTILISATION
+from ehrplan.plan.target import DeviceTarget, check_device, from_catalog, from_probe, resolve
 from ehrplan.plan.units import fmt_bytes, fmt_count
 
 PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="fp32, or mixed precision: fp16 or bf16 autocast.")
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (the device's rule: bf16 on CUDA >= 8.0 and CPUs with native bf16, fp16 on "
+        "older CUDA and MPS, else fp32; fp32 when the config's mixed_precision is false), "
+        "fp32, fp16 or bf16.",
+    ),
 ]
 DeviceOpt = Annotated[
     str | None,
-    typer.Option("--device", help="Device to estimate for: cpu (default), cuda, mps."),
+    typer.Option(
+        "--device",
+        help="Device to estimate for: cpu, cuda or mps (default: --target's, else this "
+        "machine's: its GPU, else its CPU).",
+    ),
 ]
 CheckpointOpt = Annotated[
     bool | None,
@@ -63,8 +74,8 @@ def estimate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     batch_size: BatchSizeOpt = None,
-    precision: PrecisionOpt = "fp32",
-    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = None,
     checkpointing: CheckpointOpt = None,
     gpus: GpusOpt = 1,
     strategy: StrategyOpt = "ddp",
@@ -79,14 +90,12 @@ def estimate(
     Never imports torch. Pick the config with --preset, or --size with --type, and/or --config
     FILE; override single fields with --set KEY=VALUE or --batch-size.
     """
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision '{precision}' (valid: {', '.join(PRECISIONS)})")
     row = get_target(target) if target is not None else None
-    device = device or (row.device if row is not None else "cpu")
-    if device not in DEVICES:
-        raise UsageError(f"unknown device '{device}' (valid: {', '.join(DEVICES)})")
+    dev_target = device_target(row, device)
     cfg, source = config_from_options(preset, size, model_type, config, set_, batch_size=batch_size)
     params = count_parameters(cfg)
+    resolved = resolve(cfg, dev_target, precision)
+    precision, device = resolved.precision, resolved.device
     est = estimate_memory(cfg, precision=precision, device=device, checkpointing=checkpointing)
     flops = training_step_flops(cfg, checkpointing=est.checkpointing)
     preset_name = None
@@ -102,6 +111,8 @@ def estimate(
         "params_by_module": params.modules,
         "precision": precision,
         "device": device,
+        "precision_reason": resolved.reason,
+        "target": dev_target.as_dict(),
         "batch_size": cfg.batch_size,
         "effective_batch_size": cfg.effective_batch_size,
         "checkpointing": est.checkpointing,
@@ -134,6 +145,21 @@ def estimate(
     if not json_:
         for note in est.notes:
             warn(note)
+
+
+def device_target(row: CatalogDevice | None, device: str | None) -> DeviceTarget:
+    """--target's machine, else --device on this machine (a device it lacks is planned as
+    declared), else this machine's own device."""
+    if device is not None:
+        check_device(device)
+    if row is not None:
+        t = from_catalog(row)
+        if device is not None and device != t.device:
+            raise UsageError(f"--device {device} contradicts --target {row.name} ({t.device})")
+        return t
+    from ehrplan.plan.hardware import probe
+
+    return from_probe(probe(), device)
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
@@ -173,6 +199,7 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     for key, b in p["device_overhead"].items():
         mem.add_row(f"+ {key.replace('_', ' ')} (assumed)", f"{b:,}", fmt_bytes(b))
     yield mem
+    yield f"device and precision: {p['precision']} on {p['device']}: {p['precision_reason']}"
     yield (
         f"peak at: {p['peak_phase'].replace('_', ' ')}; "
         f"FLOPs per micro-batch {p['flops']['per_micro_batch']:.3e}, "

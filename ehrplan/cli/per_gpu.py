@@ -103,6 +103,8 @@ def time_payload(
     if tflops is not None:
         peak, source = tflops, f"--tflops {tflops}"
     elif row is not None:
+        if row.fp32_tflops is None and row.half_tflops is None:
+            return None  # the catalog lists no throughput for it (give --tflops)
         peak, source = catalog_tflops(row, precision)
     else:
         return None

@@ -13,7 +13,8 @@ from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
 from ehrplan.cli.output import emit
-from ehrplan.errors import UsageError
+from ehrplan.errors import DeviceError, UsageError
+from ehrplan.plan.config import EHRModelConfig
 from ehrplan.plan.per_gpu import STRATEGIES
 from ehrplan.plan.planner import (
     DEFAULT_HEADROOM,
@@ -22,8 +23,10 @@ from ehrplan.plan.planner import (
     budget_from_size,
     budget_from_target,
     check_sizes_known,
+    host_budget,
     plan,
 )
+from ehrplan.plan.target import check_device, check_precision, resolve
 from ehrplan.plan.units import fmt_bytes, parse_size
 
 TargetOpt = Annotated[
@@ -58,7 +61,19 @@ HeadroomOpt = Annotated[
 ]
 DeviceOpt = Annotated[
     str | None,
-    typer.Option("--device", help="With --memory/--budget: cuda (default, bf16), mps or cpu."),
+    typer.Option(
+        "--device",
+        help="cuda, mps or cpu. With --memory/--budget: the declared device's type (default "
+        "cuda); alone: this machine's device of that type (cpu: host RAM available now).",
+    ),
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (the device's rule, see `ehrplan estimate --help`), or fp32, fp16, bf16 for "
+        "every config.",
+    ),
 ]
 
 
@@ -71,14 +86,20 @@ def resolve_budget(
     *,
     memory_flag: str = "--memory",
     strategy: str = "ddp",
+    precision: str | None = None,
 ) -> Budget:
-    """The budget from --target, --memory (or --budget), or this machine's probe."""
+    """The budget from --target, --memory (or --budget), or this machine's probe; the device
+    and its precision rule travel with it (`ehrplan.plan.target`)."""
+    asked = check_precision(precision)
     b = _budget(target, memory, gpus, headroom, device, memory_flag)
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
     if strategy == "fsdp" and b.gpus < 2:
         raise UsageError("--strategy fsdp shards over several GPUs: give --gpus 2 or more")
-    return replace(b, strategy=strategy)
+    b = replace(b, strategy=strategy, precision=asked)
+    if asked is not None:  # refuse a precision the device cannot run before any estimate
+        resolve(EHRModelConfig(), b.target, asked)
+    return b
 
 
 def _budget(
@@ -91,15 +112,25 @@ def _budget(
 ) -> Budget:
     if target is not None and memory is not None:
         raise UsageError(f"give either --target or {memory_flag}, not both")
-    if device is not None and memory is None:
-        raise UsageError(f"--device applies only with {memory_flag}")
+    if device is not None:
+        check_device(device)
     if target is not None:
+        if device is not None:
+            raise UsageError("--device applies with --memory/--budget or alone, not with --target")
         return budget_from_target(target, headroom, gpus or 1)
     if memory is not None:
         return budget_from_size(parse_size(memory), headroom, device or "cuda", gpus or 1)
     from ehrplan.plan.hardware import probe
 
-    return budget_from_probe(probe(), headroom, gpus)
+    report = probe()
+    if device == "cpu":
+        if gpus not in (None, 1):
+            raise UsageError(f"--gpus {gpus} does not apply to --device cpu")
+        return host_budget(report, headroom, "--device cpu: planning for this machine's CPU")
+    b = budget_from_probe(report, headroom, gpus)
+    if device is not None and b.device != device:
+        raise DeviceError(f"--device {device}: the hardware probe found no {device} device here")
+    return b
 
 
 def recommend(
@@ -110,6 +141,7 @@ def recommend(
     model_type: ModelTypeOpt = None,
     headroom: HeadroomOpt = DEFAULT_HEADROOM,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Which presets fit this machine (or --target / --memory), and what makes the next one fit.
@@ -118,7 +150,9 @@ def recommend(
     (as shipped, or after a named change) is the recommendation. Never imports torch.
     """
     types = check_sizes_known(model_type)
-    budget = resolve_budget(target, memory, gpus, headroom, device, strategy=strategy)
+    budget = resolve_budget(
+        target, memory, gpus, headroom, device, strategy=strategy, precision=precision
+    )
     emit("recommend", plan(budget, types), as_json=json_, render=_render)
 
 

@@ -15,20 +15,28 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 from rich.console import RenderableType
 from rich.table import Table
+from rich.text import Text
 
-from ehrplan.cli.options import JsonOpt
+from ehrplan.cli.options import BatchSizeOpt, JsonOpt, SetOpt, batch_size_overrides
 from ehrplan.cli.output import emit, write_text
 from ehrplan.cli.recommend import (
     DeviceOpt,
     GpusOpt,
     HeadroomOpt,
+    PrecisionOpt,
     StrategyOpt,
     TargetOpt,
     render_budget,
     resolve_budget,
 )
 from ehrplan.errors import ConfigError, DoesNotFitError, EhrplanError, UsageError
-from ehrplan.plan.config import EHRModelConfig, config_file_path, get_preset, resolve_config
+from ehrplan.plan.config import (
+    EHRModelConfig,
+    config_file_path,
+    get_preset,
+    parse_override,
+    resolve_config,
+)
 from ehrplan.plan.planner import DEFAULT_HEADROOM, Budget, fit
 from ehrplan.plan.units import fmt_bytes
 
@@ -70,11 +78,36 @@ def is_file_item(item: str) -> bool:
     return item.endswith((".toml", ".json")) or Path(item).exists() or "/" in item
 
 
-def load_item(item: str) -> tuple[str, EHRModelConfig]:
-    """A config file (TOML or JSON), a run folder (its config.json), or else a preset name."""
-    if is_file_item(item):
-        return item, resolve_config(config_file=item)[0]
-    return item, get_preset(item).config
+CheckpointOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--checkpointing/--no-checkpointing",
+        help="Gradient checkpointing for every config (default: each config's use_checkpoint).",
+    ),
+]
+
+
+def load_item(item: str, overrides: dict[str, Any] | None = None) -> tuple[str, EHRModelConfig]:
+    """A config file (TOML or JSON), a run folder (its config.json), or else a preset name,
+    with ``overrides`` (--set, --batch-size, --checkpointing) on top."""
+    base = resolve_config(config_file=item)[0] if is_file_item(item) else get_preset(item).config
+    if not overrides:
+        return item, base
+    return item, EHRModelConfig.model_validate({**base.model_dump(), **overrides})
+
+
+def load_with_flags(
+    item: str, fields: dict[str, Any], batch_size: int | None
+) -> tuple[str, EHRModelConfig, str | None]:
+    """``item`` with the command's field flags and ``--batch-size`` (which keeps the effective
+    batch where it divides it), and what --batch-size did to it."""
+    name, cfg = load_item(item)
+    over = dict(fields)
+    note = None
+    if batch_size is not None:
+        more, note = batch_size_overrides(cfg, batch_size, over)
+        over.update(more)
+    return (*load_item(item, over), note) if over else (name, cfg, note)
 
 
 def validate(
@@ -86,6 +119,10 @@ def validate(
     gpus: GpusOpt = None,
     strategy: StrategyOpt = "ddp",
     format_: FormatOpt = None,
+    precision: PrecisionOpt = "auto",
+    set_: SetOpt = None,
+    batch_size: BatchSizeOpt = None,
+    checkpointing: CheckpointOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check that configs fit a memory budget (--budget SIZE or --target NAME): a CI gate.
@@ -96,21 +133,40 @@ def validate(
     if json_ and format_ not in (None, "json"):
         raise UsageError(f"--json and --format {format_} disagree: give one of them")
     fmt: Format = "json" if json_ else (format_ or "text")
-    if (budget is None) == (target is None):
-        raise UsageError("give exactly one of --budget SIZE or --target NAME")
+    if budget is not None and target is not None:
+        raise UsageError("give one of --budget SIZE or --target NAME, not both")
+    if budget is None and target is None and device is None:
+        raise UsageError("give --budget SIZE, --target NAME, or --device for this machine")
     b = resolve_budget(
-        target, budget, gpus, headroom, device, memory_flag="--budget", strategy=strategy
+        target,
+        budget,
+        gpus,
+        headroom,
+        device,
+        memory_flag="--budget",
+        strategy=strategy,
+        precision=precision,
     )
+    fields: dict[str, Any] = dict(parse_override(i) for i in set_ or [])
+    if checkpointing is not None:
+        fields["use_checkpoint"] = checkpointing
     if fmt in ("github", "junit"):
-        _report(items, b, fmt)
+        _report(items, b, fmt, fields, batch_size)
         return
-    configs = [load_item(i) for i in items]  # every input is checked before any verdict
+    configs = []  # every input is checked before any verdict
+    batch_notes: list[str] = []
+    for item in items:
+        name, cfg, note = load_with_flags(item, fields, batch_size)
+        configs.append((name, cfg))
+        if note:
+            batch_notes.append(f"{name}: {note}")
     fits = [fit(cfg, b, name) for name, cfg in configs]
     notes = list(dict.fromkeys(n for f in fits for n in f.notes))
     payload = {
         "budget": b.as_dict(),
         "results": [f.as_dict() for f in fits],
         "ok": all(f.fits for f in fits),
+        "batch_size_notes": batch_notes,
         "estimate_notes": notes,
     }
     emit("validate", payload, as_json=fmt == "json", render=_render)
@@ -125,26 +181,32 @@ def validate(
         )
 
 
-def _verdict(item: str, budget: Budget) -> Verdict:
+def _verdict(item: str, budget: Budget, fields: dict[str, Any], batch_size: int | None) -> Verdict:
     """One config judged; an invalid one is a verdict too (its one-line error)."""
     from ehrplan.cli.ci_report import Verdict
 
     file = str(config_file_path(item)) if is_file_item(item) else None
     start = time.perf_counter()
     try:
-        name, cfg = load_item(item)
+        name, cfg, _ = load_with_flags(item, fields, batch_size)
         f = fit(cfg, budget, name)
     except EhrplanError as e:
         return Verdict(item, file, None, str(e), time.perf_counter() - start)
     return Verdict(item, file, f, None, time.perf_counter() - start)
 
 
-def _report(items: list[str], budget: Budget, fmt: Format) -> None:
+def _report(
+    items: list[str],
+    budget: Budget,
+    fmt: Format,
+    fields: dict[str, Any],
+    batch_size: int | None,
+) -> None:
     """Every config's verdict as GitHub annotations or JUnit XML; exit 2 if any is invalid,
     else 1 if any does not fit."""
     from ehrplan.cli.ci_report import github_annotations, junit_xml
 
-    verdicts = [_verdict(i, budget) for i in items]
+    verdicts = [_verdict(i, budget, fields, batch_size) for i in items]
     render = github_annotations if fmt == "github" else junit_xml
     write_text(render(verdicts, budget))
     invalid = [v for v in verdicts if v.status == "invalid"]
@@ -177,3 +239,7 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
             verdict,
         )
     yield table
+    for r in p["results"]:
+        yield Text(f"{r['name']}: {r['precision']} on {r['device']}: {r['precision_reason']}")
+    for n in p["batch_size_notes"]:
+        yield Text(n)

@@ -75,6 +75,11 @@ class CPUInfo(_Frozen):
     model: str | None = Field(description="CPU model name.")
     physical_cores: int | None = Field(description="Physical cores (not hyper-threads).")
     logical_cores: int | None = Field(description="Logical CPUs.")
+    bf16: str | None = Field(
+        None,
+        description="The CPU feature that gives native bf16 arithmetic (x86 amx_bf16 or "
+        "avx512_bf16, Arm bf16/FEAT_BF16); None: none found.",
+    )
 
 
 class NvidiaGPU(_Frozen):
@@ -277,10 +282,18 @@ def probe_host(src: Sources, notes: list[str]) -> HostMemory:
     )
 
 
+#: CPU features with native bf16 arithmetic, best first (/proc/cpuinfo ``flags`` on x86,
+#: ``Features`` on Arm Linux): oneDNN runs bf16 autocast natively with them.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
 def probe_cpu(src: Sources) -> CPUInfo:
     model = physical = logical = None
+    bf16: str | None = None
     if src.system == "Darwin":
         model = src.sysctl_value("machdep.cpu.brand_string")
+        if src.sysctl_value("hw.optional.arm.FEAT_BF16") == "1":
+            bf16 = "FEAT_BF16"
         p, lg = src.sysctl_value("hw.physicalcpu"), src.sysctl_value("hw.logicalcpu")
         physical = int(p) if p and p.isdigit() else None
         logical = int(lg) if lg and lg.isdigit() else None
@@ -298,6 +311,9 @@ def probe_cpu(src: Sources) -> CPUInfo:
                 phys = value
             elif key == "core id":
                 core = value
+            elif key in ("flags", "Features") and bf16 is None:
+                have = set(value.split())
+                bf16 = next((f for f in CPU_BF16_FLAGS if f in have), None)
             elif not key and core:
                 cores.add((phys, core))
                 phys = core = ""
@@ -310,7 +326,7 @@ def probe_cpu(src: Sources) -> CPUInfo:
             logical = logical or psutil.cpu_count(logical=True)
         except Exception:
             pass
-    return CPUInfo(model=model, physical_cores=physical, logical_cores=logical)
+    return CPUInfo(model=model, physical_cores=physical, logical_cores=logical, bf16=bf16)
 
 
 # --------------------------------------------------------------------------------------------

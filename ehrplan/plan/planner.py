@@ -8,8 +8,8 @@ Rules, written once:
 
 - Budget = usable memory x (1 - headroom). Usable: see `ehrplan.plan.hardware` (NVIDIA: total less
   driver reserve and CUDA context; Apple: GPU working set; CPU: RAM or the cgroup limit).
-- Precision: fp32 unless the config asks for mixed precision; then bf16 where the device has it
-  (NVIDIA compute capability >= 8.0, CPU autocast), fp16 on MPS and on T4-class GPUs.
+- Device and precision: `ehrplan.plan.target` (one rule for every command; the trainer trains
+  what was estimated).
 - Data parallel over N GPUs (`ehrplan.plan.per_gpu`): DDP (default) holds a full replica, Adam state
   and gradient buckets on every GPU; FSDP (``--strategy fsdp``) shards them and all-gathers one
   unit at a time. Each GPU runs its share of the effective batch (`data_parallel_settings`); the
@@ -17,14 +17,15 @@ Rules, written once:
 - The cheapest change, tried in this order (by how much it changes the training): (1) a smaller
   micro-batch with more accumulation steps, same effective batch (same gradient, less
   throughput); (2) gradient checkpointing (same gradient, one more forward per step); (3) both;
-  (4) mixed precision (different arithmetic), alone and then with (1)-(3). The first that fits
-  is reported, re-estimated.
+  (4) the device's mixed precision where the config would train in fp32 (different
+  arithmetic), alone and then with (1)-(3). The first that fits is reported, re-estimated, with
+  the flags that make it (`change_flags`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ehrplan.errors import DeviceError, UsageError
@@ -33,6 +34,7 @@ from ehrplan.plan.config import EHRModelConfig, load_presets
 from ehrplan.plan.estimator import estimate_memory
 from ehrplan.plan.hardware import GIB, HardwareReport
 from ehrplan.plan.per_gpu import DEFAULT_UTILISATION, estimate_parallel, estimate_time
+from ehrplan.plan.target import DeviceTarget, Resolved, declared, from_catalog, from_probe, resolve
 from ehrplan.plan.units import Size
 
 DEFAULT_HEADROOM = 0.1
@@ -47,14 +49,13 @@ SEED_TIERS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Budget:
-    """What one device may spend on a training step."""
+    """What one device may spend on a training step, and which device (`ehrplan.plan.target`)."""
 
     label: str
     source: str  # "catalog", "probe" or "declared"
-    device: str  # cuda, mps or cpu
     usable_bytes: int
     headroom: float
-    bf16: bool
+    target: DeviceTarget
     gpus: int = 1
     nominal_bytes: int | None = None  # memory as sold, for the seed's tiers
     notes: tuple[str, ...] = ()
@@ -62,18 +63,17 @@ class Budget:
     fp32_tflops: float | None = None  # catalog: dense peaks, for the time estimate
     half_tflops: float | None = None
     utilisation: float = DEFAULT_UTILISATION
+    precision: str | None = None  # --precision: overrides the rule for every config
+    total_bytes: int | None = None  # host: what the machine has (usable is what it can give now)
+
+    @property
+    def device(self) -> str:
+        return self.target.device
 
     @property
     def budget_bytes(self) -> int:
         # the usable memory less the safety margin the user asked for
         return int(self.usable_bytes * (1.0 - self.headroom))
-
-    @property
-    def mixed_dtype(self) -> str:
-        """The autocast dtype ehrplan plans for this device."""
-        if self.device == "mps":
-            return "fp16"
-        return "bf16" if self.bf16 else "fp16"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,10 +83,13 @@ class Budget:
             "gpus": self.gpus,
             "strategy": self.strategy if self.gpus > 1 else "single",
             "nominal_bytes": self.nominal_bytes,
+            "total_bytes": self.total_bytes,
             "usable_bytes": self.usable_bytes,
             "headroom": self.headroom,
             "budget_bytes": self.budget_bytes,
-            "mixed_precision_dtype": self.mixed_dtype,
+            "mixed_precision_dtype": self.target.native_half or "fp32",
+            "target": self.target.as_dict(),
+            "precision_requested": self.precision,
             "notes": list(self.notes),
         }
 
@@ -114,10 +117,9 @@ def budget_from_target(
     return Budget(
         label=f"{row.label} (catalog '{row.name}')" + (f" x {gpus}" if gpus > 1 else ""),
         source="catalog",
-        device=row.device,
         usable_bytes=row.usable_bytes,
         headroom=headroom,
-        bf16=row.bf16,
+        target=from_catalog(row),
         gpus=gpus,
         nominal_bytes=row.memory_bytes,
         notes=tuple(notes),
@@ -137,20 +139,19 @@ def budget_from_size(
     headroom: float = DEFAULT_HEADROOM,
     device: str = "cuda",
     gpus: int = 1,
-    bf16: bool = True,
+    target: DeviceTarget | None = None,
 ) -> Budget:
-    """A declared budget (``--memory``/``--budget``): taken as usable as it stands."""
+    """A declared budget (``--memory``/``--budget``): taken as usable as it stands, on a device
+    of type ``device`` (`ehrplan.plan.target.declared` unless ``target`` names it)."""
     _check_headroom(headroom)
     _check_gpus(gpus)
-    if device not in ("cuda", "mps", "cpu"):
-        raise UsageError(f"unknown device '{device}' (valid: cuda, mps, cpu)")
+    target = target or declared(device)
     return Budget(
         label=f"{size.text} declared" + (f" x {gpus}" if gpus > 1 else ""),
         source="declared",
-        device=device,
         usable_bytes=size.bytes,
         headroom=headroom,
-        bf16=bf16 if device == "cuda" else device == "cpu",
+        target=target,
         gpus=gpus,
         nominal_bytes=size.bytes,
         notes=(size.reading, f"assumed device: {device}, taken as usable (nothing deducted)"),
@@ -173,10 +174,9 @@ def budget_from_probe(
         return Budget(
             label=", ".join(f"cuda:{g.cuda_index} {g.name}" for g in used),
             source="probe",
-            device="cuda",
             usable_bytes=smallest.usable_bytes,
             headroom=headroom,
-            bf16=all(g.bf16 for g in used),
+            target=from_probe(report.model_copy(update={"nvidia": used}), "cuda"),
             gpus=n,
             nominal_bytes=smallest.total_bytes,
             notes=("usable: total less driver reserve and CUDA context (smallest GPU used)",),
@@ -188,31 +188,35 @@ def budget_from_probe(
         return Budget(
             label=f"{a.chip or 'Apple Silicon'} GPU (MPS)",
             source="probe",
-            device="mps",
             usable_bytes=a.working_set_bytes,
             headroom=headroom,
-            bf16=False,
+            target=from_probe(report, "mps"),
             nominal_bytes=a.unified_memory_bytes,
             notes=(f"usable: {a.working_set_source}",),
         )
-    if report.host.budget_bytes is None:
-        raise DeviceError("no GPU found and host RAM could not be read: give --memory or --target")
     return host_budget(report, headroom, "no GPU found: planning for the CPU")
 
 
 def host_budget(report: HardwareReport, headroom: float, why: str) -> Budget:
-    """The budget of host RAM (the cgroup limit where one applies), for a CPU step."""
-    if report.host.budget_bytes is None:
+    """The budget of host RAM for a CPU step: what the OS can give a process now (available
+    RAM, within the container's cgroup limit where one applies), less the headroom. The total
+    (RAM, or the cgroup limit) is shown beside it; `recommend`, `validate` and `dry-run` all
+    decide a CPU fit on this one budget."""
+    host = report.host
+    usable = host.available_bytes if host.available_bytes is not None else host.budget_bytes
+    if usable is None:
         raise DeviceError("host RAM could not be read; give --memory or --target")
-    cg = report.host.cgroup_limit_bytes
+    cg = host.cgroup_limit_bytes
+    total = f"{_gib(host.budget_bytes)} total" if host.budget_bytes is not None else "total unknown"
+    limit = f" (cgroup v{host.cgroup_version} limit)" if cg is not None else ""
     return Budget(
         label=f"host RAM ({report.cpu.model or 'CPU'})",
         source="probe",
-        device="cpu",
-        usable_bytes=report.host.budget_bytes,
+        usable_bytes=usable,
         headroom=headroom,
-        bf16=True,
-        notes=("usable: cgroup memory limit" if cg is not None else "usable: physical RAM", why),
+        target=from_probe(report, "cpu"),
+        total_bytes=host.budget_bytes,
+        notes=(f"usable: {_gib(usable)} available now of {total}{limit}", why),
     )
 
 
@@ -226,7 +230,7 @@ class Fit:
 
     name: str
     config: EHRModelConfig
-    precision: str
+    resolved: Resolved
     estimate_bytes: int
     budget_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
@@ -234,6 +238,10 @@ class Fit:
     parallel: dict[str, Any] | None = None  # `ParallelEstimate.as_dict()` when gpus > 1
     time: dict[str, Any] | None = None  # `TimeEstimate.as_dict()` where the budget has a peak
     notes: tuple[str, ...] = ()  # the estimator's caveats (e.g. an unmeasured device path)
+
+    @property
+    def precision(self) -> str:
+        return self.resolved.precision
 
     @property
     def fits(self) -> bool:
@@ -248,7 +256,9 @@ class Fit:
         return {
             "name": self.name,
             "model_type": c.model_type,
+            "device": self.resolved.device,
             "precision": self.precision,
+            "precision_reason": self.resolved.reason,
             "batch_size": c.batch_size,
             "gradient_accumulation_steps": c.gradient_accumulation_steps,
             "effective_batch_size": c.effective_batch_size,
@@ -266,13 +276,14 @@ class Fit:
         }
 
 
-def precision_for(config: EHRModelConfig, budget: Budget) -> str:
-    """fp32 unless the config trains in mixed precision; then the device's autocast dtype."""
-    return budget.mixed_dtype if config.mixed_precision else "fp32"
+def precision_for(config: EHRModelConfig, budget: Budget) -> Resolved:
+    """The precision ``config`` trains in on the budget's device (`ehrplan.plan.target.resolve`)."""
+    return resolve(config, budget.target, budget.precision)
 
 
 def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
-    precision = precision_for(config, budget)
+    resolved = precision_for(config, budget)
+    precision = resolved.precision
     parallel = None
     dp = data_parallel_settings(config, budget.gpus)
     if budget.gpus > 1:
@@ -313,7 +324,7 @@ def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
     return Fit(
         name=name,
         config=config,
-        precision=precision,
+        resolved=resolved,
         estimate_bytes=total,
         notes=tuple(notes),
         budget_bytes=budget.budget_bytes,
@@ -330,14 +341,24 @@ def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
 
 @dataclass(frozen=True)
 class Adjustment:
-    """A named change to a config and its re-estimated fit."""
+    """A named change to a config, the command-line flags that make it, and its re-estimated fit.
+
+    ``flags`` pasted after the config in `ehrplan validate` or `ehrplan estimate` reproduce
+    ``fit`` (a test runs every change the catalog's targets produce).
+    """
 
     description: str
     changes: dict[str, Any]
+    flags: str
     fit: Fit
 
     def as_dict(self) -> dict[str, Any]:
-        return {"description": self.description, "changes": self.changes, **self.fit.as_dict()}
+        return {
+            "description": self.description,
+            "changes": self.changes,
+            "flags": self.flags,
+            **self.fit.as_dict(),
+        }
 
 
 def _micro_batches(config: EHRModelConfig) -> list[tuple[int, int]]:
@@ -360,10 +381,11 @@ def larger_micro_batches(config: EHRModelConfig) -> list[tuple[int, int]]:
 
 
 def _with(config: EHRModelConfig, changes: dict[str, Any]) -> EHRModelConfig:
-    return EHRModelConfig.model_validate({**config.model_dump(), **changes})
+    fields = {k: v for k, v in changes.items() if k != "precision"}
+    return EHRModelConfig.model_validate({**config.model_dump(), **fields})
 
 
-def _describe(config: EHRModelConfig, changes: dict[str, Any], budget: Budget) -> str:
+def _describe(config: EHRModelConfig, changes: dict[str, Any]) -> str:
     parts = []
     if "batch_size" in changes:
         parts.append(
@@ -373,12 +395,27 @@ def _describe(config: EHRModelConfig, changes: dict[str, Any], budget: Budget) -
         )
     if changes.get("use_checkpoint"):
         parts.append("gradient checkpointing on")
-    if changes.get("mixed_precision"):
-        parts.append(f"mixed precision ({budget.mixed_dtype}) on")
+    if "precision" in changes:
+        parts.append(f"mixed precision ({changes['precision']})")
     return "; ".join(parts)
 
 
-def _candidates(config: EHRModelConfig) -> Iterable[dict[str, Any]]:
+def change_flags(changes: dict[str, Any]) -> str:
+    """The flags of `validate`/`estimate` that make ``changes``, ready to paste."""
+    flags = []
+    if "batch_size" in changes:
+        flags.append(
+            f"--batch-size {changes['batch_size']} "
+            f"--set gradient_accumulation_steps={changes['gradient_accumulation_steps']}"
+        )
+    if changes.get("use_checkpoint"):
+        flags.append("--checkpointing")
+    if "precision" in changes:
+        flags.append(f"--precision {changes['precision']}")
+    return " ".join(flags)
+
+
+def _candidates(config: EHRModelConfig, budget: Budget) -> Iterable[dict[str, Any]]:
     """Changes in the order documented at the top of this module."""
     batches = [
         {"batch_size": b, "gradient_accumulation_steps": a} for b, a in _micro_batches(config)
@@ -388,17 +425,19 @@ def _candidates(config: EHRModelConfig) -> Iterable[dict[str, Any]]:
         same_arithmetic.append({"use_checkpoint": True})  # (2)
         same_arithmetic += [{"use_checkpoint": True, **b} for b in batches]  # (3)
     yield from same_arithmetic
-    if not config.mixed_precision:
-        yield {"mixed_precision": True}  # (4)
-        yield from ({"mixed_precision": True, **c} for c in same_arithmetic)
+    half = budget.target.native_half
+    if half is not None and precision_for(config, budget).precision == "fp32":
+        yield {"precision": half}  # (4)
+        yield from ({"precision": half, **c} for c in same_arithmetic)
 
 
 def cheapest_fix(config: EHRModelConfig, budget: Budget, name: str) -> Adjustment | None:
     """The first change (in the documented order) whose re-estimated peak fits, or None."""
-    for changes in _candidates(config):
-        f = fit(_with(config, changes), budget, name)
+    for changes in _candidates(config, budget):
+        b = replace(budget, precision=changes["precision"]) if "precision" in changes else budget
+        f = fit(_with(config, changes), b, name)
         if f.fits:
-            return Adjustment(_describe(config, changes, budget), changes, f)
+            return Adjustment(_describe(config, changes), changes, change_flags(changes), f)
     return None
 
 
@@ -459,6 +498,9 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
                 "preset": rec,
                 "change": fix.description if fix else None,
                 "changes": fix.changes if fix else {},
+                "flags": fix.flags if fix else "",
+                "device": (fix.fit if fix else fits[rec]).resolved.device,
+                "precision_reason": (fix.fit if fix else fits[rec]).resolved.reason,
                 "precision": (fix.fit if fix else fits[rec]).precision,
                 "estimate_bytes": (fix.fit if fix else fits[rec]).estimate_bytes,
                 "job_bytes": (fix.fit if fix else fits[rec]).estimate_bytes * budget.gpus,
@@ -479,6 +521,7 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
                 "shortfall_bytes": fits[up].shortfall_bytes,
                 "change": fix.description if fix else None,
                 "changes": fix.changes if fix else None,
+                "flags": fix.flags if fix else None,
                 "estimate_after_change_bytes": fix.fit.estimate_bytes if fix else None,
                 "fits_after_change": fix is not None,
             }

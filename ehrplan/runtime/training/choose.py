@@ -17,7 +17,7 @@ trains anything that fits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ehrplan.errors import DeviceError, UsageError
@@ -39,22 +39,30 @@ class Choice:
     budget: dict[str, Any] | None = None
     hardware: dict[str, Any] | None = None
     estimate_bytes: int | None = None
+    precision: str | None = None  # a precision the choice needs (recommend's change), else None
 
 
-def budget_for(device_type: str, headroom: float = 0.1) -> tuple[Any, dict[str, Any]]:
-    """The planner's budget for the device the run trains on, and the hardware report."""
+def budget_for(
+    device_type: str, headroom: float = 0.1, precision: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The planner's budget for the device the run trains on (``precision``: ``--precision``,
+    None or "auto" for the rule), and the hardware report."""
+    from dataclasses import replace
+
     from ehrplan.plan.hardware import probe
     from ehrplan.plan.planner import budget_from_probe, host_budget
+    from ehrplan.plan.target import check_precision
     from ehrplan.runtime.training.device import mps_recommended_max_memory
 
     report = probe(mps_reader=mps_recommended_max_memory if device_type == "mps" else None)
     hw = report.model_dump()
+    asked = check_precision(precision)
     if device_type == "cpu":
-        return host_budget(report, headroom, "training on the CPU"), hw
+        return replace(host_budget(report, headroom, "training on the CPU"), precision=asked), hw
     budget = budget_from_probe(report, headroom=headroom)
     if budget.device != device_type:
         raise DeviceError(f"the hardware probe found no {device_type} device")
-    return budget, hw
+    return replace(budget, precision=asked), hw
 
 
 def estimate_bytes(config: EHRModelConfig, precision: str, device_type: str) -> int:
@@ -64,11 +72,11 @@ def estimate_bytes(config: EHRModelConfig, precision: str, device_type: str) -> 
     return estimate_memory(config, precision=precision, device=device_type).total_bytes
 
 
-def auto_choice(model_type: str, device_type: str) -> Choice:
+def auto_choice(model_type: str, device_type: str, precision: str | None = None) -> Choice:
     """``--auto``: recommend's choice for this machine (capped at small on the CPU)."""
     from ehrplan.plan.planner import fit, plan
 
-    budget, hw = budget_for(device_type)
+    budget, hw = budget_for(device_type, precision=precision)
     result = plan(budget, [model_type])
     rec = result["recommendation"].get(model_type)
     if rec is None:
@@ -95,8 +103,12 @@ def auto_choice(model_type: str, device_type: str) -> Choice:
             )
             name, changes = capped, {}
     base = get_preset(name).config
+    picked_precision = changes.pop("precision", None)
     config = EHRModelConfig.model_validate({**base.model_dump(), **changes})
+    if picked_precision is not None:
+        budget = replace(budget, precision=picked_precision)
     config = spend_room_on_speed(config, budget, name, reasons, changes)
+    reasons.append(f"precision: {fit(config, budget, name).resolved.describe()}")
     source = f"auto: preset {name}" + (
         " + " + ", ".join(f"{k}={v}" for k, v in changes.items()) if changes else ""
     )
@@ -107,18 +119,8 @@ def auto_choice(model_type: str, device_type: str) -> Choice:
         reasons=reasons,
         budget=budget.as_dict(),
         hardware=hw,
+        precision=picked_precision,
     )
-
-
-def _fit_as_trained(config: EHRModelConfig, budget: Any, name: str) -> Any:
-    """The planner's fit, in the precision the run will train in: on the CPU `ehrplan train`
-    trains fp32 unless asked (`ehrplan.runtime.training.device.resolve_precision`), while the
-    planner plans a mixed-precision config in bf16; fp32 is the larger, so the safe, estimate."""
-    from ehrplan.plan.planner import fit
-
-    if budget.device == "cpu" and config.mixed_precision:
-        return fit(config.model_copy(update={"mixed_precision": False}), budget, name)
-    return fit(config, budget, name)
 
 
 def spend_room_on_speed(
@@ -127,11 +129,13 @@ def spend_room_on_speed(
     """``--auto``'s changes for speed where the budget has room (memory fixes in ``changes``
     stand): checkpointing off, then fewer, larger micro-batches. Appends its reasons and changes.
     """
+    from ehrplan.plan.planner import fit
+
     if config.use_checkpoint and "use_checkpoint" not in changes:
         # checkpointing trades a second forward pass for memory; when the step fits without it,
         # that trade buys nothing
         plain = config.model_copy(update={"use_checkpoint": False})
-        f = _fit_as_trained(plain, budget, name)
+        f = fit(plain, budget, name)
         if f.fits:
             reasons.append(
                 f"checkpointing off: the step fits without it ({fmt_bytes(f.estimate_bytes)} "
@@ -155,12 +159,12 @@ def _fold_accumulation(
     32 x 1 (checkpointing off too) trained 283 patients/s against 130 for the preset's 4 x 8
     (``benchmarks/train_throughput.py``, rows in ``benchmarks/data/``).
     """
-    from ehrplan.plan.planner import larger_micro_batches
+    from ehrplan.plan.planner import fit, larger_micro_batches
 
     for b, acc in larger_micro_batches(config):
         update = {"batch_size": b, "gradient_accumulation_steps": acc}
         bigger = EHRModelConfig.model_validate({**config.model_dump(), **update})
-        f = _fit_as_trained(bigger, budget, name)
+        f = fit(bigger, budget, name)
         if f.fits:
             reasons.append(
                 f"micro-batch {config.batch_size} x {config.gradient_accumulation_steps} "
@@ -173,9 +177,11 @@ def _fold_accumulation(
     return config
 
 
-def explicit_choice(config: EHRModelConfig, source: str, device_type: str) -> Choice:
+def explicit_choice(
+    config: EHRModelConfig, source: str, device_type: str, precision: str | None = None
+) -> Choice:
     """A config the user named, with the budget of the device it will train on."""
-    budget, hw = budget_for(device_type)
+    budget, hw = budget_for(device_type, precision=precision)
     preset = source.split(" + ")[0].removeprefix("preset ") if source.startswith("preset") else None
     return Choice(config=config, source=source, preset=preset, budget=budget.as_dict(), hardware=hw)
 

@@ -6,8 +6,8 @@ from typing import Literal
 
 import torch
 
-from ehrplan.errors import UsageError
 from ehrplan.plan.config import EHRModelConfig
+from ehrplan.plan.target import DeviceTarget
 
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 PRECISION_CHOICES: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
@@ -30,21 +30,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(measure_resolve(name))
 
 
-def resolve_precision(config: EHRModelConfig, device: torch.device, requested: str) -> Precision:
-    """``auto``: fp32 unless the config asks for mixed precision; then CUDA bf16 (fp16 with a grad
-    scaler where bf16 is not supported), MPS fp16, and fp32 on the CPU (CPU bf16 autocast is
-    slower than fp32 on most CPUs; ask for it with ``--precision bf16``)."""
-    if requested not in PRECISION_CHOICES:
-        raise UsageError(f"unknown precision '{requested}' (valid: {', '.join(PRECISION_CHOICES)})")
-    if requested != "auto":
-        if requested == "fp16" and device.type == "cpu":
-            raise UsageError("fp16 autocast is not supported for training on the CPU; use bf16")
-        return requested  # type: ignore[return-value]
-    if not config.mixed_precision or device.type == "cpu":
-        return "fp32"
+def device_target(device: torch.device) -> DeviceTarget:
+    """The device as the planner sees it (`ehrplan.plan.target`): a CUDA device by the compute
+    capability torch reports (not ``torch.cuda.is_bf16_supported()``, which is True on a T4
+    that only emulates bf16), the Apple GPU, or this machine's CPU from the hardware probe."""
+    from ehrplan.plan import target
+    from ehrplan.plan.hardware import probe
+
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp16"  # mps
+        major, minor = torch.cuda.get_device_capability(device)
+        return target.cuda(torch.cuda.get_device_name(device), f"{major}.{minor}")
+    return target.from_probe(probe(), device.type)
+
+
+def resolve_precision(config: EHRModelConfig, device: torch.device, requested: str) -> Precision:
+    """The planner's rule (`ehrplan.plan.target.resolve`): the run trains what was estimated."""
+    from ehrplan.plan.target import resolve
+
+    return resolve(config, device_target(device), requested).precision  # type: ignore[return-value]
 
 
 def autocast_dtype(precision: Precision) -> torch.dtype | None:

@@ -151,14 +151,14 @@ def _run(
     # --- what to train
     if req.named or saved is None:
         if req.auto:
-            choice = choose.auto_choice(req.model_type or "lstm", device.type)
+            choice = choose.auto_choice(req.model_type or "lstm", device.type, req.precision)
             over = _overrides(req)
             if over:  # --set / --batch-size on top of the choice
                 choice.config = validate_config({**choice.config.model_dump(), **over})
                 choice.source += " + " + ", ".join(f"{k}={v}" for k, v in over.items())
         else:
             config, source = resolve(req.config_options)
-            choice = choose.explicit_choice(config, source, device.type)
+            choice = choose.explicit_choice(config, source, device.type, req.precision)
     else:
         choice = choose.explicit_choice(
             validate_config(saved["config_requested"]), saved["source"], device.type
@@ -213,6 +213,8 @@ def _run(
         settings.threads = req.threads
     elif device.type == "cpu" and settings.threads is None:
         settings.threads = auto_threads()
+    if choice.precision is not None and settings.precision == "auto":
+        settings.precision = choice.precision  # the change --auto's recommendation named
     precision = resolve_precision(config, device, settings.precision)
     if strategy == "fsdp" and env.is_distributed and precision == "fp16":
         # fp16's GradScaler unscales plain tensors; FSDP2's gradients are sharded DTensors
