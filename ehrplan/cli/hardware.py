@@ -59,13 +59,20 @@ def device_budgets(r: HardwareReport, headroom: float = DEFAULT_HEADROOM) -> lis
             }
         )
     if r.host.budget_bytes is not None:
+        # the one host budget (`ehrplan.plan.planner.host_budget`): available now, total beside
         limited = r.host.cgroup_limit_bytes is not None
+        total = f"{r.host.budget_bytes / 1024**3:.2f} GiB " + (
+            "cgroup memory limit" if limited else "physical RAM"
+        )
+        available = r.host.available_bytes
         rows.append(
             {
                 "device": "cpu",
                 "name": r.cpu.model or "CPU",
-                "usable_bytes": r.host.budget_bytes,
-                "rule": "cgroup memory limit" if limited else "physical RAM (no cgroup limit)",
+                "usable_bytes": available if available is not None else r.host.budget_bytes,
+                "rule": f"available now, of {total}"
+                if available is not None
+                else f"{total} (available RAM unknown)",
             }
         )
     for row in rows:

@@ -61,6 +61,16 @@ class StaticMemory(Out):
     mixed: ByTerm
 
 
+class DeviceTarget(Out):
+    """The device a plan is for, and what 16-bit arithmetic it runs natively
+    (`ehrplan.plan.target`)."""
+
+    device: str
+    label: str
+    native_mixed_precision: str | None = Field(description="bf16, fp16, or null (none).")
+    evidence: str = Field(description="Why: compute capability, CPU flag, catalog row.")
+
+
 class EstimateOut(Doc):
     """`ehrplan estimate --json`: parameters, peak training-step memory and FLOPs of one config."""
 
@@ -73,6 +83,8 @@ class EstimateOut(Doc):
     params_by_module: ByTerm
     precision: str
     device: str
+    precision_reason: str = Field(description="Why this precision on this device.")
+    target: DeviceTarget
     batch_size: int
     effective_batch_size: int
     checkpointing: bool

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ehrplan.cli.schemas.base import ByTerm, Doc, Out
-from ehrplan.cli.schemas.estimate import ParallelEstimate, TimeEstimate
+from ehrplan.cli.schemas.estimate import DeviceTarget, ParallelEstimate, TimeEstimate
 from ehrplan.plan.config import ModelType
 
 
@@ -20,10 +20,18 @@ class Budget(Out):
     gpus: int = Field(description="Data-parallel devices; bytes are per device.")
     strategy: str = Field(description="single, ddp or fsdp.")
     nominal_bytes: int | None = Field(description="The memory as declared or listed, if any.")
-    usable_bytes: int = Field(description="What a training step may use, before headroom.")
+    total_bytes: int | None = Field(
+        description="Host RAM (or the cgroup limit): what the machine has; null off the CPU."
+    )
+    usable_bytes: int = Field(
+        description="What a training step may use, before headroom (CPU: RAM available now, "
+        "cgroup-aware)."
+    )
     headroom: float = Field(description="Fraction of usable memory kept free.")
     budget_bytes: int = Field(description="usable_bytes x (1 - headroom).")
     mixed_precision_dtype: str = Field(description="What mixed precision means on this device.")
+    target: DeviceTarget
+    precision_requested: str | None = Field(description="--precision, or null (the rule).")
     notes: list[str]
 
 
@@ -32,7 +40,9 @@ class Fit(Out):
 
     name: str = Field(description="The config as given: a file, a run folder or a preset.")
     model_type: ModelType
+    device: str = Field(description="cuda, mps or cpu.")
     precision: str = Field(description="Precision estimated: fp32, bf16 or fp16.")
+    precision_reason: str = Field(description="Why this precision on this device.")
     batch_size: int
     gradient_accumulation_steps: int
     effective_batch_size: int
@@ -55,7 +65,7 @@ class ConfigChanges(Out):
     batch_size: int | None = None
     gradient_accumulation_steps: int | None = None
     use_checkpoint: bool | None = None
-    mixed_precision: bool | None = None
+    precision: str | None = Field(None, description="The device's mixed precision (--precision).")
 
 
 class Adjustment(Fit):
@@ -63,6 +73,7 @@ class Adjustment(Fit):
 
     description: str
     changes: ConfigChanges
+    flags: str = Field(description="The flags of validate/estimate that make the change.")
 
 
 class DataParallel(Out):
@@ -91,7 +102,10 @@ class Recommendation(Out):
     preset: str
     change: str | None
     changes: ConfigChanges
+    flags: str = Field(description="The change as flags to paste ('' as shipped).")
+    device: str
     precision: str
+    precision_reason: str
     estimate_bytes: int
     job_bytes: int
     budget_bytes: int
@@ -106,6 +120,7 @@ class NextSizeUp(Out):
     shortfall_bytes: int
     change: str | None
     changes: ConfigChanges | None
+    flags: str | None
     estimate_after_change_bytes: int | None
     fits_after_change: bool
 
@@ -139,4 +154,7 @@ class ValidateOut(Doc):
     budget: Budget
     results: list[Fit] = Field(description="One per config, in the order given.")
     ok: bool = Field(description="Every config fits (exit 0).")
+    batch_size_notes: list[str] = Field(
+        default_factory=list, description="What --batch-size did to each config."
+    )
     estimate_notes: list[str] = Field(description="The estimator's caveats, once each.")

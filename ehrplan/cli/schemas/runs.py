@@ -21,6 +21,7 @@ class DryRunOut(Doc):
     model_type: ModelType
     device: str
     precision: str
+    precision_reason: str = Field(description="Why this precision on this device.")
     batch_size: int
     micro_batches: int
     checkpointing: bool
@@ -35,8 +36,10 @@ class DryRunOut(Doc):
     estimated_peak_phase: str
     estimate_breakdown: ByTerm
     device_overhead: ByTerm
-    available_bytes: int | None
-    available_source: str | None
+    available_bytes: int | None = Field(description="CPU: RAM available now (cgroup-aware).")
+    total_bytes: int | None = Field(description="CPU: RAM, or the cgroup limit.")
+    budget_bytes: int | None = Field(description="CPU: available less the headroom.")
+    headroom: float | None
     notes: list[str]
 
 
