@@ -190,8 +190,14 @@ def test_recommendation_is_the_largest_that_fits(target: str) -> None:
         assert rec["estimate_bytes"] == _estimate(changed, budget) <= budget.budget_bytes
         if rec["changes"]:
             assert changed.effective_batch_size == cfg.effective_batch_size
-        # nothing larger fits, with any combination of the changes
+        # nothing larger fits, with any combination of the changes, except what the time rule
+        # excluded (it fits memory, but an epoch takes longer than the limit)
+        slow = {x["preset"]: x for x in p["excluded_by_time"][t]}
+        for x in slow.values():
+            assert x["seconds_per_epoch"] > budget.max_epoch_hours * 3600
         for bigger in names[names.index(rec["preset"]) + 1 :]:
+            if bigger in slow:
+                continue
             big = get_preset(bigger).config
             for ch in _every_change(big):
                 c = EHRModelConfig.model_validate({**big.model_dump(), **ch})

@@ -6,6 +6,7 @@ planner's budget.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ from rich.text import Text
 from ehrplan.errors import UsageError
 from ehrplan.plan.catalog import CatalogDevice
 from ehrplan.plan.config import EHRModelConfig
+from ehrplan.plan.pace import DEFAULT_PATIENTS, check_time_rule, fmt_duration
 from ehrplan.plan.per_gpu import (
     DEFAULT_UTILISATION,
     catalog_tflops,
@@ -61,7 +63,10 @@ UtilisationOpt = Annotated[
 ]
 PatientsOpt = Annotated[
     int | None,
-    typer.Option("--patients", min=1, help="Training patients per epoch (time per epoch)."),
+    typer.Option(
+        "--patients",
+        help=f"Training patients per epoch, for the time per epoch (default {DEFAULT_PATIENTS:,}).",
+    ),
 ]
 
 
@@ -100,12 +105,20 @@ def time_payload(
     checkpointing: bool,
 ) -> dict[str, Any] | None:
     """Seconds per step (and per epoch) from --target's catalog peak or --tflops; else None."""
+    check_time_rule(patients, None)
+    patients = patients or DEFAULT_PATIENTS
     if tflops is not None:
-        peak, source = tflops, f"--tflops {tflops}"
+        if not (math.isfinite(tflops) and tflops > 0):
+            raise UsageError(f"--tflops must be a positive number, not {tflops}")
+        peak, source = tflops, f"--tflops {tflops:g} x {utilisation:.0%} utilisation (assumed)"
     elif row is not None:
         if row.fp32_tflops is None and row.half_tflops is None:
             return None  # the catalog lists no throughput for it (give --tflops)
-        peak, source = catalog_tflops(row, precision)
+        peak, _ = catalog_tflops(row, precision)
+        kind = "fp32" if precision == "fp32" or not row.half_tflops else "16-bit"
+        source = (
+            f"catalog: dense {kind} peak {peak:g} TFLOPS x {utilisation:.0%} utilisation (assumed)"
+        )
     else:
         return None
     t = estimate_time(
@@ -117,7 +130,10 @@ def time_payload(
         checkpointing=checkpointing,
         throughput_source=source,
     )
-    return t.as_dict()
+    return t.as_dict() | {
+        "step": fmt_duration(t.seconds_per_step),
+        "epoch": fmt_duration(t.seconds_per_epoch),
+    }
 
 
 def render_parallel(p: dict[str, Any]) -> Iterable[RenderableType]:
@@ -136,14 +152,8 @@ def render_parallel(p: dict[str, Any]) -> Iterable[RenderableType]:
         )
     t = p.get("time")
     if t:
-        epoch = (
-            f", {t['seconds_per_epoch']:.4g} s per epoch of {t['patients']:,} patients "
-            f"({t['steps_per_epoch']:,} steps)"
-            if t["seconds_per_epoch"] is not None
-            else ""
-        )
         yield Text(
-            f"time: {t['seconds_per_step']:.4g} s per optimizer step{epoch}, at "
-            f"{t['utilisation']:.0%} of {t['peak_tflops']:g} TFLOPS ({t['throughput_source']}; "
-            "utilisation assumed, full padding)"
+            f"time: {t['step']} per optimizer step, {t['epoch']} per epoch of "
+            f"{t['patients']:,} patients ({t['steps_per_epoch']:,} steps); "
+            f"{t['throughput_source']}; FLOPs at full padding"
         )

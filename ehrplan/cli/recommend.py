@@ -15,6 +15,11 @@ from ehrplan.cli.options import JsonOpt
 from ehrplan.cli.output import emit
 from ehrplan.errors import DeviceError, UsageError
 from ehrplan.plan.config import EHRModelConfig
+from ehrplan.plan.pace import (
+    DEFAULT_MAX_EPOCH_HOURS,
+    DEFAULT_PATIENTS,
+    check_time_rule,
+)
 from ehrplan.plan.per_gpu import STRATEGIES
 from ehrplan.plan.planner import (
     DEFAULT_HEADROOM,
@@ -67,6 +72,22 @@ DeviceOpt = Annotated[
         "cuda); alone: this machine's device of that type (cpu: host RAM available now).",
     ),
 ]
+PatientsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--patients",
+        help=f"Training patients per epoch, for the time rule (default {DEFAULT_PATIENTS:,}).",
+    ),
+]
+MaxEpochHoursOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-epoch-hours",
+        help=f"Recommend the largest preset that fits memory and trains one epoch within this "
+        f"many hours (default {DEFAULT_MAX_EPOCH_HOURS:g}); larger presets that fit memory "
+        "but not time are listed.",
+    ),
+]
 PrecisionOpt = Annotated[
     str,
     typer.Option(
@@ -87,16 +108,25 @@ def resolve_budget(
     memory_flag: str = "--memory",
     strategy: str = "ddp",
     precision: str | None = None,
+    patients: int | None = None,
+    max_epoch_hours: float | None = None,
 ) -> Budget:
     """The budget from --target, --memory (or --budget), or this machine's probe; the device
     and its precision rule travel with it (`ehrplan.plan.target`)."""
     asked = check_precision(precision)
+    check_time_rule(patients, max_epoch_hours)
     b = _budget(target, memory, gpus, headroom, device, memory_flag)
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
     if strategy == "fsdp" and b.gpus < 2:
         raise UsageError("--strategy fsdp shards over several GPUs: give --gpus 2 or more")
-    b = replace(b, strategy=strategy, precision=asked)
+    b = replace(
+        b,
+        strategy=strategy,
+        precision=asked,
+        patients=patients or DEFAULT_PATIENTS,
+        max_epoch_hours=max_epoch_hours or DEFAULT_MAX_EPOCH_HOURS,
+    )
     if asked is not None:  # refuse a precision the device cannot run before any estimate
         resolve(EHRModelConfig(), b.target, asked)
     return b
@@ -142,6 +172,8 @@ def recommend(
     headroom: HeadroomOpt = DEFAULT_HEADROOM,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "auto",
+    patients: PatientsOpt = None,
+    max_epoch_hours: MaxEpochHoursOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Which presets fit this machine (or --target / --memory), and what makes the next one fit.
@@ -151,7 +183,15 @@ def recommend(
     """
     types = check_sizes_known(model_type)
     budget = resolve_budget(
-        target, memory, gpus, headroom, device, strategy=strategy, precision=precision
+        target,
+        memory,
+        gpus,
+        headroom,
+        device,
+        strategy=strategy,
+        precision=precision,
+        patients=patients,
+        max_epoch_hours=max_epoch_hours,
     )
     emit("recommend", plan(budget, types), as_json=json_, render=_render)
 
@@ -159,8 +199,9 @@ def recommend(
 def render_budget(p: dict[str, Any], per_device: str = "") -> Iterable[RenderableType]:
     """The budget line, its notes, and the estimator's caveats (recommend and validate)."""
     b = p["budget"]
+    total = f" of {fmt_bytes(b['total_bytes'])} total" if b.get("total_bytes") else ""
     yield Text(
-        f"Budget: {b['label']} on {b['device']}: usable {fmt_bytes(b['usable_bytes'])}, "
+        f"Budget: {b['label']} on {b['device']}: usable {fmt_bytes(b['usable_bytes'])}{total}, "
         f"headroom {b['headroom']:.0%} -> {fmt_bytes(b['budget_bytes'])}{per_device}"
     )
     for n in b["notes"]:
@@ -169,73 +210,93 @@ def render_budget(p: dict[str, Any], per_device: str = "") -> Iterable[Renderabl
         yield Text(f"  estimate: {n}")
 
 
+def _verdict(r: dict[str, Any]) -> str:
+    if r["fits"]:
+        return "[green]yes"
+    return "[yellow]with change" if r["fits_after_change"] else "[red]no"
+
+
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     b = p["budget"]
     yield from render_budget(p, " per device")
     per = f" per GPU, {b['strategy'].upper()} over {b['gpus']}" if b["gpus"] > 1 else ""
-    table = Table(title=f"Presets: estimated peak training-step memory{per}")
-    for col in ("", "preset", "precision", "batch x accum", "estimated peak", "budget", "fits"):
-        table.add_column(col, justify="right" if col in ("estimated peak", "budget") else "left")
+    table = Table(title=f"Presets: peak training-step memory{per}, time per epoch")
+    table.add_column("preset", no_wrap=True)  # names stay whole at 80 columns
+    table.add_column("prec.", no_wrap=True)
+    table.add_column("batch", no_wrap=True)
+    table.add_column("peak", justify="right", no_wrap=True)
+    table.add_column("epoch", justify="right", no_wrap=True)
+    table.add_column("fits", no_wrap=True)
     recs = {r["preset"] for r in p["recommendation"].values() if r}
+    slow = {x["preset"] for xs in p["excluded_by_time"].values() for x in xs}
     for r in p["presets"]:
-        if r["fits"]:
-            verdict = "[green]yes"
-        elif r["fits_after_change"]:
-            after = fmt_bytes(r["fits_after_change"]["estimate_bytes"])
-            verdict = f"[yellow]after a change: {after}"
-        else:
-            verdict = f"[red]no: short by {fmt_bytes(r['shortfall_bytes'])}"
+        t = (r["fits_after_change"] or r).get("time") or {}
+        epoch = t.get("epoch", "-")
+        dp = r["data_parallel"]
         table.add_row(
-            "*" if r["preset"] in recs else "",
-            r["preset"],
+            r["preset"] + (" *" if r["preset"] in recs else ""),
             r["precision"],
-            f"{r['data_parallel']['batch_size']} x "
-            f"{r['data_parallel']['gradient_accumulation_steps']}",
+            f"{dp['batch_size']}x{dp['gradient_accumulation_steps']}",
             fmt_bytes(r["estimate_bytes"]),
-            fmt_bytes(r["budget_bytes"]),
-            verdict,
+            f"[red]{epoch}" if r["preset"] in slow else epoch,
+            _verdict(r),
         )
     yield table
-    yield Text("* recommended: the largest preset that fits, as shipped or after the named change")
+    yield Text(
+        f"* recommended: the largest preset that fits memory (as shipped or with the named "
+        f"change) and trains {p['time_rule']}; red: too slow"
+    )
+    devs = {(r["precision"], r["device"], r["precision_reason"]) for r in p["presets"]}
+    for prec, dev, why in sorted(devs):
+        yield Text(f"precision: {prec} on {dev}: {why}")
+    rates = {(r.get("time") or {}).get("throughput_source") for r in p["presets"]} - {None}
+    for src in sorted(rates):
+        yield Text(f"time: {src}; FLOPs at full padding")
     for t in p["model_types"]:
-        rec = p["recommendation"][t]
-        if rec is None:
-            yield Text(f"{t}: no preset fits, even with the changes ehrplan tries")
+        yield from _render_type(p, t)
+
+
+def _render_type(p: dict[str, Any], t: str) -> Iterable[RenderableType]:
+    b = p["budget"]
+    rec = p["recommendation"][t]
+    if rec is None:
+        yield Text(f"{t}: no preset fits memory and time, even with the changes ehrplan tries")
+    else:
+        yield Text(f"{t}: recommended {rec['reason']}")
+        if rec["change"]:
+            yield Text(f"  with {rec['change']}; paste: {rec['flags']}")
+        tm = rec.get("time")
+        if tm:
+            yield Text(
+                f"  time: {tm['step']} per optimizer step, {tm['epoch']} per epoch of "
+                f"{tm['patients']:,} patients ({tm['steps_per_epoch']:,} steps)"
+            )
+    up = p["next_size_up"][t]
+    if up is not None and up["preset"] != (rec or {}).get("preset"):
+        if up["fits_after_change"]:
+            yield Text(
+                f"  next size up {up['preset']}: fits memory with {up['change']}; "
+                f"paste: {up['flags']}"
+            )
         else:
-            how = f" with {rec['change']}" if rec["change"] else " as shipped"
             yield Text(
-                f"{t}: recommended {rec['preset']}{how}: {fmt_bytes(rec['estimate_bytes'])} "
-                f"({rec['precision']}) <= {fmt_bytes(rec['budget_bytes'])}"
+                f"  next size up {up['preset']}: {fmt_bytes(up['estimate_bytes'])}, short by "
+                f"{fmt_bytes(up['shortfall_bytes'])}; no change ehrplan tries makes it fit"
             )
-        up = p["next_size_up"][t]
-        if up is not None and up["preset"] != (rec or {}).get("preset"):
-            if up["fits_after_change"]:
-                yield Text(f"  next size up {up['preset']}: fits with {up['change']}")
-            else:
-                yield Text(
-                    f"  next size up {up['preset']}: {fmt_bytes(up['estimate_bytes'])}, short by "
-                    f"{fmt_bytes(up['shortfall_bytes'])}; no change ehrplan tries makes it fit"
-                )
-        yield Text(f"  {p['seed_check'][t]['statement']}")
-        if b["gpus"] > 1 and rec is not None:
-            row = next(r for r in p["presets"] if r["preset"] == rec["preset"])
-            dp = row["data_parallel"]
-            keep = (
-                f"keeps the effective batch {row['effective_batch_size']}"
-                if dp["keeps_effective_batch"]
-                else f"the effective batch becomes {dp['effective_batch_size']}, "
-                f"not {row['effective_batch_size']}"
-            )
-            how = "a full replica each" if b["strategy"] == "ddp" else "sharded"
-            yield Text(
-                f"  {b['strategy'].upper()} over {b['gpus']} GPUs ({how}): micro-batch "
-                f"{dp['batch_size']} per GPU x {dp['gradient_accumulation_steps']} accumulation "
-                f"step(s) {keep}; {fmt_bytes(rec['estimate_bytes'])} per GPU, "
-                f"{fmt_bytes(rec['estimate_bytes'] * b['gpus'])} for the job"
-            )
-        t = (rec or {}).get("time")
-        if t:
-            yield Text(
-                f"  time: {t['seconds_per_step']:.3g} s per optimizer step at "
-                f"{t['utilisation']:.0%} of the dense peak (assumed; --utilisation in estimate)"
-            )
+    yield Text(f"  {p['seed_check'][t]['statement']}")
+    if b["gpus"] > 1 and rec is not None:
+        row = next(r for r in p["presets"] if r["preset"] == rec["preset"])
+        dp = row["data_parallel"]
+        keep = (
+            f"keeps the effective batch {row['effective_batch_size']}"
+            if dp["keeps_effective_batch"]
+            else f"the effective batch becomes {dp['effective_batch_size']}, "
+            f"not {row['effective_batch_size']}"
+        )
+        how = "a full replica each" if b["strategy"] == "ddp" else "sharded"
+        yield Text(
+            f"  {b['strategy'].upper()} over {b['gpus']} GPUs ({how}): micro-batch "
+            f"{dp['batch_size']} per GPU x {dp['gradient_accumulation_steps']} accumulation "
+            f"step(s) {keep}; {fmt_bytes(rec['estimate_bytes'])} per GPU, "
+            f"{fmt_bytes(rec['estimate_bytes'] * b['gpus'])} for the job"
+        )

@@ -32,10 +32,19 @@ from ehrplan.errors import DeviceError, UsageError
 from ehrplan.plan.catalog import CatalogDevice, get_target
 from ehrplan.plan.config import EHRModelConfig, load_presets
 from ehrplan.plan.estimator import estimate_memory
+from ehrplan.plan.flops import training_step_flops
 from ehrplan.plan.hardware import GIB, HardwareReport
+from ehrplan.plan.pace import (
+    DEFAULT_MAX_EPOCH_HOURS,
+    DEFAULT_PATIENTS,
+    Rate,
+    assumed_cpu,
+    fmt_duration,
+    measured,
+)
 from ehrplan.plan.per_gpu import DEFAULT_UTILISATION, estimate_parallel, estimate_time
 from ehrplan.plan.target import DeviceTarget, Resolved, declared, from_catalog, from_probe, resolve
-from ehrplan.plan.units import Size
+from ehrplan.plan.units import Size, fmt_bytes
 
 DEFAULT_HEADROOM = 0.1
 
@@ -65,6 +74,10 @@ class Budget:
     utilisation: float = DEFAULT_UTILISATION
     precision: str | None = None  # --precision: overrides the rule for every config
     total_bytes: int | None = None  # host: what the machine has (usable is what it can give now)
+    device_key: str | None = None  # probe: names this machine's device for measured rates
+    cores: int | None = None  # probe, CPU: cores for the assumed rate (`ehrplan.plan.pace`)
+    patients: int = DEFAULT_PATIENTS  # the time rule: an epoch of this many patients ...
+    max_epoch_hours: float = DEFAULT_MAX_EPOCH_HOURS  # ... within this many hours
 
     @property
     def device(self) -> str:
@@ -90,6 +103,8 @@ class Budget:
             "mixed_precision_dtype": self.target.native_half or "fp32",
             "target": self.target.as_dict(),
             "precision_requested": self.precision,
+            "device_key": self.device_key,
+            "time_rule": {"patients": self.patients, "max_epoch_hours": self.max_epoch_hours},
             "notes": list(self.notes),
         }
 
@@ -177,6 +192,7 @@ def budget_from_probe(
             usable_bytes=smallest.usable_bytes,
             headroom=headroom,
             target=from_probe(report.model_copy(update={"nvidia": used}), "cuda"),
+            device_key=f"cuda {smallest.name} x {n}",
             gpus=n,
             nominal_bytes=smallest.total_bytes,
             notes=("usable: total less driver reserve and CUDA context (smallest GPU used)",),
@@ -191,6 +207,7 @@ def budget_from_probe(
             usable_bytes=a.working_set_bytes,
             headroom=headroom,
             target=from_probe(report, "mps"),
+            device_key=f"mps {a.chip or 'Apple Silicon'}",
             nominal_bytes=a.unified_memory_bytes,
             notes=(f"usable: {a.working_set_source}",),
         )
@@ -216,6 +233,8 @@ def host_budget(report: HardwareReport, headroom: float, why: str) -> Budget:
         headroom=headroom,
         target=from_probe(report, "cpu"),
         total_bytes=host.budget_bytes,
+        device_key=f"cpu {report.cpu.model or 'unknown'}",
+        cores=report.cpu.logical_cores,
         notes=(f"usable: {_gib(usable)} available now of {total}{limit}", why),
     )
 
@@ -281,6 +300,31 @@ def precision_for(config: EHRModelConfig, budget: Budget) -> Resolved:
     return resolve(config, budget.target, budget.precision)
 
 
+def rate_for(config: EHRModelConfig, budget: Budget, precision: str, name: str) -> Rate | None:
+    """The rate behind the time estimate (`ehrplan.plan.pace`): this machine's measured pace
+    for the preset, else (CPU) the assumed one; a catalog machine's peak x utilisation; None for
+    a declared budget or a local GPU never measured."""
+    if budget.source == "probe":
+        if budget.device_key is not None:
+            per_patient = training_step_flops(config, checkpointing=config.use_checkpoint)
+            fpp = per_patient.per_optimizer_step / config.effective_batch_size
+            r = measured(budget.device_key, name, precision, fpp)
+            if r is not None:
+                return r
+        return assumed_cpu(budget.cores) if budget.device == "cpu" else None
+    peak = budget.fp32_tflops if precision == "fp32" else budget.half_tflops or budget.fp32_tflops
+    if not peak:
+        return None
+    kind = "fp32" if precision == "fp32" or not budget.half_tflops else "16-bit"
+    return Rate(
+        peak_tflops=peak,
+        utilisation=budget.utilisation,
+        source=f"catalog: dense {kind} peak {peak:g} TFLOPS x {budget.utilisation:.0%} "
+        "utilisation (assumed)",
+        measured=False,
+    )
+
+
 def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
     resolved = precision_for(config, budget)
     precision = resolved.precision
@@ -308,19 +352,26 @@ def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
             checkpointing=config.use_checkpoint,
         )
         total, notes, breakdown = est.total_bytes, est.notes, dict(est.breakdown)
-    peak = budget.fp32_tflops if precision == "fp32" else budget.half_tflops or budget.fp32_tflops
+    rate = rate_for(config, budget, precision, name)
     time = None
-    if peak:
-        time = estimate_time(
+    if rate is not None:
+        t = estimate_time(
             config,
-            peak_tflops=peak,
+            peak_tflops=rate.peak_tflops,
             world_size=budget.gpus,
-            utilisation=budget.utilisation,
+            utilisation=rate.utilisation,
+            patients=budget.patients,
             checkpointing=config.use_checkpoint,
             micro_batch=dp["batch_size"],
             accumulation=dp["gradient_accumulation_steps"],
-            throughput_source=f"{budget.label}: dense {precision} peak {peak} TFLOPS",
-        ).as_dict()
+            throughput_source=rate.source,
+        )
+        time = t.as_dict() | {
+            "rate_measured": rate.measured,
+            "step": fmt_duration(t.seconds_per_step),
+            "epoch": fmt_duration(t.seconds_per_epoch),
+            "within_limit": (t.seconds_per_epoch or 0) <= budget.max_epoch_hours * 3600,
+        }
     return Fit(
         name=name,
         config=config,
@@ -470,6 +521,7 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
     rows: list[dict[str, Any]] = []
     recommendation: dict[str, Any] = {}
     next_up: dict[str, Any] = {}
+    excluded: dict[str, list[dict[str, Any]]] = {}
     seed: dict[str, Any] = {}
     notes: list[str] = []
     tier = _seed_tier(budget)
@@ -491,7 +543,17 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
             rows.append(row)
         as_shipped = [n for n, _ in presets if fits[n].fits]
         possible = [n for n, _ in presets if fits[n].fits or fixes[n] is not None]
-        rec = possible[-1] if possible else None
+        chosen = {n: (fixes[n].fit if fixes[n] else fits[n]) for n in possible}  # type: ignore[union-attr]
+        in_time = [n for n in possible if _in_time(chosen[n])]
+        rec = in_time[-1] if in_time else None
+        too_slow = [n for n in possible if not _in_time(chosen[n])]
+        if rec is not None:
+            too_slow = [n for n in too_slow if possible.index(n) > possible.index(rec)]
+        excluded[t] = [
+            {"preset": n, "epoch": (chosen[n].time or {}).get("epoch"),
+             "seconds_per_epoch": (chosen[n].time or {}).get("seconds_per_epoch")}
+            for n in too_slow
+        ]  # fmt: skip
         if rec is not None:
             fix = fixes[rec]
             recommendation[t] = {
@@ -506,6 +568,7 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
                 "job_bytes": (fix.fit if fix else fits[rec]).estimate_bytes * budget.gpus,
                 "budget_bytes": budget.budget_bytes,
                 "time": (fix.fit if fix else fits[rec]).time,
+                "reason": _reason(rec, chosen[rec], budget, excluded[t]),
             }
         else:
             recommendation[t] = None
@@ -534,9 +597,45 @@ def plan(budget: Budget, model_types: Iterable[str] = ("lstm", "transformer")) -
         "presets": rows,
         "recommendation": recommendation,
         "next_size_up": next_up,
+        "excluded_by_time": excluded,
+        "time_rule": _time_rule(budget),
         "seed_check": seed,
         "estimate_notes": notes,
     }
+
+
+def _in_time(f: Fit) -> bool:
+    """Within the time rule, or no rate to tell (declared budgets, unmeasured local GPUs)."""
+    return f.time is None or bool(f.time["within_limit"])
+
+
+def _hours(h: float) -> str:
+    return f"{h:g} h"
+
+
+def _time_rule(budget: Budget) -> str:
+    return (
+        f"an epoch of {budget.patients:,} patients within {_hours(budget.max_epoch_hours)} "
+        "(--patients, --max-epoch-hours)"
+    )
+
+
+def _reason(name: str, f: Fit, budget: Budget, too_slow: list[dict[str, Any]]) -> str:
+    """Why ``name`` is the recommendation, in the words `recommend` and `train --auto` print."""
+    memory = f"fits memory ({fmt_bytes(f.estimate_bytes)} <= {fmt_bytes(budget.budget_bytes)})"
+    if f.time is None:
+        time = "time not checked (no throughput known for this device)"
+    else:
+        time = (
+            f"trains an epoch of {budget.patients:,} patients in {f.time['epoch']} <= "
+            f"{_hours(budget.max_epoch_hours)}"
+        )
+    slow = ""
+    if too_slow:
+        slow = "; larger presets that fit memory but not time: " + ", ".join(
+            f"{x['preset']} ({x['epoch']} per epoch)" for x in too_slow
+        )
+    return f"{name}: the largest preset that {memory} and {time}{slow}"
 
 
 def _dp_accumulation(config: EHRModelConfig, gpus: int) -> int | None:
@@ -573,8 +672,8 @@ def data_parallel_settings(config: EHRModelConfig, gpus: int) -> dict[str, Any]:
     }
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GIB:.2f} GiB"
 
 
 def _seed_check(

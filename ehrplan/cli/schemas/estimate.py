@@ -41,8 +41,12 @@ class TimeEstimate(Out):
     steps_per_epoch: int | None
     seconds_per_epoch: float | None
     patients: int | None
-    throughput_source: str
+    throughput_source: str = Field(description="Where the rate comes from (`ehrplan.plan.pace`).")
     assumptions: str
+    step: str = Field(description="Time per optimizer step in h/min/s.")
+    epoch: str = Field(description="Time per epoch of `patients` in h/min/s.")
+    rate_measured: bool | None = Field(None, description="recommend: measured on this machine.")
+    within_limit: bool | None = Field(None, description="recommend: within --max-epoch-hours.")
 
 
 class Flops(Out):

@@ -11,6 +11,11 @@ from ehrplan.cli.schemas.estimate import DeviceTarget, ParallelEstimate, TimeEst
 from ehrplan.plan.config import ModelType
 
 
+class TimeRule(Out):
+    patients: int = Field(description="Training patients per epoch (--patients).")
+    max_epoch_hours: float = Field(description="--max-epoch-hours.")
+
+
 class Budget(Out):
     """The memory budget a config is checked against."""
 
@@ -32,6 +37,8 @@ class Budget(Out):
     mixed_precision_dtype: str = Field(description="What mixed precision means on this device.")
     target: DeviceTarget
     precision_requested: str | None = Field(description="--precision, or null (the rule).")
+    device_key: str | None = Field(description="This machine's device, for measured rates.")
+    time_rule: TimeRule
     notes: list[str]
 
 
@@ -110,6 +117,7 @@ class Recommendation(Out):
     job_bytes: int
     budget_bytes: int
     time: TimeEstimate | None
+    reason: str = Field(description="Why: memory and time, the words `train --auto` prints.")
 
 
 class NextSizeUp(Out):
@@ -123,6 +131,12 @@ class NextSizeUp(Out):
     flags: str | None
     estimate_after_change_bytes: int | None
     fits_after_change: bool
+
+
+class TooSlow(Out):
+    preset: str
+    epoch: str | None
+    seconds_per_epoch: float | None
 
 
 class SeedCheck(Out):
@@ -143,6 +157,10 @@ class RecommendOut(Doc):
     presets: list[PresetFit]
     recommendation: dict[ModelType, Recommendation | None]
     next_size_up: dict[ModelType, NextSizeUp | None]
+    excluded_by_time: dict[ModelType, list[TooSlow]] = Field(
+        description="Presets larger than the recommendation that fit memory but not time."
+    )
+    time_rule: str
     seed_check: dict[ModelType, SeedCheck]
     estimate_notes: list[str] = Field(description="The estimator's caveats, once each.")
 

@@ -7,12 +7,13 @@ mixed precision) that makes it fit. Where the recommendation fits with room to s
 also spends the room on speed: checkpointing off when the step fits without it, and fewer, larger
 micro-batches (the same effective batch) when they fit.
 
-On a machine without a GPU the planner's memory answer is not the whole answer: host RAM is
-large, so every LSTM preset "fits", but the medium and large presets are sized for 24 GB and
-40 GB GPUs and train on a few CPU cores at a small fraction of the small preset's rate (measure
-it: ``benchmarks/train_throughput.py``). So on the CPU ``--auto`` takes the largest preset that
-fits *up to the small size* (the seed's local-development tier) and says so; ``--preset`` still
-trains anything that fits.
+The choice is recommend's, memory and time together: the largest preset that fits the budget
+and trains an epoch of `ehrplan.plan.pace.DEFAULT_PATIENTS` patients within
+`ehrplan.plan.pace.DEFAULT_MAX_EPOCH_HOURS` at this device's pace (measured by earlier runs, or
+assumed; `ehrplan.plan.pace`). On a few CPU cores that rule, not a special case, keeps the
+medium and large presets (sized for 24 GB and 40 GB GPUs) out; ``--preset`` still trains
+anything that fits. The fit is checked in the precision the run trains in
+(`ehrplan.plan.target`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from ehrplan.errors import DeviceError, UsageError
 from ehrplan.plan.config import EHRModelConfig, get_preset, load_presets
 from ehrplan.plan.units import fmt_bytes
 
-CPU_MAX_SIZE = "small"  # largest preset size --auto picks when there is no GPU (see above)
 SIZE_ORDER = ("tiny", "small", "medium", "large")
 
 
@@ -73,8 +73,8 @@ def estimate_bytes(config: EHRModelConfig, precision: str, device_type: str) -> 
 
 
 def auto_choice(model_type: str, device_type: str, precision: str | None = None) -> Choice:
-    """``--auto``: recommend's choice for this machine (capped at small on the CPU)."""
-    from ehrplan.plan.planner import fit, plan
+    """``--auto``: `ehrplan recommend`'s choice for this machine, with its reason."""
+    from ehrplan.plan.planner import plan
 
     budget, hw = budget_for(device_type, precision=precision)
     result = plan(budget, [model_type])
@@ -88,27 +88,16 @@ def auto_choice(model_type: str, device_type: str, precision: str | None = None)
     reasons = [
         f"budget: {budget.label}, {fmt_bytes(budget.usable_bytes)} usable, "
         f"{fmt_bytes(budget.budget_bytes)} after {budget.headroom:.0%} headroom",
-        f"recommend: {name} (estimated peak {fmt_bytes(rec['estimate_bytes'])})"
-        + (f" with {rec['change']}" if rec["change"] else ""),
+        f"recommend: {rec['reason']}",
     ]
-    if device_type == "cpu" and SIZE_ORDER.index(name.split("-")[0]) > SIZE_ORDER.index(
-        CPU_MAX_SIZE
-    ):
-        capped = f"{CPU_MAX_SIZE}-{model_type}"
-        f = fit(get_preset(capped).config, budget, capped)
-        if f.fits:
-            reasons.append(
-                f"no GPU: taking {capped} instead of {name}; medium and large are sized for "
-                "24 GB / 40 GB GPUs and train far slower on CPU cores (use --preset to override)"
-            )
-            name, changes = capped, {}
+    if rec["change"]:
+        reasons.append(f"with {rec['change']} ({rec['flags']})")
     base = get_preset(name).config
     picked_precision = changes.pop("precision", None)
     config = EHRModelConfig.model_validate({**base.model_dump(), **changes})
     if picked_precision is not None:
         budget = replace(budget, precision=picked_precision)
     config = spend_room_on_speed(config, budget, name, reasons, changes)
-    reasons.append(f"precision: {fit(config, budget, name).resolved.describe()}")
     source = f"auto: preset {name}" + (
         " + " + ", ".join(f"{k}={v}" for k, v in changes.items()) if changes else ""
     )

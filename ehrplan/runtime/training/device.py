@@ -50,6 +50,13 @@ def resolve_precision(config: EHRModelConfig, device: torch.device, requested: s
     return resolve(config, device_target(device), requested).precision  # type: ignore[return-value]
 
 
+def precision_reason(config: EHRModelConfig, device: torch.device, requested: str) -> str:
+    """The words every command prints: ``bf16 on cuda: mixed_precision = true; ...``."""
+    from ehrplan.plan.target import resolve
+
+    return resolve(config, device_target(device), requested).describe()
+
+
 def autocast_dtype(precision: Precision) -> torch.dtype | None:
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 

@@ -134,7 +134,7 @@ def _run(
     from ehrplan.runtime import distributed as dist_
     from ehrplan.runtime.training import choose
     from ehrplan.runtime.training.data import load_training_data, synthetic_cohort
-    from ehrplan.runtime.training.device import auto_threads, resolve_precision
+    from ehrplan.runtime.training.device import auto_threads, precision_reason, resolve_precision
     from ehrplan.runtime.training.loop import Trainer, TrainSettings
 
     saved: dict[str, Any] | None = None
@@ -216,6 +216,7 @@ def _run(
     if choice.precision is not None and settings.precision == "auto":
         settings.precision = choice.precision  # the change --auto's recommendation named
     precision = resolve_precision(config, device, settings.precision)
+    choice.reasons.append(f"precision: {precision_reason(config, device, settings.precision)}")
     if strategy == "fsdp" and env.is_distributed and precision == "fp16":
         # fp16's GradScaler unscales plain tensors; FSDP2's gradients are sharded DTensors
         raise UsageError("--shard trains in fp32 or bf16, not fp16: give --precision bf16")
@@ -330,7 +331,36 @@ def _run(
         summary["embeddings"] = prepared.info
     summary["reasons"] = choice.reasons
     summary["config"] = config.model_dump()
+    if env.is_main and not env.is_distributed:
+        _record_pace(choice, config, summary)
     return summary
+
+
+#: Fields that change the pace of a preset's step without changing the preset.
+_PACE_FREE = {"batch_size", "gradient_accumulation_steps", "use_checkpoint", "vocab_size"}
+
+
+def _record_pace(choice: Any, config: EHRModelConfig, summary: dict[str, Any]) -> None:
+    """Keep the run's patients/s for `recommend` and `train --auto` on this device
+    (`ehrplan.plan.pace`), when it trained a preset's model as shipped."""
+    from ehrplan.plan.config import load_presets
+    from ehrplan.plan.pace import record
+
+    preset = load_presets().get(choice.preset or "")
+    key = (choice.budget or {}).get("device_key")
+    if preset is None or key is None or summary.get("patients_per_s") is None:
+        return
+    a, b = preset.config.model_dump(), config.model_dump()
+    if any(a[k] != b[k] for k in a if k not in _PACE_FREE | {"freeze_embeddings"}):
+        return
+    record(
+        key,
+        preset.name,
+        summary["precision"],
+        float(summary["patients_per_s"]),
+        summary["run_dir"],
+        int(summary["steps"]),
+    )
 
 
 def _devnull() -> Any:
