@@ -206,3 +206,5 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         f"per optimizer step {p['flops']['per_optimizer_step']:.3e}"
     )
     yield from render_parallel(p)
+    if p["time"] is None and "(catalog " in p["target"]["label"]:
+        yield f"time: the catalog lists no throughput for {p['target']['label']}; give --tflops"

@@ -7,7 +7,12 @@ or MPS path) travel with every answer as ``estimate_notes``.
 Rules, written once:
 
 - Budget = usable memory x (1 - headroom). Usable: see `ehrplan.plan.hardware` (NVIDIA: total less
-  driver reserve and CUDA context; Apple: GPU working set; CPU: RAM or the cgroup limit).
+  driver reserve and CUDA context; Apple: GPU working set; CPU: the RAM available now, within the
+  cgroup limit, with the total beside it: `host_budget`).
+- Time (`ehrplan.plan.pace`): the recommendation is the largest preset that fits memory and trains
+  an epoch of ``Budget.patients`` within ``Budget.max_epoch_hours``; larger presets that fit
+  memory but not time are listed (``excluded_by_time``) with the reason (`_reason`), which
+  `ehrplan train --auto` prints unchanged.
 - Device and precision: `ehrplan.plan.target` (one rule for every command; the trainer trains
   what was estimated).
 - Data parallel over N GPUs (`ehrplan.plan.per_gpu`): DDP (default) holds a full replica, Adam state
