@@ -192,6 +192,14 @@ def _loader_row(
     return doc
 
 
+def _public_args(argv: list[str]) -> list[str]:
+    """The command line with this machine's paths shown as their option's placeholder."""
+    out, hide = [], {"--work": "DIR", "--mtd-python": "PYTHON", "--out": "FILE"}
+    for i, x in enumerate(argv):
+        out.append(hide[argv[i - 1]] if i and argv[i - 1] in hide else x)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=10_000_000, help="events in the data set")
@@ -255,6 +263,8 @@ def main() -> None:
                 for k in (
                     "examples_per_second",
                     "time_to_first_batch",
+                    "loader_cpu_seconds",
+                    "examples",
                     "peak_rss",
                     "peak_rss_workers",
                     "error",
@@ -272,12 +282,14 @@ def main() -> None:
         pyd = a.work / "mtd"
         shutil.rmtree(pyd, ignore_errors=True)
         exe = str(Path(a.mtd_python).parent / "MTD_preprocess")
-        prep = _run([exe, f"MEDS_dataset_dir={meds}", f"output_dir={pyd}"])
+        bin_dir = str(Path(a.mtd_python).parent)  # its pipeline runs its own console scripts
+        mtd_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
+        prep = _run([exe, f"MEDS_dataset_dir={meds}", f"output_dir={pyd}"], mtd_env)
         if prep["rc"] != 0:
             mtd["error"] = "MTD_preprocess failed: " + prep["stderr"].strip()[-300:]
         else:
             size = sum(p.stat().st_size for p in pyd.rglob("*") if p.is_file())
-            load = _loader_row(a.mtd_python, "mtd", pyd, a, a.workers, dict(os.environ))
+            load = _loader_row(a.mtd_python, "mtd", pyd, a, a.workers, mtd_env)
             mtd |= {
                 "prep_s": prep["seconds"],
                 "prep_cpu_s": prep["cpu_seconds"],
@@ -289,6 +301,8 @@ def main() -> None:
                     for k in (
                         "examples_per_second",
                         "time_to_first_batch",
+                        "loader_cpu_seconds",
+                        "examples",
                         "peak_rss",
                         "peak_rss_workers",
                         "error",
@@ -298,7 +312,7 @@ def main() -> None:
     rows.append(mtd)
 
     head = [
-        f"# python benchmarks/data_loading.py {' '.join(sys.argv[1:])}",
+        f"# python benchmarks/data_loading.py {' '.join(_public_args(sys.argv[1:]))}",
         f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {events:,} events, {patients:,} patients; "
         f"{a.workers} workers, batch {a.batch_size}, {a.batches} batches timed; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine)",

@@ -199,3 +199,11 @@ def test_data_memory_counts_the_cache_bytes_exactly(data: Path) -> None:
     assert solo["cache_pages"] == cache.disk_bytes()
     assert two["batches"] == 5 * solo["batches"]  # one in training + 2 per worker
     assert solo["total"] == sum(v for k, v in solo.items() if k != "total")
+
+
+def test_prepare_never_imports_torch(data: Path) -> None:
+    from conftest import run_without_torch
+
+    code, out, err = run_without_torch(["data", "prepare", str(data), "--json"])
+    assert code == 0, err
+    assert json.loads(out)["events"] > 0
