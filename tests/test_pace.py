@@ -173,3 +173,23 @@ def test_the_fastest_run_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     rate = pace.measured("cpu x", "small-lstm", "fp32", 1e9)
     assert rate is not None and "runs/b" in rate.source
     assert pace.measured("cpu x", "small-lstm", "bf16", 1e9) is None
+
+
+def test_data_counts_its_training_patients(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from ehrplan.data import meds
+
+    splits = ["train"] * 7 + ["tuning", "held_out"]
+    meds.write_parquet(
+        meds.splits_table(np.arange(len(splits), dtype=np.int64), splits),
+        tmp_path / meds.SPLITS_FILE,
+    )
+    code, out, _ = run(["recommend", "--data", str(tmp_path), "--type", "lstm", "--json"], capsys)
+    assert code == 0 and json.loads(out)["budget"]["time_rule"]["patients"] == 7
+    code, _, err = run(["recommend", "--data", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "no such directory" in err
+    argv = ["recommend", "--data", str(tmp_path), "--patients", "5"]
+    assert run(argv, capsys)[0] == 2

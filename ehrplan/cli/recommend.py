@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -86,6 +87,14 @@ MaxEpochHoursOpt = Annotated[
         help=f"Recommend the largest preset that fits memory and trains one epoch within this "
         f"many hours (default {DEFAULT_MAX_EPOCH_HOURS:g}); larger presets that fit memory "
         "but not time are listed.",
+    ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="A MEDS data set: the time rule counts an epoch as its training patients (the "
+        "train split of metadata/subject_splits.parquet; needs the 'train' extra).",
     ),
 ]
 PrecisionOpt = Annotated[
@@ -174,6 +183,7 @@ def recommend(
     precision: PrecisionOpt = "auto",
     patients: PatientsOpt = None,
     max_epoch_hours: MaxEpochHoursOpt = None,
+    data: DataOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Which presets fit this machine (or --target / --memory), and what makes the next one fit.
@@ -182,6 +192,10 @@ def recommend(
     (as shipped, or after a named change) is the recommendation. Never imports torch.
     """
     types = check_sizes_known(model_type)
+    if data is not None:
+        if patients is not None:
+            raise UsageError("give --patients or --data, not both")
+        patients = training_patients(data)
     budget = resolve_budget(
         target,
         memory,
@@ -194,6 +208,24 @@ def recommend(
         max_epoch_hours=max_epoch_hours,
     )
     emit("recommend", plan(budget, types), as_json=json_, render=_render)
+
+
+def training_patients(root: Path) -> int:
+    """The patients of a MEDS data set's train split: one epoch, for the time rule (`recommend
+    --data` and `train --auto --data` count alike)."""
+    if not root.is_dir():
+        raise UsageError(
+            f"--data {root}: {'not a directory' if root.exists() else 'no such directory'}"
+        )
+    from ehrplan.data.meds import read_splits
+
+    splits = read_splits(root)
+    if splits is None:
+        raise UsageError(f"--data {root}: no metadata/subject_splits.parquet; give --patients")
+    n = sum(1 for s in splits.values() if s == "train")
+    if n == 0:
+        raise UsageError(f"--data {root}: the train split has no patients")
+    return n
 
 
 def render_budget(p: dict[str, Any], per_device: str = "") -> Iterable[RenderableType]:

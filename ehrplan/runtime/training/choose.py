@@ -72,11 +72,19 @@ def estimate_bytes(config: EHRModelConfig, precision: str, device_type: str) -> 
     return estimate_memory(config, precision=precision, device=device_type).total_bytes
 
 
-def auto_choice(model_type: str, device_type: str, precision: str | None = None) -> Choice:
-    """``--auto``: `ehrplan recommend`'s choice for this machine, with its reason."""
+def auto_choice(
+    model_type: str,
+    device_type: str,
+    precision: str | None = None,
+    patients: int | None = None,
+) -> Choice:
+    """``--auto``: `ehrplan recommend`'s choice for this machine, with its reason (``patients``:
+    an epoch for the time rule, `ehrplan recommend --data`'s count of the same data set)."""
     from ehrplan.plan.planner import plan
 
     budget, hw = budget_for(device_type, precision=precision)
+    if patients is not None:
+        budget = replace(budget, patients=patients)
     result = plan(budget, [model_type])
     rec = result["recommendation"].get(model_type)
     if rec is None:

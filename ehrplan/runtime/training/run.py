@@ -151,7 +151,12 @@ def _run(
     # --- what to train
     if req.named or saved is None:
         if req.auto:
-            choice = choose.auto_choice(req.model_type or "lstm", device.type, req.precision)
+            from ehrplan.cli.recommend import training_patients
+
+            epoch = training_patients(req.data) if req.data is not None else None
+            choice = choose.auto_choice(
+                req.model_type or "lstm", device.type, req.precision, patients=epoch
+            )
             over = _overrides(req)
             if over:  # --set / --batch-size on top of the choice
                 choice.config = validate_config({**choice.config.model_dump(), **over})
