@@ -144,3 +144,30 @@ def test_batch_size_keeps_the_effective_batch_where_it_divides(
 
 def test_every_preset_is_covered() -> None:
     assert {p for _, p, _ in _changes()} <= set(load_presets())
+
+
+def test_one_host_budget_for_recommend_validate_and_dry_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ehrplan.plan import hardware
+    from ehrplan.plan.planner import host_budget
+    from ehrplan.plan.units import fmt_bytes
+
+    report = probe(Sources(root=FIXTURES / "container-8gib-v2" / "root", nvml=object()))
+    monkeypatch.setattr(hardware, "probe", lambda *a, **k: report)
+    want = host_budget(report, 0.1, "")
+    assert want.usable_bytes == report.host.available_bytes  # what the OS can give now
+    assert want.total_bytes == report.host.budget_bytes  # what the machine (cgroup) has
+    _, rec = run_json(["recommend", "--device", "cpu", "--type", "lstm"], capsys)
+    _, val = run_json(["validate", "tiny", "--device", "cpu"], capsys)
+    for doc in (rec, val):
+        b = doc["budget"]
+        assert (b["usable_bytes"], b["total_bytes"], b["budget_bytes"]) == (
+            want.usable_bytes,
+            want.total_bytes,
+            want.budget_bytes,
+        )
+    with pytest.raises(SystemExit) as exc:  # refused before torch, against the same budget
+        main(["dry-run", "--preset", "tiny", "--device", "cpu", "--batch-size", "1000000"])
+    assert exc.value.code == 1
+    assert f"budget {fmt_bytes(want.budget_bytes)}" in capsys.readouterr().err
