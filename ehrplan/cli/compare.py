@@ -10,7 +10,7 @@ import typer
 from rich.console import RenderableType
 from rich.table import Table
 
-from ehrplan.cli.options import JsonOpt, training_environ
+from ehrplan.cli.options import COUNT_MAX, MAX_THREADS, SEED_MAX, JsonOpt, training_environ
 from ehrplan.cli.output import emit
 
 SizeOpt = Annotated[
@@ -25,12 +25,23 @@ DataOpt = Annotated[
     ),
 ]
 PatientsOpt = Annotated[
-    int, typer.Option("--patients", help="Patients in the default synthetic cohort.", min=50)
+    int,
+    typer.Option(
+        "--patients", help="Patients in the default synthetic cohort.", min=50, max=COUNT_MAX
+    ),
 ]
 MaxStepsOpt = Annotated[
-    int, typer.Option("--max-steps", help="Optimizer steps for each model (the same).", min=1)
+    int,
+    typer.Option(
+        "--max-steps", help="Optimizer steps for each model (the same).", min=1, max=COUNT_MAX
+    ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of weights, data order, dropout.")]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed", min=0, max=SEED_MAX, help="Seed of weights, data order, dropout (0 to 2^32-1)."
+    ),
+]
 OutOpt = Annotated[
     Path | None,
     typer.Option(
@@ -44,6 +55,7 @@ EvalEveryOpt = Annotated[
         help="Evaluate on the tuning split every N steps (default: max-steps / 10), the points "
         "of the tuning curves.",
         min=1,
+        max=COUNT_MAX,
     ),
 ]
 ThreadsOpt = Annotated[
@@ -52,6 +64,7 @@ ThreadsOpt = Annotated[
         "--threads",
         help="CPU threads for both runs (default: the idle cores, chosen once for both).",
         min=1,
+        max=MAX_THREADS,
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]

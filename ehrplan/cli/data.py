@@ -11,7 +11,14 @@ from rich import box
 from rich.console import RenderableType
 from rich.table import Table
 
-from ehrplan.cli.options import JsonOpt, PresetOpt
+from ehrplan.cli.options import (
+    COUNT_MAX,
+    MAX_VALUE_BINS,
+    MAX_WINDOW_HOURS,
+    JsonOpt,
+    PresetOpt,
+    finite,
+)
 from ehrplan.cli.output import emit
 
 data_app = typer.Typer(
@@ -30,19 +37,39 @@ LabelsOpt = Annotated[
 WindowOpt = Annotated[
     float,
     typer.Option(
-        "--visit-window", help="Hours: events closer than this to the previous one share a visit."
+        "--visit-window",
+        parser=finite(gt=0, le=MAX_WINDOW_HOURS),
+        metavar="FLOAT",
+        help="Hours: events closer than this to the previous one share a visit.",
     ),
 ]
 MinCountOpt = Annotated[
     int,
-    typer.Option("--min-count", help="Vocabulary cut-off: train-split occurrences to keep a code."),
+    typer.Option(
+        "--min-count",
+        min=0,
+        max=COUNT_MAX,
+        help="Vocabulary cut-off: train-split occurrences to keep a code.",
+    ),
 ]
 BinsOpt = Annotated[
-    int, typer.Option("--value-bins", help="Quantile bins for numeric values (0: code only).")
+    int,
+    typer.Option(
+        "--value-bins",
+        min=0,
+        max=MAX_VALUE_BINS,
+        help="Quantile bins for numeric values (0: code only).",
+    ),
 ]
 BatchOpt = Annotated[
     int | None,
-    typer.Option("--batch-size", "-b", help="Batch size for batch shapes (default: the preset's)."),
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        max=COUNT_MAX,
+        help="Batch size for batch shapes (default: the preset's).",
+    ),
 ]
 
 

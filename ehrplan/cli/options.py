@@ -1,7 +1,16 @@
-"""Options shared by several commands, written once with ``Annotated``."""
+"""Options shared by several commands, written once with ``Annotated``, and the one parser of
+numbers every float option uses.
+
+Numbers are checked where they are parsed: ``nan``, ``inf`` and values too large for a float are
+refused by `finite` for every float option, and integer options carry their ranges (`SEED_MAX`,
+`COUNT_MAX`), so a bad number is a usage error (exit 2) and exit 3 always means that training
+diverged.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,12 +47,59 @@ SetOpt = Annotated[
         help="Override one config field, KEY=VALUE (repeatable), e.g. --set hidden_dim=384.",
     ),
 ]
+SEED_MAX = 2**32 - 1
+"""Largest seed (the range numpy's and torch's seeders share)."""
+COUNT_MAX = 2**31 - 1
+"""Largest count an integer option takes (patients, steps, batch): beyond any machine."""
+MAX_THREADS = 4096
+"""Largest --threads / --nproc."""
+MAX_WINDOW_HOURS = 24 * 365 * 100
+"""Largest visit window, in hours (a century)."""
+MAX_VALUE_BINS = 1000
+"""Most quantile bins of a numeric value."""
+
+
+def finite(
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> Callable[[Any], float]:
+    """A Typer ``parser`` for a float option: a finite number within the bounds given, else a
+    one-line usage error naming the option."""
+    bounds = [
+        (gt, "more than", lambda x, b: x > b),
+        (ge, "at least", lambda x, b: x >= b),
+        (lt, "less than", lambda x, b: x < b),
+        (le, "at most", lambda x, b: x <= b),
+    ]
+
+    def parse(value: Any) -> float:
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            x = float(value)
+        else:
+            try:
+                x = float(str(value).strip())
+            except (ValueError, OverflowError):
+                raise typer.BadParameter(f"'{value}' is not a number") from None
+        if not math.isfinite(x):
+            raise typer.BadParameter(f"must be a finite number, not '{value}'")
+        for bound, words, ok in bounds:
+            if bound is not None and not ok(x, bound):
+                raise typer.BadParameter(f"must be {words} {bound:g}, not {value}")
+        return x
+
+    return parse
+
+
 BatchSizeOpt = Annotated[
     int | None,
     typer.Option(
         "--batch-size",
         "-b",
         min=1,
+        max=COUNT_MAX,
         help="The micro-batch size. Where it divides the effective batch, the accumulation "
         "steps change to keep it (unless --set gradient_accumulation_steps=N is given); "
         "otherwise the effective batch changes, and the output says so.",

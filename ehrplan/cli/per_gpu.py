@@ -14,12 +14,14 @@ import typer
 from rich.console import RenderableType
 from rich.text import Text
 
+from ehrplan.cli.options import COUNT_MAX, finite
 from ehrplan.errors import UsageError
 from ehrplan.plan.catalog import CatalogDevice
 from ehrplan.plan.config import EHRModelConfig
 from ehrplan.plan.pace import DEFAULT_PATIENTS, check_time_rule, fmt_duration
 from ehrplan.plan.per_gpu import (
     DEFAULT_UTILISATION,
+    STRATEGIES,
     catalog_tflops,
     estimate_parallel,
     estimate_time,
@@ -29,8 +31,8 @@ from ehrplan.plan.units import fmt_bytes
 GpusOpt = Annotated[
     int,
     typer.Option(
-        "--gpus", min=1, help="Data-parallel devices: the memory is answered per device and for "
-        "the job; each runs its share of the effective batch.",
+        "--gpus", min=1, max=COUNT_MAX, help="Data-parallel devices: the memory is answered per "
+        "device and for the job; each runs its share of the effective batch.",
     ),
 ]  # fmt: skip
 StrategyOpt = Annotated[
@@ -51,12 +53,19 @@ TargetOpt = Annotated[
 ]
 TflopsOpt = Annotated[
     float | None,
-    typer.Option("--tflops", help="Dense peak TFLOPS of a device not in the catalog (time)."),
+    typer.Option(
+        "--tflops",
+        parser=finite(gt=0),
+        metavar="FLOAT",
+        help="Dense peak TFLOPS of a device not in the catalog (time).",
+    ),
 ]
 UtilisationOpt = Annotated[
     float,
     typer.Option(
         "--utilisation",
+        parser=finite(gt=0, le=1),
+        metavar="FLOAT",
         help=f"Fraction of the dense peak a step reaches, for the time estimate (default "
         f"{DEFAULT_UTILISATION}: an assumption, not a measurement; small LSTMs reach far less).",
     ),
@@ -65,6 +74,8 @@ PatientsOpt = Annotated[
     int | None,
     typer.Option(
         "--patients",
+        min=1,
+        max=COUNT_MAX,
         help=f"Training patients per epoch, for the time per epoch (default {DEFAULT_PATIENTS:,}).",
     ),
 ]
@@ -79,6 +90,8 @@ def parallel_payload(
     checkpointing: bool,
 ) -> dict[str, Any] | None:
     """Per-device and job memory over ``gpus`` devices (None on one device with DDP)."""
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
     if strategy == "fsdp" and gpus < 2:
         raise UsageError("--strategy fsdp shards over several devices: give --gpus 2 or more")
     if gpus < 2:

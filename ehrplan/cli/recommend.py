@@ -12,7 +12,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ehrplan.cli.options import JsonOpt
+from ehrplan.cli.options import COUNT_MAX, JsonOpt, finite
 from ehrplan.cli.output import emit
 from ehrplan.errors import DeviceError, UsageError
 from ehrplan.plan.config import EHRModelConfig
@@ -48,7 +48,12 @@ MemoryOpt = Annotated[
 ]
 GpusOpt = Annotated[
     int | None,
-    typer.Option("--gpus", help="Data-parallel GPUs; memory is answered per GPU and for the job."),
+    typer.Option(
+        "--gpus",
+        min=1,
+        max=COUNT_MAX,
+        help="Data-parallel GPUs; memory is answered per GPU and for the job.",
+    ),
 ]
 StrategyOpt = Annotated[
     str,
@@ -63,7 +68,12 @@ ModelTypeOpt = Annotated[
 ]
 HeadroomOpt = Annotated[
     float,
-    typer.Option("--headroom", help="Fraction of usable memory kept free (0.1 = 10%)."),
+    typer.Option(
+        "--headroom",
+        parser=finite(ge=0, lt=1),
+        metavar="FLOAT",
+        help="Fraction of usable memory kept free (0.1 = 10%).",
+    ),
 ]
 DeviceOpt = Annotated[
     str | None,

@@ -12,7 +12,7 @@ import typer
 from rich.console import RenderableType
 from rich.table import Table
 
-from ehrplan.cli.options import JsonOpt
+from ehrplan.cli.options import COUNT_MAX, SEED_MAX, JsonOpt
 from ehrplan.cli.output import emit
 
 
@@ -21,15 +21,26 @@ def synth(
         Path, typer.Option("--out", "-o", help="Directory to create (must not exist or be empty).")
     ],
     patients: Annotated[
-        int, typer.Option("--patients", "-n", help="Number of patients to generate.")
+        int,
+        typer.Option(
+            "--patients", "-n", min=1, max=COUNT_MAX, help="Number of patients to generate."
+        ),
     ] = 2000,
     seed: Annotated[
-        int, typer.Option("--seed", help="Random seed: same seed and shard size, same bytes.")
+        int,
+        typer.Option(
+            "--seed",
+            min=0,
+            max=SEED_MAX,
+            help="Random seed (0 to 2^32-1): same seed and shard size, same bytes.",
+        ),
     ] = 0,
     shard_size: Annotated[
         int,
         typer.Option(
             "--shard-size",
+            min=1,
+            max=COUNT_MAX,
             help="Patients per data file (data/<split>/<k>.parquet); written as they fill.",
         ),
     ] = 10_000,

@@ -259,6 +259,18 @@ def attach_label_rows(cohort: Cohort, lab: meds.Labels, path: Path) -> None:
         raise DataError(f"{path}: negative integer_value labels (stages are 0, 1, 2, ...)")
     has_tte = "float_value" in vals
     tte = vals["float_value"].astype(np.float32) if has_tte else None
+    if tte is not None:
+        bad = ~np.isfinite(tte)
+        if bad.any():
+            raise DataError(
+                f"{path}: {int(bad.sum())} float_value label(s) are NaN or infinite (days to the "
+                "next stage change must be finite)"
+            )
+        if (tte < 0).any():
+            raise DataError(
+                f"{path}: {int((tte < 0).sum())} float_value label(s) are negative (days to the "
+                f"next stage change are 0 or more; e.g. {float(tte[tte < 0][0]):g})"
+            )
     observed = vals["boolean_value"] if has_tte and "boolean_value" in vals else None
 
     # patient index of each label (all subjects are known; static-only ones have no visits)

@@ -123,6 +123,15 @@ def _read_schema(path: Path) -> pa.Schema:
         raise DataError(f"{path}: not a readable parquet file ({msg})") from None
 
 
+def _int64_ids(path: Path, col: Any, name: str = "subject_id") -> np.ndarray:
+    """An integer id column as int64; ids beyond int64 (uint64 files) are one `DataError`."""
+    try:
+        return col.cast(pa.int64()).to_numpy()
+    except (pa.ArrowInvalid, OverflowError) as err:
+        msg = str(err).splitlines()[0]
+        raise DataError(f"{path}: column '{name}' does not fit int64 ({msg})") from None
+
+
 def _is_string(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
@@ -228,7 +237,7 @@ def read_data_file(
     if table.num_rows == 0:
         return None
     _no_nulls(path, table, ["subject_id", "code"])
-    sid = table.column("subject_id").cast(pa.int64()).to_numpy()
+    sid = _int64_ids(path, table.column("subject_id"))
     t = _time_us(path, table.column("time"), "time")
     _check_order(path, sid, t)
     if dictionary and pa.types.is_dictionary(table.schema.field("code").type):
@@ -300,7 +309,7 @@ def read_splits(root: str | Path) -> dict[int, str] | None:
     _check_column(path, schema, "split", _is_string, "string split")
     table = _read_table(path, ["subject_id", "split"])
     _no_nulls(path, table, ["subject_id", "split"])
-    sid = table.column("subject_id").cast(pa.int64()).to_pylist()
+    sid = _int64_ids(path, table.column("subject_id")).tolist()
     split = table.column("split").cast(pa.string()).to_pylist()
     return dict(zip(sid, split, strict=True))
 
@@ -363,7 +372,7 @@ def read_labels(path: str | Path, known_subjects: np.ndarray | None = None) -> L
         present = set(cols)
         table = _read_table(f, ["subject_id", "prediction_time", *cols])
         _no_nulls(f, table, ["subject_id", "prediction_time", *cols])
-        sid = table.column("subject_id").cast(pa.int64()).to_numpy()
+        sid = _int64_ids(f, table.column("subject_id"))
         if known_subjects is not None and len(sid):
             unknown = ~np.isin(sid, known_subjects)
             if unknown.any():
@@ -392,6 +401,38 @@ def read_labels(path: str | Path, known_subjects: np.ndarray | None = None) -> L
         values={c: np.concatenate(v) for c, v in vals.items()},
         files=tuple(str(f) for f in files),
     )
+
+
+FINGERPRINT_WHOLE = 16 * 2**20  # files up to this size are hashed whole
+FINGERPRINT_PART = 4 * 2**20  # larger ones: their size, first and last 4 MiB
+
+
+def fingerprint(root: str | Path) -> str:
+    """A short hash of a data set's content: every file under ``data/``, ``metadata/`` and
+    ``tasks/`` (relative path, size, bytes; a file over 16 MiB by its first and last 4 MiB).
+
+    The same data set in another folder has the same fingerprint; another data set (other
+    patients, other labels, another split) has another. `ehrplan train --resume` compares it
+    with the one its run recorded.
+    """
+    import hashlib
+
+    root = Path(root)
+    h = hashlib.sha256()
+    for top in (DATA_DIR, "metadata", "tasks"):
+        for f in sorted((root / top).rglob("*")):
+            if not f.is_file() or any(part.startswith(".") for part in f.relative_to(root).parts):
+                continue
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(root).as_posix()}\0{size}\0".encode())
+            with f.open("rb") as fh:
+                if size <= FINGERPRINT_WHOLE:
+                    h.update(fh.read())
+                else:
+                    h.update(fh.read(FINGERPRINT_PART))
+                    fh.seek(size - FINGERPRINT_PART)
+                    h.update(fh.read(FINGERPRINT_PART))
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ command-line flag > config file > preset > field defaults.
 from __future__ import annotations
 
 import json
+import stat
 import sys
 from collections.abc import Mapping
 from functools import cache
@@ -30,6 +31,10 @@ Size = Literal["tiny", "small", "medium", "large"]
 SIZES: tuple[str, ...] = ("tiny", "small", "medium", "large")
 MODEL_TYPES: tuple[str, ...] = ("lstm", "transformer")
 
+MAX_INT = 2**31 - 1
+"""Largest value of an integer field: a width, length or count beyond it is a typo, and would
+overflow the estimator's and torch's sizes."""
+
 #: Aliases accepted by preset lookups; `tiny` is the LSTM of the tiny size.
 PRESET_ALIASES: dict[str, str] = {"tiny": "tiny-lstm"}
 
@@ -40,27 +45,36 @@ class EHRModelConfig(BaseModel):
     Frozen and strict about keys: an unknown field is an error, not a silent no-op.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False
+    )
 
     # --- architecture -----------------------------------------------------------------------
-    code_embed_dim: int = Field(128, gt=0, description="Width of each code's embedding vector.")
+    code_embed_dim: int = Field(
+        128, gt=0, le=MAX_INT, description="Width of each code's embedding vector."
+    )
     visit_embed_dim: int = Field(
         256,
         gt=0,
+        le=MAX_INT,
         description="Width of a visit vector; the attention width (d_model) of the Transformer.",
     )
     hidden_dim: int = Field(
         512,
         gt=0,
+        le=MAX_INT,
         description="Hidden size of the visit-sequence LSTM, or the feed-forward width of the "
         "Transformer.",
     )
-    num_layers: int = Field(2, ge=1, description="Layers of the model over the visit sequence.")
+    num_layers: int = Field(
+        2, ge=1, le=MAX_INT, description="Layers of the model over the visit sequence."
+    )
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout probability, in [0, 1).")
     model_type: ModelType = Field("lstm", description="Model family: 'lstm' or 'transformer'.")
     num_heads: int | None = Field(
         None,
         gt=0,
+        le=MAX_INT,
         description="Attention heads (Transformer only); must divide visit_embed_dim.",
     )
     use_flash_attention: bool = Field(
@@ -70,14 +84,22 @@ class EHRModelConfig(BaseModel):
     )
 
     # --- data shape ---------------------------------------------------------------------------
-    vocab_size: int = Field(10000, ge=2, description="Code vocabulary size, PAD (id 0) included.")
-    max_visits: int = Field(50, gt=0, description="Longest visit sequence kept per patient.")
-    max_codes_per_visit: int = Field(100, gt=0, description="Most codes kept per visit.")
+    vocab_size: int = Field(
+        10000, ge=2, le=MAX_INT, description="Code vocabulary size, PAD (id 0) included."
+    )
+    max_visits: int = Field(
+        50, gt=0, le=MAX_INT, description="Longest visit sequence kept per patient."
+    )
+    max_codes_per_visit: int = Field(
+        100, gt=0, le=MAX_INT, description="Most codes kept per visit."
+    )
 
     # --- training -----------------------------------------------------------------------------
-    batch_size: int = Field(32, gt=0, description="Patients per micro-batch (one forward pass).")
+    batch_size: int = Field(
+        32, gt=0, le=MAX_INT, description="Patients per micro-batch (one forward pass)."
+    )
     gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Micro-batches accumulated per optimizer step."
+        1, ge=1, le=MAX_INT, description="Micro-batches accumulated per optimizer step."
     )
     mixed_precision: bool = Field(
         True, description="Train under autocast (fp16/bf16) with fp32 master weights."
@@ -92,7 +114,9 @@ class EHRModelConfig(BaseModel):
     )
 
     # --- task ---------------------------------------------------------------------------------
-    num_stages: int = Field(5, ge=2, description="Disease stages predicted at each visit.")
+    num_stages: int = Field(
+        5, ge=2, le=MAX_INT, description="Disease stages predicted at each visit."
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> EHRModelConfig:
@@ -197,8 +221,25 @@ def validate_config(data: Mapping[str, Any], where: str = "") -> EHRModelConfig:
         raise ConfigError(_format_validation_error(err, where)) from None
 
 
+def check_config_path(path: Path) -> None:
+    """A config file must be a regular file: a FIFO, socket or device is refused before it is
+    opened (reading a FIFO would wait for a writer forever)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"config file is a directory: {path}")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"config file {path} is not a regular file (a FIFO, socket or device)")
+
+
 def read_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML file, with one-line errors for a missing or malformed file."""
+    """Read a TOML file, with one-line errors for a missing, malformed, non-UTF-8 or special
+    (FIFO, device) file."""
+    check_config_path(path)
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -206,6 +247,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
         raise ConfigError(f"config file is a directory: {path}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+            f"offset {err.start}); TOML files are UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"malformed TOML in {path}: {err}") from None
     except OSError as err:
@@ -268,8 +314,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     ``config.json``."""
     path = config_file_path(path)
     if path.suffix.lower() == ".json":
-        return read_json_config(path)
-    _, fields = _split_meta(read_toml(path), path)
+        fields = read_json_config(path)
+    else:
+        _, fields = _split_meta(read_toml(path), path)
+    if not fields:  # far more often a wrong or truncated file than a wish for the defaults
+        raise ConfigError(
+            f"config file {path} sets no fields (it is empty); write the fields to set, or give "
+            "--preset NAME"
+        )
     return fields
 
 

@@ -14,12 +14,14 @@ No torch here: this module is on the path of `recommend` and `validate`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from ehrplan.errors import UsageError
 
 KIB, MIB, GIB, TIB = 1024, 1024**2, 1024**3, 1024**4
+MAX_BYTES = 2**63  # a size beyond it is a typo (and overflows the estimator's integers)
 
 # unit (lower-cased) -> (bytes per unit, canonical name, binary?)
 _UNITS: dict[str, tuple[int, str, bool]] = {
@@ -71,15 +73,18 @@ def parse_size(text: str) -> Size:
     m = _SIZE.match(text or "")
     if not m:
         raise UsageError(
-            f"cannot read the size '{text}': write a number and a unit, e.g. 16GB (10^9 bytes), "
-            "16GiB (2^30 bytes) or 24g (GiB)"
+            f"cannot read the size '{(text or '')[:40]}': write a number and a unit, e.g. 16GB "
+            "(10^9 bytes), 16GiB (2^30 bytes) or 24g (GiB)"
         )
     number, unit = m.group(1), m.group(2).lower()
     if unit not in _UNITS:
         valid = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, k, m, g, t"
         raise UsageError(f"unknown unit '{m.group(2)}' in size '{text}' (valid units: {valid})")
     scale, name, binary = _UNITS[unit]
-    n = round(float(number) * scale)
+    value = float(number) * scale
+    if not math.isfinite(value) or value > MAX_BYTES:
+        raise UsageError(f"the size '{text[:40]}' is too large (at most 2^63 bytes, 8 EiB)")
+    n = round(value)
     if n <= 0:
         raise UsageError(f"the size '{text}' must be more than zero bytes")
     return Size(text=text.strip(), bytes=n, unit=name, binary=binary)

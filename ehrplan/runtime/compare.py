@@ -157,7 +157,9 @@ def run_compare(req: CompareRequest) -> dict[str, Any]:
     threads = req.threads or (auto_threads() if device.type == "cpu" else None)
     eval_every = req.eval_every or max(1, req.max_steps // 10)
     out = comparison_dir(req.out, req.size)
-    out.mkdir(parents=True, exist_ok=True)
+    from ehrplan.atomic import ensure_dir
+
+    ensure_dir(out)
 
     _warm_imports()
     sides: dict[str, dict[str, Any]] = {}

@@ -46,6 +46,13 @@ class CodeEmbeddings:
             )
         if len(set(self.codes)) != len(self.codes):
             raise DataError("embeddings list a code more than once")
+        finite = torch.isfinite(self.vectors).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise DataError(
+                f"{bad} of {len(self.codes)} vectors hold NaN or infinite values (e.g. code "
+                f"{self.codes[int((~finite).nonzero()[0])]!r}); embeddings must be finite"
+            )
 
     @property
     def dim(self) -> int:
