@@ -41,6 +41,21 @@ class DataError(EhrplanError):
     """A data set is missing, malformed or not in the expected schema."""
 
 
+class OutputError(EhrplanError):
+    """A file or folder cannot be written: disk full, no permission, a file where a folder
+    should be, a folder where a file should be. The message names the path."""
+
+
+class RunLockedError(EhrplanError):
+    """Another process is writing the run folder (it holds the folder's lock)."""
+
+
+class Interrupted(EhrplanError):
+    """Ctrl-C: the message says where the run stands (its step and last checkpoint)."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 class DeviceError(EhrplanError):
     """An unknown device, or one that is not present on this machine."""
 

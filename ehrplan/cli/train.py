@@ -12,6 +12,9 @@ from rich.console import RenderableType
 from rich.table import Table
 
 from ehrplan.cli.options import (
+    COUNT_MAX,
+    MAX_THREADS,
+    SEED_MAX,
     BatchSizeOpt,
     ConfigOpt,
     JsonOpt,
@@ -20,10 +23,11 @@ from ehrplan.cli.options import (
     SizeOpt,
     TypeOpt,
     config_from_options,
+    finite,
     training_environ,
 )
 from ehrplan.cli.output import emit
-from ehrplan.errors import UsageError
+from ehrplan.errors import EXIT_INTERRUPTED, Interrupted, UsageError
 from ehrplan.plan.units import fmt_bytes
 
 AutoOpt = Annotated[
@@ -44,7 +48,10 @@ DataOpt = Annotated[
     ),
 ]
 PatientsOpt = Annotated[
-    int, typer.Option("--patients", help="Patients in the default synthetic cohort.", min=50)
+    int,
+    typer.Option(
+        "--patients", help="Patients in the default synthetic cohort.", min=50, max=COUNT_MAX
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
 PrecisionOpt = Annotated[
@@ -55,33 +62,62 @@ PrecisionOpt = Annotated[
         "fp16 or bf16.",
     ),
 ]
-EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="Epochs (default 10).", min=1)]
+EpochsOpt = Annotated[
+    int | None, typer.Option("--epochs", help="Epochs (default 10).", min=1, max=COUNT_MAX)
+]
 MaxStepsOpt = Annotated[
-    int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", min=1)
+    int | None,
+    typer.Option("--max-steps", help="Stop after this many optimizer steps.", min=1, max=COUNT_MAX),
 ]
 OutOpt = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Run folder (default runs/<preset>, numbered if taken)."),
 ]
 SeedOpt = Annotated[
-    int | None, typer.Option("--seed", help="Seed of weights, data order, dropout.")
+    int | None,
+    typer.Option(
+        "--seed", min=0, max=SEED_MAX, help="Seed of weights, data order, dropout (0 to 2^32-1)."
+    ),
 ]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")
 ]
-LrOpt = Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 1e-3).")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Start a new run in an --out that holds one: its run files (config, metrics, "
+        "checkpoints, ...) are removed first.",
+    ),
+]
+LrOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--lr", parser=finite(gt=0), metavar="FLOAT", help="Peak learning rate (default 1e-3)."
+    ),
+]
 SaveEveryOpt = Annotated[
-    int, typer.Option("--save-every", help="Write last.pt every N optimizer steps.", min=1)
+    int,
+    typer.Option(
+        "--save-every", help="Write last.pt every N optimizer steps.", min=1, max=COUNT_MAX
+    ),
 ]
 EvalEveryOpt = Annotated[
     int | None,
-    typer.Option("--eval-every", help="Evaluate on tuning every N steps (default: each epoch)."),
+    typer.Option(
+        "--eval-every",
+        min=1,
+        max=COUNT_MAX,
+        help="Evaluate on tuning every N steps (default: each epoch).",
+    ),
 ]
 
 BucketOpt = Annotated[
     int | None,
     typer.Option(
         "--bucket-patients",
+        min=0,
+        max=COUNT_MAX,
         help="Length bucketing: sort random pools of this many patients by length before "
         "cutting batches (default 200; 0: random batches, no bucketing).",
     ),
@@ -94,6 +130,7 @@ ThreadsOpt = Annotated[
         help="CPU threads (default: the idle cores, from the load average; a resumed run keeps "
         "its own).",
         min=1,
+        max=MAX_THREADS,
     ),
 ]
 
@@ -101,8 +138,9 @@ TimeWeightOpt = Annotated[
     float | None,
     typer.Option(
         "--time-weight",
+        parser=finite(ge=0),
+        metavar="FLOAT",
         help="Weight of the time-to-progression NLL against the stage cross-entropy (default 1).",
-        min=0.0,
     ),
 ]
 
@@ -133,6 +171,7 @@ NprocOpt = Annotated[
         help="Train on N processes of this machine: re-runs this command under torchrun "
         "(data parallel; the effective batch is split over the processes).",
         min=1,
+        max=MAX_THREADS,
     ),
 ]
 ShardOpt = Annotated[
@@ -162,6 +201,7 @@ def train(
     out: OutOpt = None,
     seed: SeedOpt = None,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     lr: LrOpt = None,
     save_every: SaveEveryOpt = 50,
     eval_every: EvalEveryOpt = None,
@@ -179,57 +219,43 @@ def train(
 
     Keeps everything in the run folder: resolved config, vocabulary, hardware, estimate, metrics
     per step and per evaluation (JSON lines), best and last checkpoints, summary and a curve PNG.
-    Ctrl-C saves a checkpoint; --resume continues exactly.
+    Ctrl-C saves a checkpoint and says where the run stands; --resume continues exactly.
     """
+    try:
+        _train(locals())
+    except KeyboardInterrupt:  # before the run took over Ctrl-C (it says where it stands)
+        raise Interrupted("interrupted before training started; nothing was trained") from None
+
+
+def _train(o: dict[str, Any]) -> None:
+    """`train` with its options by name."""
     training_environ()  # before torch is imported
     from ehrplan.runtime.distributed import DistEnv
 
     env = DistEnv.from_environ()
-    if nproc is not None and nproc > 1 and not env.is_distributed:
-        _relaunch(nproc, device)
+    if o["nproc"] is not None and o["nproc"] > 1 and not env.is_distributed:
+        _relaunch(o["nproc"], o["device"])
     from ehrplan.runtime.training import run as runner
 
-    if bucket_patients is not None and bucket_patients < 0:
-        raise UsageError(f"--bucket-patients must be 0 or more, not {bucket_patients}")
-    named = preset or size or model_type or config
-    if auto and (preset or size or config):
+    config_options = tuple(o[k] for k in ("preset", "size", "model_type", "config", "set_"))
+    config_options += (o["batch_size"],)
+    if o["auto"] and (o["preset"] or o["size"] or o["config"]):
         raise UsageError("--auto picks the preset itself: drop --preset/--size/--config")
     req = runner.Request(
-        auto=auto,
-        model_type=model_type,
-        config_options=(preset, size, model_type, config, set_, batch_size),
-        named=bool(named or set_ or batch_size or auto),
-        data=data,
-        patients=patients,
-        device=device,
-        precision=precision,
-        epochs=epochs,
-        max_steps=max_steps,
-        out=out,
-        seed=seed,
-        resume=resume,
-        lr=lr,
-        save_every=save_every,
-        eval_every=eval_every,
-        json=json_,
-        threads=threads,
-        bucket_patients=bucket_patients,
-        time_weight=time_weight,
-        embeddings=embeddings,
-        freeze_embeddings=freeze_embeddings,
-        project_embeddings=project_embeddings,
-        shard=shard,
+        config_options=config_options,
+        named=any(config_options) or o["auto"],
+        json=o["json_"],
+        **{k: o[k] for k in runner.Request.__dataclass_fields__ if k in o},
     )
     summary = runner.run(req, resolve=_resolve)
     if env.is_main:  # under torchrun only rank 0 prints
-        emit("train", summary, as_json=json_, render=_render)
+        emit("train", summary, as_json=o["json_"], render=_render)
 
 
 def _relaunch(nproc: int, device: str) -> None:
     """Run this very command again under torchrun on ``nproc`` processes, and exit with its
     status (torchrun sets the ranks; ``--nproc`` is dropped from the arguments)."""
     import os
-    import subprocess
 
     import torch
 
@@ -253,7 +279,34 @@ def _relaunch(nproc: int, device: str) -> None:
         del args[i : i + 2]
     else:
         args = [a for a in args if not a.startswith("--nproc=")]
-    raise typer.Exit(subprocess.call(torchrun_argv(nproc, args)))
+    raise typer.Exit(_supervise(torchrun_argv(nproc, args)))
+
+
+def _supervise(argv: list[str]) -> int:
+    """Run torchrun and wait for it; Ctrl-C (or SIGTERM) is passed on to it once.
+
+    torchrun runs in a session of its own, so a terminal's Ctrl-C reaches this process only and
+    torchrun gets it from here exactly once; it forwards it to each worker, which saves a
+    checkpoint, says where the run stands and exits (torchrun kills workers that do not stop
+    within its timeout). Killing torchrun instead would orphan the workers, still training."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(argv, start_new_session=True)
+    got: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if not got:
+            proc.send_signal(signum)
+        got.append(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return EXIT_INTERRUPTED if got else code
 
 
 def _resolve(options: tuple[Any, ...]) -> tuple[Any, str]:

@@ -10,9 +10,7 @@ killed run leaves no half-written data set.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ehrplan.atomic import write_json
+from ehrplan.atomic import atomic_dir, write_json
 from ehrplan.data.meds import (
     CODES_FILE,
     DATA_DIR,
@@ -202,17 +200,8 @@ def write_cohort(
     """Generate and write the cohort as a MEDS data set at ``out`` (built aside, then renamed)."""
     out = Path(out)
     _check_out(out, n_patients, shard_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        summary = _write(tmp, out, n_patients, seed, shard_size)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
+    with atomic_dir(out) as tmp:  # mode 0777 & ~umask (mkdtemp's would be 0700); renamed at the end
+        return _write(tmp, out, n_patients, seed, shard_size)
 
 
 def _write(tmp: Path, out: Path, n_patients: int, seed: int, shard_size: int) -> SynthSummary:

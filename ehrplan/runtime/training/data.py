@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ehrplan.errors import DataError
+from ehrplan.atomic import ensure_dir, output_error
+from ehrplan.errors import DataError, OutputError
 from ehrplan.plan.config import EHRModelConfig
 from ehrplan.runtime.batch import IGNORE_INDEX, Batch
 
@@ -73,14 +74,21 @@ def synthetic_cohort(patients: int, seed: int = SYNTH_SEED) -> Path:
     root = cache_dir() / f"synth-ckd-{patients}-seed{seed}-{code}"
     if (root / "metadata" / "dataset.json").is_file():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ensure_dir(root.parent)
+    except OutputError as err:
+        raise OutputError(
+            f"{err} (the cache of synthetic cohorts: set ${CACHE_ENV} to a writable folder)"
+        ) from None
     tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     synth_write.write_cohort(tmp, patients, seed)
     try:
         os.replace(tmp, root)  # another process may have won the race: keep its copy
-    except OSError:
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / "metadata" / "dataset.json").is_file():  # nobody else made it either
+            raise output_error(root, err) from None
     return root
 
 
@@ -144,9 +152,12 @@ def load_training_data(
         raise DataError(f"{root}: the train split has no labelled visits")
     majority = int(np.bincount(stages).argmax())
     trunc = datasets["train"].truncation
+    from ehrplan.data.meds import fingerprint
+
     info = {
         "root": str(root),
         "example_cache": {"path": str(cohort.path), "bytes_on_disk": cohort.disk_bytes()},
+        "fingerprint": fingerprint(root),
         "patients": {n: len(d) for n, d in datasets.items()},
         "labelled_visits": int(labelled.sum()),
         "vocab_tokens_in_data": len(full),

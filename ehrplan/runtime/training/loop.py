@@ -91,16 +91,19 @@ class TrainSettings:
 
 
 @contextmanager
-def sigint_flag() -> Iterator[dict[str, bool]]:
+def sigint_flag(distributed: bool = False) -> Iterator[dict[str, bool]]:
     """While active, the first Ctrl-C sets ``flag['stop']`` (the loop saves, then stops); a
-    second one interrupts at once."""
+    second one interrupts at once. Under torchrun a second one changes nothing: torchrun
+    forwards the terminal's Ctrl-C to every worker, which therefore sees it twice, and a rank
+    that left mid-step would leave the others waiting in a collective (torchrun kills the
+    workers itself when they do not stop in time)."""
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum: int, frame: object) -> None:
-        if flag["stop"]:
+        if flag["stop"] and not distributed:
             raise KeyboardInterrupt
         flag["stop"] = True
 
@@ -201,6 +204,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.pos = Position()
+        self.saved_step: int | None = None  # the step of the newest last.pt
         self.session = int(time.time() * 1000)
         self.memory_records: list[dict[str, Any]] = read_json_list(self.files.root / "memory.json")
         self.best_loss: float | None = None
@@ -216,6 +220,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
+            # every rank's generators (dropout draws differ by rank): a collective
+            "rng_by_rank": dist_.gather_object(rng_state(), self.env),
             "position": asdict(self.pos),
             "best": {"loss": self.best_loss, "step": self.best_step},
             "precision": self.precision,
@@ -256,8 +262,13 @@ class Trainer:
         dist_.load_optimizer_state(self.optimizer, state["optimizer"], self.strategy, self.env)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        by_rank = state.get("rng_by_rank")
+        if by_rank is not None and len(by_rank) == self.env.world_size:
+            set_rng_state(by_rank[self.env.rank])  # this rank's own streams
+        else:
+            set_rng_state(state["rng"])  # another world size: not bit-identical (warned)
         self.pos = Position(**state["position"])
+        self.saved_step = self.pos.step
         self.best_loss = state["best"]["loss"]
         self.best_step = state["best"]["step"]
         # forget what was logged after the checkpoint: those steps are about to be replayed
@@ -277,10 +288,11 @@ class Trainer:
             f.flush()
 
     def _save_last(self) -> None:
-        state = self._state()  # a collective under FSDP: every rank takes part
+        state = self._state()  # a collective: every rank takes part
         if self.env.is_main:
             save_checkpoint(self.files.last, state)
         dist_.barrier(self.env)
+        self.saved_step = self.pos.step
 
     # ----------------------------------------------------------------------------- steps
 
@@ -532,7 +544,7 @@ class Trainer:
             estimate_bytes=self.estimate_bytes,
         )
         window = {"patients": 0, "seconds": 0.0}
-        with sigint_flag() as flag, progress:
+        with sigint_flag(self.env.is_distributed) as flag, progress:
             while self.pos.step < self.total_steps:
                 batches = epoch_batches(
                     self.train_split.lengths,
@@ -581,11 +593,7 @@ class Trainer:
                         self._eval_and_keep_best(progress)
                     elif self.pos.step % self.settings.save_every == 0 or flag["stop"]:
                         self._save_last()
-                    if flag["stop"]:
-                        progress.log(
-                            f"interrupted at step {self.pos.step}: checkpoint saved to "
-                            f"{self.files.last}; continue with --resume --out {self.run_dir}"
-                        )
+                    if flag["stop"]:  # the caller says where the run stands
                         raise KeyboardInterrupt
                     if delay:
                         time.sleep(delay)

@@ -16,14 +16,16 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ehrplan.atomic import write_json
-from ehrplan.errors import UsageError
+from ehrplan.atomic import remove_stale_temps, write_json, write_text
+from ehrplan.errors import EhrplanError, Interrupted, UsageError
 from ehrplan.plan.config import EHRModelConfig, validate_config
 from ehrplan.plan.units import fmt_bytes
+from ehrplan.runtime.training.runfiles import read_run_config
 
 RUNS_ROOT = Path("runs")
 
@@ -57,6 +59,15 @@ class Request:
     project_embeddings: bool = False
     shard: bool = False
     """FSDP2 over the ranks of a torchrun job (default under torchrun: DDP)."""
+    overwrite: bool = False
+    """Start a new run in an ``--out`` that holds one (its files are removed first)."""
+
+
+RUN_FILES = (
+    "config.json", "vocab.json", "hardware.json", "estimate.json", "embeddings.json",
+    "metrics.jsonl", "memory.json", "summary.json", "curves.png",
+)  # fmt: skip
+"""What a run writes at the top of its folder (``--overwrite`` removes these and checkpoints/)."""
 
 
 def _has_run(d: Path) -> bool:
@@ -64,10 +75,9 @@ def _has_run(d: Path) -> bool:
 
 
 def new_run_dir(out: Path | None, name: str) -> Path:
-    """``--out`` (which must not hold a run), or ``runs/<name>``, ``runs/<name>-2``, ..."""
+    """``--out``, or ``runs/<name>``, ``runs/<name>-2``, ... (`_claim` checks that it holds no
+    run, under its lock)."""
     if out is not None:
-        if _has_run(out):
-            raise UsageError(f"{out} already holds a run: continue it with --resume, or pick --out")
         return out
     d = RUNS_ROOT / name
     i = 2
@@ -78,15 +88,56 @@ def new_run_dir(out: Path | None, name: str) -> Path:
 
 
 def resume_run_dir(out: Path | None) -> Path:
-    """``--out``, or the newest run under ``runs/``; it must hold a checkpoint."""
+    """``--out``, or the newest run under ``runs/``; it must hold the run's ``config.json`` (a
+    run stopped before its first checkpoint resumes from step 0)."""
     if out is None:
         runs = [d for d in RUNS_ROOT.glob("*") if (d / "checkpoints" / "last.pt").is_file()]
         if not runs:
             raise UsageError(f"--resume: no run to resume under {RUNS_ROOT}/ (give --out DIR)")
         out = max(runs, key=lambda d: (d / "checkpoints" / "last.pt").stat().st_mtime)
-    if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.json").is_file():
-        raise UsageError(f"--resume: {out} holds no run to resume (no checkpoints/last.pt)")
+    if not (out / "config.json").is_file():
+        hint = " (start a new one there with --overwrite)" if _has_run(out) else ""
+        raise UsageError(f"--resume: {out} holds no run to resume (no config.json){hint}")
     return out
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove what a run wrote (`RUN_FILES`, ``checkpoints/``), and nothing else."""
+    import shutil
+
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def _claim(req: Request, run_dir: Path, env: Any, stack: ExitStack, new: bool) -> None:
+    """Take the run folder's lock (rank 0; every rank learns the outcome); then remove the temp
+    files a killed run left, and for a new run check that the folder holds none (or clear it,
+    with ``--overwrite``)."""
+    from ehrplan.runtime import distributed as dist_
+    from ehrplan.runtime.training.lock import RunLock
+
+    failure: EhrplanError | None = None
+    if env.is_main:
+        try:
+            lock = stack.enter_context(RunLock(run_dir))
+            if new and _has_run(run_dir):
+                if not req.overwrite:
+                    raise UsageError(
+                        f"{run_dir} already holds a run: continue it with --resume, start it "
+                        "over with --overwrite, or choose another --out"
+                    )
+                _clear_run(run_dir)
+            if lock.stale_pid is not None:
+                _say(req, f"  took over the lock of process {lock.stale_pid} (no longer running)")
+            removed = remove_stale_temps(run_dir)
+            if removed:
+                _say(req, f"  removed {len(removed)} temporary file(s) left by a killed run")
+        except EhrplanError as err:
+            failure = err
+    failure = dist_.broadcast_object(failure, env)  # type: ignore[assignment]
+    if failure is not None:
+        raise failure
 
 
 def _say(req: Request, message: str) -> None:
@@ -103,8 +154,40 @@ def _say(req: Request, message: str) -> None:
     )
 
 
+@dataclass
+class Standing:
+    """Where a run stands, for the line Ctrl-C prints."""
+
+    run_dir: Path | None = None
+    trainer: Any = None
+    checkpoint_step: int | None = None
+    """The step of the checkpoint the folder held when this session started."""
+
+    def describe(self) -> str:
+        if self.run_dir is None:
+            return "interrupted before the run folder was made; nothing was written"
+        again = f"--resume --out {self.run_dir}"
+        t = self.trainer
+        step = getattr(t, "pos", None)
+        saved = getattr(t, "saved_step", None) if t is not None else self.checkpoint_step
+        if step is None:
+            where = "interrupted before training started"
+        else:
+            where = f"interrupted at step {step.step} of {t.total_steps}"
+        if saved is None:
+            return (
+                f"{where}, before the first checkpoint: `{again}` starts {self.run_dir} again "
+                "from step 0 (same seed), --overwrite starts it afresh"
+            )
+        return (
+            f"{where}; last checkpoint: step {saved} ({self.run_dir / 'checkpoints' / 'last.pt'});"
+            f" continue with {again}"
+        )
+
+
 def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig, str]]) -> dict:
-    """Do what ``req`` asks; return the summary."""
+    """Do what ``req`` asks; return the summary. Ctrl-C ends in `Interrupted`, whose line says
+    where the run stands."""
     from ehrplan.plan.per_gpu import check_strategy
     from ehrplan.runtime import distributed as dist_
     from ehrplan.runtime.distributed import DistEnv
@@ -118,8 +201,12 @@ def run(req: Request, resolve: Callable[[tuple[Any, ...]], tuple[EHRModelConfig,
         import torch
 
         device = torch.device(dist_.setup(env, device.type))
+    standing = Standing()
     try:
-        return _run(req, resolve, env, strategy, device)
+        with ExitStack() as stack:  # the run folder's lock, released on the way out
+            return _run(req, resolve, env, strategy, device, stack, standing)
+    except KeyboardInterrupt:
+        raise Interrupted(standing.describe() if env.is_main else "") from None
     finally:
         dist_.teardown(env)
 
@@ -130,6 +217,8 @@ def _run(
     env: Any,
     strategy: str,
     device: Any,
+    stack: ExitStack,
+    standing: Standing,
 ) -> dict:
     from ehrplan.runtime import distributed as dist_
     from ehrplan.runtime.training import choose
@@ -138,15 +227,23 @@ def _run(
     from ehrplan.runtime.training.loop import Trainer, TrainSettings
 
     saved: dict[str, Any] | None = None
+    checkpoint = False  # resuming from a checkpoint (else from step 0)
     if req.resume:
+        if req.overwrite:
+            raise UsageError("--resume continues a run and --overwrite starts it over: give one")
         run_dir = resume_run_dir(req.out)
-        saved = json.loads((run_dir / "config.json").read_text())
-        from ehrplan.runtime.training.checkpoint import load_checkpoint
+        _claim(req, run_dir, env, stack, new=False)
+        standing.run_dir = run_dir
+        saved = read_run_config(run_dir)
+        checkpoint = (run_dir / "checkpoints" / "last.pt").is_file()
+        if checkpoint:
+            from ehrplan.runtime.training.checkpoint import load_checkpoint
 
-        # refuse a job shape the checkpoint cannot continue on before saying anything
-        last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        dist_.check_resume(last.get("distributed"), strategy, env)
-        del last
+            # refuse a job shape the checkpoint cannot continue on before saying anything
+            last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+            dist_.check_resume(last.get("distributed"), strategy, env)
+            standing.checkpoint_step = int(last["position"]["step"])
+            del last
 
     # --- what to train
     if req.named or saved is None:
@@ -183,6 +280,13 @@ def _run(
         data_root = synthetic_cohort(req.patients)
     vocab_file = run_dir / "vocab.json" if saved is not None else None
     data, config = load_training_data(data_root, requested, vocab_file)
+    if saved is not None:
+        was, now = saved["data"].get("fingerprint"), data.info.get("fingerprint")
+        if was is not None and was != now:
+            raise UsageError(
+                f"cannot resume {run_dir}: it was trained on another data set "
+                f"({saved['data'].get('root')}, fingerprint {was}; {data_root} has {now})"
+            )
     prepared = _embeddings(req, saved, data.vocab, config)
     # frozen embeddings: no gradient, no Adam state, and the estimate counts that; a resumed run
     # keeps the flag its config.json recorded
@@ -228,17 +332,13 @@ def _run(
     est = choose.check_fits(choice, precision, device.type)
 
     if saved is None:
-        picked: tuple[Path | None, str | None] = (None, None)
+        picked: Path | None = None
         if env.is_main:  # rank 0 names the run folder; every rank uses its answer
-            try:
-                picked = (new_run_dir(req.out, choice.preset or "custom"), None)
-            except UsageError as err:
-                picked = (None, str(err))
-        run_dir, error = dist_.broadcast_object(picked, env)  # type: ignore[misc]
-        if error:
-            raise UsageError(error)
+            picked = new_run_dir(req.out, choice.preset or "custom")
+        run_dir = dist_.broadcast_object(picked, env)  # type: ignore[assignment]
+        _claim(req, run_dir, env, stack, new=True)
+        standing.run_dir = run_dir
     if saved is None and env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_json(
             run_dir / "config.json",
             {
@@ -254,7 +354,7 @@ def _run(
                 "command": sys.argv,
             },
         )
-        (run_dir / "vocab.json").write_text(json.dumps(data.vocab) + "\n")
+        write_text(run_dir / "vocab.json", json.dumps(data.vocab) + "\n")
         write_json(
             run_dir / "hardware.json", {"hardware": choice.hardware, "budget": choice.budget}
         )
@@ -290,6 +390,13 @@ def _run(
             f"torchrun: {env.world_size} processes, {strategy}; rank {env.rank} of them"
         )
     _say(req, f"[bold]{verb}[/] {choice.source} -> {run_dir}")
+    if saved is not None and not checkpoint and (run_dir / "embeddings.json").is_file():
+        raise UsageError(
+            f"{run_dir} was started from --embeddings and stopped before its first checkpoint: "
+            "start it over with --overwrite --embeddings FILE"
+        )
+    if saved is not None and not checkpoint:
+        _say(req, "  no checkpoint had been written: training again from step 0, same seed")
     for r in choice.reasons:
         _say(req, f"  {r}")
     info = data.info
@@ -330,7 +437,8 @@ def _run(
         env=env,
         strategy=strategy,
     )
-    summary = trainer.run(resume=saved is not None)
+    standing.trainer = trainer
+    summary = trainer.run(resume=checkpoint)
     summary["source"] = choice.source
     if prepared is not None:
         summary["embeddings"] = prepared.info
