@@ -60,6 +60,14 @@ CASES: dict[str, Case] = {
     "synth without --out": c("synth", says="--out"),
     "export without --out": c("export-embeddings", "{run}", says="--out"),
     "bool flag with a value": c("presets", "--json=maybe", says="--json"),
+    "hardware unknown option": c("hardware", "--nope", says="--help"),
+    "schema of no command": c("schema", "nope", says="nope"),
+    "schema unknown option": c("schema", "--nope", says="--help"),
+    "dry-run unknown preset": c("dry-run", "--preset", "nope", says="valid presets"),
+    "dry-run batch 0": c("dry-run", *TINY, "--batch-size", "0", says="--batch-size"),
+    "dry-run unknown device": c("dry-run", *TINY, "--device", "tpu", says="tpu"),
+    "dry-run unknown precision": c("dry-run", *TINY, "--precision", "fp8", says="fp8"),
+    "dry-run missing data": c("dry-run", *TINY, "--data", "{tmp}/none", says="none"),
 }
 
 # --- numbers: not a number, not finite, out of range, overflowing

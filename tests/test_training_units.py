@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ehrplan.errors import UsageError
+from ehrplan.errors import OutputError, UsageError
 from ehrplan.runtime.batch import IGNORE_INDEX, Batch
 from ehrplan.runtime.training import checkpoint as ckpt
 from ehrplan.runtime.training.loss import (
@@ -127,10 +129,10 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(
 
     def torn_save(obj: object, f) -> None:  # type: ignore[no-untyped-def]
         f.write(b"PK\x03\x04 half a zip")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=f"disk full: cannot write {path}"):
         ckpt.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert ckpt.load_checkpoint(path)["step"] == 1

@@ -169,7 +169,9 @@ class Standing:
         again = f"--resume --out {self.run_dir}"
         t = self.trainer
         step = getattr(t, "pos", None)
-        saved = getattr(t, "saved_step", None) if t is not None else self.checkpoint_step
+        saved = getattr(t, "saved_step", None)  # None until the trainer restored or saved
+        if saved is None:
+            saved = self.checkpoint_step
         if step is None:
             where = "interrupted before training started"
         else:
@@ -287,6 +289,11 @@ def _run(
                 f"cannot resume {run_dir}: it was trained on another data set "
                 f"({saved['data'].get('root')}, fingerprint {was}; {data_root} has {now})"
             )
+    if saved is not None and not checkpoint and (run_dir / "embeddings.json").is_file():
+        raise UsageError(
+            f"{run_dir} was started from --embeddings and stopped before its first checkpoint: "
+            "start it over with --overwrite --embeddings FILE"
+        )
     prepared = _embeddings(req, saved, data.vocab, config)
     # frozen embeddings: no gradient, no Adam state, and the estimate counts that; a resumed run
     # keeps the flag its config.json recorded
@@ -390,11 +397,6 @@ def _run(
             f"torchrun: {env.world_size} processes, {strategy}; rank {env.rank} of them"
         )
     _say(req, f"[bold]{verb}[/] {choice.source} -> {run_dir}")
-    if saved is not None and not checkpoint and (run_dir / "embeddings.json").is_file():
-        raise UsageError(
-            f"{run_dir} was started from --embeddings and stopped before its first checkpoint: "
-            "start it over with --overwrite --embeddings FILE"
-        )
     if saved is not None and not checkpoint:
         _say(req, "  no checkpoint had been written: training again from step 0, same seed")
     for r in choice.reasons:
