@@ -312,7 +312,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Every file and folder a case names, made once."""
     import pyarrow.parquet as pq
 
-    from ehrplan.data.synth import write_cohort
+    from ehrplan.data.synth_write import write_cohort
 
     base = tmp_path_factory.mktemp("bad-input")
     w: dict[str, Path] = {"tmp": base}

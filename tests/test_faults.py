@@ -26,7 +26,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ehrplan.data.synth import write_cohort
+    from ehrplan.data.synth_write import write_cohort
 
     root = tmp_path_factory.mktemp("faults") / "ckd"
     write_cohort(root, 60, seed=0)
@@ -150,7 +150,7 @@ def test_one_writer_per_run_folder_and_a_dead_holder_is_taken_over(
 def test_resume_refuses_another_data_set_but_takes_the_same_one_moved(
     cohort: Path, reference: Path, tmp_path: Path
 ) -> None:
-    from ehrplan.data.synth import write_cohort
+    from ehrplan.data.synth_write import write_cohort
 
     other = tmp_path / "other"
     write_cohort(other, 60, seed=1)
@@ -215,7 +215,7 @@ def test_files_and_folders_follow_the_umask(
     tmp_path: Path, umask: int, file_mode: int, dir_mode: int
 ) -> None:
     from ehrplan.atomic import write_json
-    from ehrplan.data.synth import write_cohort
+    from ehrplan.data.synth_write import write_cohort
 
     old = os.umask(umask)
     try:
