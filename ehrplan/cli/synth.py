@@ -23,7 +23,11 @@ def synth(
     patients: Annotated[
         int,
         typer.Option(
-            "--patients", "-n", min=1, max=COUNT_MAX, help="Number of patients to generate."
+            "--patients",
+            "-n",
+            min=1,
+            max=2**62,  # subject ids are int64; the disk-space check refuses far fewer
+            help="Number of patients to generate.",
         ),
     ] = 2000,
     seed: Annotated[
