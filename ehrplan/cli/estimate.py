@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import RenderableType
-from rich.table import Table
 
 from ehrplan.cli.options import (
     BatchSizeOpt,
@@ -40,6 +38,9 @@ from ehrplan.plan.params import count_parameters
 from ehrplan.plan.per_gpu import DEFAULT_UTILISATION
 from ehrplan.plan.target import DeviceTarget, check_device, from_catalog, from_probe, resolve
 from ehrplan.plan.units import fmt_bytes, fmt_count
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 PrecisionOpt = Annotated[
     str,
@@ -163,6 +164,8 @@ def device_target(row: CatalogDevice | None, device: str | None) -> DeviceTarget
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    from rich.table import Table
+
     title = f"{p['source']} — {p['model_type']}"
     params = Table(title=f"Parameters: {title}")
     params.add_column("component")

@@ -5,18 +5,18 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterable
 from importlib import metadata
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
 from ehrplan.cli.output import emit
 from ehrplan.plan.hardware import CUDA_CONTEXT_ALLOWANCE, HardwareReport, probe
 from ehrplan.plan.planner import DEFAULT_HEADROOM
 from ehrplan.plan.units import fmt_bytes
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 ProbeMpsOpt = Annotated[
     bool,
@@ -134,6 +134,9 @@ def hardware(probe_mps: ProbeMpsOpt = False, json_: JsonOpt = False) -> None:
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    from rich.table import Table
+    from rich.text import Text
+
     hw = p["hardware"]
     h, cpu = hw["host"], hw["cpu"]
     host = Table(title="Host", show_header=False)

@@ -9,18 +9,23 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, RenderableType
+if TYPE_CHECKING:  # rich is imported when something is printed for people, not for --json
+    from rich.console import Console, RenderableType
 
 SCHEMA_VERSION = 1
 
 
 def stdout() -> Console:
+    from rich.console import Console
+
     return Console(file=sys.stdout, soft_wrap=True)
 
 
 def stderr() -> Console:
+    from rich.console import Console
+
     return Console(file=sys.stderr, soft_wrap=True)
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import RenderableType
-from rich.text import Text
 
 from ehrplan.cli.options import COUNT_MAX, finite
 from ehrplan.errors import UsageError
@@ -27,6 +25,9 @@ from ehrplan.plan.per_gpu import (
     estimate_time,
 )
 from ehrplan.plan.units import fmt_bytes
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 GpusOpt = Annotated[
     int,
@@ -151,6 +152,8 @@ def time_payload(
 
 def render_parallel(p: dict[str, Any]) -> Iterable[RenderableType]:
     """Lines for the people's view of `estimate`."""
+    from rich.text import Text
+
     pe = p.get("parallel")
     if pe:
         terms = ", ".join(

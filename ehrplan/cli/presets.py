@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from ehrplan.cli.options import JsonOpt
 from ehrplan.cli.output import emit
 from ehrplan.plan.config import PRESET_ALIASES, load_presets
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 MarkdownOpt = Annotated[
     bool, typer.Option("--markdown", help="Print a Markdown table (as in the README).")
@@ -63,12 +63,16 @@ def _cells(r: dict[str, Any]) -> list[str]:
 
 
 def _render_markdown(payload: dict[str, Any]) -> Iterable[RenderableType]:
+    from rich.text import Text
+
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in payload["presets"]]
     yield Text("\n".join(lines))
 
 
 def _render(payload: dict[str, Any]) -> Iterable[RenderableType]:
+    from rich.table import Table
+
     table = Table(title="ehrplan presets (parameters: exact count of the built model)")
     for col in COLUMNS:
         table.add_column(col, justify="right" if col == "params" else "left")

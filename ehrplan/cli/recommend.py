@@ -5,12 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from ehrplan.cli.options import COUNT_MAX, JsonOpt, finite
 from ehrplan.cli.output import emit
@@ -34,6 +31,9 @@ from ehrplan.plan.planner import (
 )
 from ehrplan.plan.target import check_device, check_precision, resolve
 from ehrplan.plan.units import fmt_bytes, parse_size
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 TargetOpt = Annotated[
     str | None,
@@ -240,6 +240,8 @@ def training_patients(root: Path) -> int:
 
 def render_budget(p: dict[str, Any], per_device: str = "") -> Iterable[RenderableType]:
     """The budget line, its notes, and the estimator's caveats (recommend and validate)."""
+    from rich.text import Text
+
     b = p["budget"]
     total = f" of {fmt_bytes(b['total_bytes'])} total" if b.get("total_bytes") else ""
     yield Text(
@@ -259,6 +261,9 @@ def _verdict(r: dict[str, Any]) -> str:
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    from rich.table import Table
+    from rich.text import Text
+
     b = p["budget"]
     yield from render_budget(p, " per device")
     per = f" per GPU, {b['strategy'].upper()} over {b['gpus']}" if b["gpus"] > 1 else ""
@@ -299,6 +304,8 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
 
 
 def _render_type(p: dict[str, Any], t: str) -> Iterable[RenderableType]:
+    from rich.text import Text
+
     b = p["budget"]
     rec = p["recommendation"][t]
     if rec is None:

@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from rich.console import RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from ehrplan.cli.options import BatchSizeOpt, JsonOpt, SetOpt, batch_size_overrides
 from ehrplan.cli.output import emit, write_text
@@ -41,6 +38,8 @@ from ehrplan.plan.planner import DEFAULT_HEADROOM, Budget, fit
 from ehrplan.plan.units import fmt_bytes
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+
     from ehrplan.cli.ci_report import Verdict
 
 ItemsArg = Annotated[
@@ -220,6 +219,9 @@ def _report(
 
 
 def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    from rich.table import Table
+    from rich.text import Text
+
     yield from render_budget(p)
     table = Table(title="Estimated peak training-step memory")
     table.add_column("config", overflow="fold")
