@@ -221,21 +221,14 @@ def recommend(
 
 
 def training_patients(root: Path) -> int:
-    """The patients of a MEDS data set's train split: one epoch, for the time rule (`recommend
-    --data` and `train --auto --data` count alike)."""
+    """One epoch for the time rule: the data set's training patients
+    (`ehrplan.data.meds.train_patients`; `train --auto --data` counts alike)."""
     if not root.is_dir():
-        raise UsageError(
-            f"--data {root}: {'not a directory' if root.exists() else 'no such directory'}"
-        )
-    from ehrplan.data.meds import read_splits
+        what = "not a directory" if root.exists() else "no such directory"
+        raise UsageError(f"--data {root}: {what}")
+    from ehrplan.data.meds import train_patients
 
-    splits = read_splits(root)
-    if splits is None:
-        raise UsageError(f"--data {root}: no metadata/subject_splits.parquet; give --patients")
-    n = sum(1 for s in splits.values() if s == "train")
-    if n == 0:
-        raise UsageError(f"--data {root}: the train split has no patients")
-    return n
+    return train_patients(root)
 
 
 def render_budget(p: dict[str, Any], per_device: str = "") -> Iterable[RenderableType]:

@@ -314,6 +314,18 @@ def read_splits(root: str | Path) -> dict[int, str] | None:
     return dict(zip(sid, split, strict=True))
 
 
+def train_patients(root: str | Path) -> int:
+    """The patients of the train split (``metadata/subject_splits.parquet``): one epoch, for the
+    time rule of `ehrplan recommend --data` and `ehrplan train --auto --data`."""
+    splits = read_splits(root)
+    if splits is None:
+        raise DataError(f"--data {root}: no {SPLITS_FILE}; give --patients")
+    n = sum(1 for s in splits.values() if s == "train")
+    if n == 0:
+        raise DataError(f"--data {root}: the train split has no patients")
+    return n
+
+
 @dataclass(frozen=True)
 class Labels:
     """One task's label rows, sorted as read (any order)."""

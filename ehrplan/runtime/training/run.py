@@ -250,9 +250,9 @@ def _run(
     # --- what to train
     if req.named or saved is None:
         if req.auto:
-            from ehrplan.cli.recommend import training_patients
+            from ehrplan.data.meds import train_patients
 
-            epoch = training_patients(req.data) if req.data is not None else None
+            epoch = train_patients(req.data) if req.data is not None else None
             choice = choose.auto_choice(
                 req.model_type or "lstm", device.type, req.precision, patients=epoch
             )
