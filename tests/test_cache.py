@@ -207,3 +207,57 @@ def test_prepare_never_imports_torch(data: Path) -> None:
     code, out, err = run_without_torch(["data", "prepare", str(data), "--json"])
     assert code == 0, err
     assert json.loads(out)["events"] > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps", "cuda"])
+def test_data_memory_comes_out_of_the_budget_on_cpu_and_unified_memory(
+    data: Path, device: str
+) -> None:
+    from ehrplan.cli.recommend import with_data
+    from ehrplan.data.cache import data_memory
+    from ehrplan.plan.planner import budget_from_size
+    from ehrplan.plan.units import parse_size
+
+    b = budget_from_size(parse_size("8GiB"), 0.1, device, 1)
+    got = with_data(b, data)
+    cache = prepare(data)
+    need = data_memory(
+        events=cache.num_events,
+        visits=cache.num_visits,
+        patients=cache.num_patients,
+        vocab_size=len(cache.vocab),
+        batch_size=0,
+        max_visits=0,
+        max_codes_per_visit=0,
+    )["total"]
+    assert need > 0
+    if device == "cuda":  # host RAM, not GPU memory: said, not subtracted
+        assert got.budget_bytes == b.budget_bytes and got.data_bytes == 0
+        assert "not GPU memory" in got.notes[-1]
+    else:
+        assert got.data_bytes == need
+        assert got.budget_bytes == b.budget_bytes - need
+        assert "taken out of the budget" in got.notes[-1]
+        assert ("unified memory" in got.notes[-1]) == (device == "mps")
+
+
+def test_validate_with_data_never_imports_torch(data: Path) -> None:
+    from conftest import run_without_torch
+
+    code, out, err = run_without_torch(
+        [
+            "validate",
+            "tiny-lstm",
+            "--budget",
+            "4GiB",
+            "--device",
+            "cpu",
+            "--data",
+            str(data),
+            "--json",
+        ]
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["budget"]["data_bytes"] > 0
+    assert any(n.startswith("--data:") for n in doc["budget"]["notes"])

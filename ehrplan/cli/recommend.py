@@ -104,7 +104,9 @@ DataOpt = Annotated[
     typer.Option(
         "--data",
         help="A MEDS data set: the time rule counts an epoch as its training patients (the "
-        "train split of metadata/subject_splits.parquet; needs the 'train' extra).",
+        "train split of metadata/subject_splits.parquet), and the host RAM its example cache "
+        "takes (built now if missing, as `ehrplan data prepare`) comes out of the budget on the "
+        "CPU and on Apple Silicon's unified memory. Needs the 'train' extra.",
     ),
 ]
 PrecisionOpt = Annotated[
@@ -115,6 +117,43 @@ PrecisionOpt = Annotated[
         "every config.",
     ),
 ]
+
+
+def with_data(b: Budget, data: Path | None) -> Budget:
+    """The budget less the host RAM a training process needs for ``data`` (CPU and MPS, whose
+    GPU working set is the same unified memory); on CUDA a note only (the data is in host RAM,
+    not GPU memory)."""
+    if data is None:
+        return b
+    from ehrplan.data.cache import data_memory, prepare
+    from ehrplan.data.meds import DATA_DIR
+
+    if not (data / DATA_DIR).is_dir():  # a splits file alone serves the time rule
+        note = f"--data {data}: no {DATA_DIR}/ folder, so the data's host RAM is not counted"
+        return replace(b, notes=(*b.notes, note))
+    cache = prepare(data)
+    need = data_memory(
+        events=cache.num_events,
+        visits=cache.num_visits,
+        patients=cache.num_patients,
+        vocab_size=len(cache.vocab),
+        batch_size=0,
+        max_visits=0,
+        max_codes_per_visit=0,
+    )["total"]
+    size = fmt_bytes(need)
+    if b.device == "cpu":
+        note = f"--data: {size} of host RAM for the data (example cache and arrays), taken out of "
+        note += "the budget"
+    elif b.device == "mps":
+        note = (
+            f"--data: {size} of host RAM for the data, taken out of the budget: Apple Silicon's "
+            "unified memory holds the data and the GPU working set alike"
+        )
+    else:
+        note = f"--data: {size} of host RAM for the data (host memory, not GPU memory)"
+        return replace(b, notes=(*b.notes, note))
+    return replace(b, data_bytes=need, notes=(*b.notes, note))
 
 
 def resolve_budget(
@@ -217,6 +256,7 @@ def recommend(
         patients=patients,
         max_epoch_hours=max_epoch_hours,
     )
+    budget = with_data(budget, data)
     emit("recommend", plan(budget, types), as_json=json_, render=_render)
 
 

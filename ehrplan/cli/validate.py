@@ -25,6 +25,7 @@ from ehrplan.cli.recommend import (
     TargetOpt,
     render_budget,
     resolve_budget,
+    with_data,
 )
 from ehrplan.errors import ConfigError, DoesNotFitError, EhrplanError, UsageError
 from ehrplan.plan.config import (
@@ -122,6 +123,15 @@ def validate(
     set_: SetOpt = None,
     batch_size: BatchSizeOpt = None,
     checkpointing: CheckpointOpt = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="A MEDS data set: the host RAM its example cache takes (built now if missing, "
+            "as `ehrplan data prepare`) comes out of the budget on the CPU and on Apple "
+            "Silicon's unified memory. Needs the 'train' extra.",
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check that configs fit a memory budget (--budget SIZE or --target NAME): a CI gate.
@@ -146,6 +156,7 @@ def validate(
         strategy=strategy,
         precision=precision,
     )
+    b = with_data(b, data)
     fields: dict[str, Any] = dict(parse_override(i) for i in set_ or [])
     if checkpointing is not None:
         fields["use_checkpoint"] = checkpointing

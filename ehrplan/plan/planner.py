@@ -83,6 +83,7 @@ class Budget:
     cores: int | None = None  # probe, CPU: cores for the assumed rate (`ehrplan.plan.pace`)
     patients: int = DEFAULT_PATIENTS  # the time rule: an epoch of this many patients ...
     max_epoch_hours: float = DEFAULT_MAX_EPOCH_HOURS  # ... within this many hours
+    data_bytes: int = 0  # --data: host RAM the data takes, out of this budget (CPU, unified MPS)
 
     @property
     def device(self) -> str:
@@ -90,8 +91,8 @@ class Budget:
 
     @property
     def budget_bytes(self) -> int:
-        # the usable memory less the safety margin the user asked for
-        return int(self.usable_bytes * (1.0 - self.headroom))
+        # the usable memory less the safety margin the user asked for, less the data's share
+        return int(self.usable_bytes * (1.0 - self.headroom)) - self.data_bytes
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +106,7 @@ class Budget:
             "usable_bytes": self.usable_bytes,
             "headroom": self.headroom,
             "budget_bytes": self.budget_bytes,
+            "data_bytes": self.data_bytes,
             "mixed_precision_dtype": self.target.native_half or "fp32",
             "target": self.target.as_dict(),
             "precision_requested": self.precision,

@@ -33,7 +33,12 @@ class Budget(Out):
         "cgroup-aware)."
     )
     headroom: float = Field(description="Fraction of usable memory kept free.")
-    budget_bytes: int = Field(description="usable_bytes x (1 - headroom).")
+    budget_bytes: int = Field(description="usable_bytes x (1 - headroom) - data_bytes.")
+    data_bytes: int = Field(
+        description="With --data: the host RAM a training process needs for that data set's "
+        "example cache (mapped pages and in-memory arrays), taken out of the budget on the CPU "
+        "and on unified-memory Apple Silicon; 0 otherwise."
+    )
     mixed_precision_dtype: str = Field(description="What mixed precision means on this device.")
     target: DeviceTarget
     precision_requested: str | None = Field(description="--precision, or null (the rule).")
