@@ -181,6 +181,18 @@ for name, says in {
 }.items():
     CASES[f"data stats {name}"] = c("data", "stats", f"{{{name}}}", says=says)
     CASES[f"train {name}"] = c(*TRAIN[:4], f"{{{name}}}", *TRAIN[5:], says=says)
+PREP = {"EHRPLAN_CACHE": "{tmp}/cache"}  # `data prepare` writes its cache there
+for opt, v in [
+    ("--visit-window", "nan"), ("--visit-window", "inf"), ("--visit-window", "0"),
+    ("--min-count", "-1"), ("--value-bins", "-1"), ("--value-bins", BIG),
+]:  # fmt: skip
+    CASES[f"data prepare {opt} {v[:12]}"] = c("data", "prepare", "{data}", opt, v, says=opt)
+for name, says in {"nan_labels": "float_value", "uint64_ids": "subject_id"}.items():
+    CASES[f"data prepare {name}"] = c("data", "prepare", f"{{{name}}}", says=says, env=PREP)
+CASES["data prepare missing folder"] = c("data", "prepare", "{tmp}/none", env=PREP)
+CASES["data prepare cache under a file"] = c(
+    "data", "prepare", "{data}", env={"EHRPLAN_CACHE": "{afile}/cache"}, says="{afile}"
+)
 CASES.update(
     {
         "data stats missing folder": c("data", "stats", "{tmp}/none", says="no such directory"),

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow as pa
 
+from ehrplan.atomic import ensure_dir, output_error
 from ehrplan.data import meds
 from ehrplan.data.cohort import (
     DEFAULT_TASK,
@@ -50,7 +51,7 @@ from ehrplan.data.cohort import (
     build_cohort,
 )
 from ehrplan.data.vocab import DEFAULT_MIN_COUNT, DEFAULT_VALUE_BINS, Vocab, VocabCounter
-from ehrplan.errors import DataError
+from ehrplan.errors import DataError, OutputError
 
 FORMAT = "ehrplan-example-cache"
 VERSION = 1
@@ -322,11 +323,17 @@ def prepare(
     cache = open_cache(final, root, fp)
     if cache is not None:
         return cache
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(final.parent)
-    tmp = final.with_name(f".{key}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        ensure_dir(final.parent)
+        _remove_stale(final.parent)
+        tmp = final.with_name(f".{key}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except (OSError, OutputError) as err:  # a read-only cache, a file where its folder goes
+        why = err if isinstance(err, OutputError) else output_error(final, err)
+        raise OutputError(
+            f"{why} (the example cache: set ${CACHE_ENV} to a writable folder)"
+        ) from None
     try:
         body = _build(root, tmp, settings, vocab)
         header = {
