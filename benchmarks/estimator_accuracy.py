@@ -11,7 +11,9 @@ cross-check (it also holds allocator slack, oneDNN scratch space and lazily load
     python benchmarks/estimator_accuracy.py --quick --precision bf16  # CPU bf16 autocast
     python benchmarks/estimator_accuracy.py --csv benchmarks/data/estimator_accuracy_cpu.csv
     python benchmarks/estimator_accuracy.py --measured benchmarks/data/estimator_accuracy_cpu.csv
-    python benchmarks/estimator_accuracy.py --random 40 --seed 1        # random small configs
+    python benchmarks/estimator_accuracy.py --random 32 --seed 1 --csv FILE  # random configs,
+                                                       # three levels, each in a fresh process
+    python benchmarks/estimator_accuracy.py --random-measured FILE [--calibration PROFILE]
     python benchmarks/estimator_accuracy.py --device cuda --own-batch   # a GPU: the presets'
                                                        # own batches (benchmarks/gpu_check.sh)
 
@@ -101,30 +103,164 @@ def random_config(rng: random.Random) -> tuple[EHRModelConfig, dict[str, object]
     return cfg, step
 
 
-def run_random(n: int, seed: int) -> None:
-    """Estimate and measure ``n`` random small configs (in this process: they are small)."""
-    from ehrplan.runtime.measure import measure_step
+RANDOM_FIELDS = (
+    "device",
+    "seed",
+    "index",
+    "model_type",
+    "precision",
+    "batch",
+    "visits",
+    "codes",
+    "checkpointing",
+    "estimated_bytes",
+    "measured_bytes",
+    "error",
+    "estimated_allocator_bytes",
+    "measured_allocator_bytes",
+    "allocator_error",
+    "estimated_process_bytes",
+    "measured_process_bytes",
+    "process_error",
+    "peak_phase",
+    "step_seconds",
+    "config",
+)
 
-    rng = random.Random(seed)
-    errors = []
-    print(
-        f"{'#':>3} {'type':<12}{'batch':>6}{'ckpt':>6}{'estimate':>13}{'measured':>13}{'error':>8}"
+
+def random_row(
+    seed: int,
+    index: int,
+    cfg: EHRModelConfig,
+    step: dict[str, object],
+    m: dict[str, object],
+    device: str = "cpu",
+) -> dict[str, object]:
+    """One row: today's estimate of the three levels beside the stored measurements ``m``."""
+    import json
+
+    from ehrplan.plan.levels import calibrated_levels
+
+    est = estimate_memory(cfg, device=device, **step)  # type: ignore[arg-type]
+    levels, _ = calibrated_levels(est, CALIBRATION)
+    live, alloc, proc = (
+        int(m["measured_bytes"]),  # type: ignore[call-overload]
+        int(m["measured_allocator_bytes"]),  # type: ignore[call-overload]
+        int(m["measured_process_bytes"]),  # type: ignore[call-overload]
     )
-    for i in range(n):
-        cfg = random_config(rng)
-        m = measure_step(cfg).measured_peak_bytes
-        e = estimate_memory(cfg).total_bytes
-        errors.append((e - m) / m)
-        ckpt = "on" if cfg.use_checkpoint else "off"
-        print(
-            f"{i:>3} {cfg.model_type:<12}{cfg.batch_size:>6}{ckpt:>6}{e:>13,}{m:>13,}"
-            f"{errors[-1]:>+8.1%}",
-            flush=True,
+    return {
+        "device": device,
+        "seed": seed,
+        "index": index,
+        "model_type": cfg.model_type,
+        "precision": step["precision"],
+        "batch": cfg.batch_size,
+        "visits": step["visits"] or cfg.max_visits,
+        "codes": step["codes"] or cfg.max_codes_per_visit,
+        "checkpointing": cfg.use_checkpoint,
+        "estimated_bytes": est.total_bytes,
+        "measured_bytes": live,
+        "error": round((est.total_bytes - live) / live, 5),
+        "estimated_allocator_bytes": levels.allocator_peak_bytes,
+        "measured_allocator_bytes": alloc,
+        "allocator_error": round((levels.allocator_peak_bytes - alloc) / alloc, 5),
+        "estimated_process_bytes": levels.process_peak_bytes,
+        "measured_process_bytes": proc,
+        "process_error": round((levels.process_peak_bytes - proc) / proc, 5),
+        "peak_phase": est.peak_phase,
+        "step_seconds": m.get("step_seconds", ""),
+        "config": json.dumps(cfg.model_dump(exclude_defaults=True), separators=(",", ":")),
+    }
+
+
+#: A calibration profile the --random/--random-measured estimates use (None: the cached one).
+CALIBRATION: Path | None = None
+
+
+def run_random(
+    n: int, seed: int, out: Path | None, measured: Path | None = None, device: str = "cpu"
+) -> None:
+    """Estimate and measure ``n`` random small configs, each in a fresh subprocess (its RSS
+    growth is level 3); with ``measured``, re-estimate the stored rows instead."""
+    rows: list[dict[str, object]] = []
+    if measured is not None:
+        import json
+
+        with measured.open() as f:
+            stored = list(csv.DictReader(line for line in f if not line.startswith("#")))
+        for r in stored:
+            cfg = validate_config(json.loads(r["config"]))
+            step = {
+                "precision": r["precision"],
+                "visits": int(r["visits"]),
+                "codes": int(r["codes"]),
+            }
+            rows.append(
+                random_row(int(r["seed"]), int(r["index"]), cfg, step, r, r.get("device") or "cpu")
+            )
+    else:
+        rng = random.Random(seed)
+        for i in range(n):
+            cfg, step = random_config(rng)
+            m = measure_in_subprocess(cfg, device=device, **step)
+            rows.append(
+                random_row(
+                    seed,
+                    i,
+                    cfg,
+                    step,
+                    {
+                        "measured_bytes": m.measured_peak_bytes,
+                        "measured_allocator_bytes": m.allocator_peak_bytes,
+                        "measured_process_bytes": m.process_peak_bytes,
+                        "step_seconds": round(m.step_seconds, 4),
+                    },
+                    device,
+                )
+            )
+            r = rows[-1]
+            print(
+                f"{i:>3} {cfg.model_type:<12}{step['precision']:<6}{r['error']:>+8.1%}"
+                f"{r['allocator_error']:>+8.1%}{r['process_error']:>+8.1%}",
+                flush=True,
+            )
+            if out:
+                write_rows(rows, out, RANDOM_FIELDS)
+    summarize_random(rows)
+    if out and measured is not None:
+        write_rows(rows, out, RANDOM_FIELDS)
+
+
+def summarize_random(rows: list[dict[str, object]]) -> None:
+    """Median and max |error| per precision, for each of the three levels."""
+    import statistics
+
+    for level in ("error", "allocator_error", "process_error"):
+        for precision in ("fp32", "bf16"):
+            errs = [abs(float(r[level])) for r in rows if r["precision"] == precision]  # type: ignore[arg-type]
+            if errs:
+                print(
+                    f"{level:<16}{precision:<6}{len(errs):>4} configs: median |error| "
+                    f"{statistics.median(errs):.2%}, max {max(errs):.2%}"
+                )
+
+
+def write_rows(rows: list[dict[str, object]], path: Path, fieldnames: tuple[str, ...]) -> None:
+    """Rows with the command and machine in comment lines; temp file + replace."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(f"# command: python {' '.join(sys.argv)}\n")
+        f.write(
+            f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, device cpu, torch "
+            f"{torch.__version__}, Python {platform.python_version()}\n"
         )
-    print(
-        f"\n{n} random configs (seed {seed}); error from {min(errors):+.1%} to "
-        f"{max(errors):+.1%}, mean |error| {sum(map(abs, errors)) / n:.1%}"
-    )
+        w = csv.DictWriter(f, fieldnames=fieldnames)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _load_measured(path: Path) -> dict[tuple[str, str, int, bool], dict[str, str]]:
@@ -283,13 +419,23 @@ def main() -> None:
     )
     ap.add_argument("--random", type=int, metavar="N", help="instead: N random small configs")
     ap.add_argument("--seed", type=int, default=0, help="seed of --random")
+    ap.add_argument(
+        "--random-measured",
+        type=Path,
+        help="re-estimate the random rows stored in this CSV (written by --random --csv)",
+    )
+    ap.add_argument(
+        "--calibration", type=Path, help="calibration profile for the level-2/3 estimates"
+    )
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     ap.add_argument(
         "--own-batch", action="store_true", help="each preset at its own batch size only"
     )
     args = ap.parse_args()
-    if args.random:
-        run_random(args.random, args.seed)
+    if args.random or args.random_measured:
+        global CALIBRATION
+        CALIBRATION = args.calibration
+        run_random(args.random or 0, args.seed, args.csv, args.random_measured, args.device)
         return
     if args.resume and not args.csv:
         ap.error("--resume needs --csv")

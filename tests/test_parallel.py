@@ -164,7 +164,8 @@ def test_recommend_answers_per_gpu_and_for_the_job(cli):
     rec = p["recommendation"]["lstm"]
     assert rec["job_bytes"] == 8 * rec["estimate_bytes"]
     row = next(x for x in p["presets"] if x["preset"] == rec["preset"])
-    assert row["parallel"]["per_device_bytes"] == row["estimate_bytes"]
+    # fit is decided on the process level: the per-GPU live peak plus scratch, reserve, context
+    assert row["parallel"]["per_device_bytes"] < row["estimate_bytes"]
     assert row["time"]["seconds_per_step"] > 0
 
 

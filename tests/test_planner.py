@@ -15,6 +15,7 @@ from ehrplan.plan.catalog import CatalogDevice, get_target, load_catalog
 from ehrplan.plan.config import EHRModelConfig, get_preset, load_presets
 from ehrplan.plan.estimator import MemoryEstimate, estimate_memory
 from ehrplan.plan.hardware import CUDA_CONTEXT_ALLOWANCE, GIB, MIB
+from ehrplan.plan.levels import process_fit_bytes
 from ehrplan.plan.planner import (
     budget_from_size,
     budget_from_target,
@@ -166,15 +167,22 @@ def _every_change(config: EHRModelConfig) -> list[dict[str, Any]]:
     return [{**a, **b, **c} for a, b, c in product(batches, ckpt, mixed)]
 
 
+def _live_only(device: str, live: int, *_: Any, **__: Any) -> tuple[int, str, list[str]]:
+    """The toy estimators' bytes as they are (no process-level terms on top)."""
+    return live, "toy", []
+
+
 def _estimate(config: EHRModelConfig, budget: planner.Budget) -> int:
+    """What the planner compares with the budget: the process level (ehrplan.plan.levels)."""
     precision = precision_for(config, budget).precision
-    return estimate_memory(
+    est = estimate_memory(
         config,
         precision=precision,
         device=budget.device,
         batch_size=config.batch_size,
         checkpointing=config.use_checkpoint,
-    ).total_bytes
+    )
+    return process_fit_bytes(budget.device, est.total_bytes, est.lstm_gate_bytes)[0]
 
 
 @pytest.mark.parametrize("target", ["m1-16gb", "a10", "a100-40gb"])
@@ -279,6 +287,7 @@ def test_cheapest_fix_order(
 ) -> None:
     # 1 GiB static + 1 GiB per sample: batch 32 needs 33 GiB
     monkeypatch.setattr(planner, "estimate_memory", _toy_estimator(GIB, GIB))
+    monkeypatch.setattr(planner, "process_fit_bytes", _live_only)
     budget = budget_from_size(parse_size(f"{budget_gib}GiB"), headroom=0.0)
     fix = cheapest_fix(_cfg(), budget, "toy")
     assert fix is not None and fix.changes == expected
@@ -290,6 +299,7 @@ def test_cheapest_fix_reaches_mixed_precision_last(monkeypatch: pytest.MonkeyPat
     # 1 GiB static + 4 GiB per sample: even batch 1 with checkpointing (2 GiB) needs more than
     # the 1.8 GiB budget; mixed precision halves activations -> 1.5 GiB fits
     monkeypatch.setattr(planner, "estimate_memory", _toy_estimator(4 * GIB, GIB))
+    monkeypatch.setattr(planner, "process_fit_bytes", _live_only)
     budget = budget_from_size(parse_size("1.8GiB"), headroom=0.0)
     fix = cheapest_fix(_cfg(), budget, "toy")
     assert fix is not None and fix.changes.get("precision") == "bf16"
@@ -314,6 +324,8 @@ def test_plan_names_the_change_for_the_next_size_up(monkeypatch: pytest.MonkeyPa
         )
 
     monkeypatch.setattr(planner, "estimate_memory", est)
+
+    monkeypatch.setattr(planner, "process_fit_bytes", _live_only)
     p = plan(budget_from_size(parse_size("24GiB"), headroom=0.1), ["lstm"])
     rows = {r["preset"]: r for r in p["presets"]}
     rec = p["recommendation"]["lstm"]
@@ -351,9 +363,11 @@ def _speed(budget_bytes: int, changes: dict[str, Any] | None = None) -> tuple[An
 
 
 def _peak(**update: Any) -> int:
-    """The fp32 peak: what `ehrplan train` trains in on the CPU, and what --auto checks."""
+    """The fp32 process-level peak: what `ehrplan train` trains in on the CPU, and what --auto
+    checks."""
     cfg = get_preset("small-lstm").config.model_copy(update=update)
-    return estimate_memory(cfg, precision="fp32", device="cpu").total_bytes
+    est = estimate_memory(cfg, precision="fp32", device="cpu")
+    return process_fit_bytes("cpu", est.total_bytes, est.lstm_gate_bytes)[0]
 
 
 def test_auto_with_room_turns_checkpointing_off_and_folds_accumulation() -> None:

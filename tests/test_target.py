@@ -98,7 +98,8 @@ def test_estimate_and_recommend_give_one_answer_for_every_target_and_preset(
         for row in rec["presets"]:
             code, est = run_json(["estimate", "--preset", row["preset"], "--target", name], capsys)
             assert code == 0
-            got = (est["total_bytes"], est["precision"], est["device"], est["precision_reason"])
+            # recommend decides on the process level: estimate's fit_bytes is that figure
+            got = (est["fit_bytes"], est["precision"], est["device"], est["precision_reason"])
             want = (row["estimate_bytes"], row["precision"], row["device"])
             assert got == (*want, row["precision_reason"]), (name, row["preset"])
 
@@ -127,7 +128,7 @@ def test_pasted_flags_reproduce_every_change(capsys: pytest.CaptureFixture[str])
         assert code == 0, (name, preset, ch["flags"])
         assert val["results"][0]["estimate_bytes"] == ch["estimate_bytes"]
         code, est = run_json(["estimate", "--preset", preset, "--target", name, *flags], capsys)
-        assert (est["total_bytes"], est["precision"]) == (ch["estimate_bytes"], ch["precision"])
+        assert (est["fit_bytes"], est["precision"]) == (ch["estimate_bytes"], ch["precision"])
 
 
 def test_batch_size_keeps_the_effective_batch_where_it_divides(

@@ -117,6 +117,11 @@ COMMANDS: dict[str, Command] = {
         "export_embeddings",
         "Write a trained run's code embeddings to a file `train --embeddings` reads.",
     ),
+    "calibrate": Command(
+        "calibrate",
+        "calibrate",
+        "Fit the memory terms the estimator cannot know from first principles for this device.",
+    ),
     "schema": Command(
         "schema",
         "schema",

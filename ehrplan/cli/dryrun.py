@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ehrplan.cli.options import (
     BatchSizeOpt,
+    CalibrationOpt,
     ConfigOpt,
     JsonOpt,
     PresetOpt,
@@ -24,10 +25,11 @@ from ehrplan.cli.options import (
     TypeOpt,
     config_from_options,
 )
-from ehrplan.cli.output import emit
+from ehrplan.cli.output import emit, warn
 from ehrplan.errors import DeviceError, DoesNotFitError, UsageError
 from ehrplan.plan.config import EHRModelConfig
 from ehrplan.plan.estimator import estimate_memory
+from ehrplan.plan.levels import calibrated_levels
 from ehrplan.plan.planner import DEFAULT_HEADROOM, Budget, host_budget
 from ehrplan.plan.target import Resolved, check_precision, resolve
 from ehrplan.plan.units import fmt_bytes
@@ -70,7 +72,7 @@ SimulateOpt = Annotated[
 
 
 def _check_cpu_fits(
-    cfg: EHRModelConfig, precision: str | None, ckpt: bool
+    cfg: EHRModelConfig, precision: str | None, ckpt: bool, calibration: Path | None = None
 ) -> tuple[Resolved, Budget]:
     """The CPU's precision and host budget (`ehrplan.plan.planner.host_budget`, the one
     `recommend` and `validate --device cpu` use); raise DoesNotFitError, without allocating
@@ -81,9 +83,10 @@ def _check_cpu_fits(
     budget = host_budget(probe(), DEFAULT_HEADROOM, "dry-run on the CPU")
     resolved = resolve(cfg, budget.target, precision)
     est = estimate_memory(cfg, precision=resolved.precision, device="cpu", checkpointing=ckpt)
-    if est.total_bytes > budget.budget_bytes:
+    need = calibrated_levels(est, calibration)[0].fit_bytes  # the process level
+    if need > budget.budget_bytes:
         raise DoesNotFitError(
-            f"does not fit: the estimated peak {fmt_bytes(est.total_bytes)} "
+            f"does not fit: the estimated process peak {fmt_bytes(need)} "
             f"({resolved.precision}) exceeds the budget {fmt_bytes(budget.budget_bytes)} "
             f"({fmt_bytes(budget.usable_bytes)} available now, less "
             f"{budget.headroom:.0%} headroom); the step was not run"
@@ -103,6 +106,7 @@ def dry_run(
     checkpointing: CheckpointOpt = None,
     data: DataOpt = None,
     simulate: SimulateOpt = False,
+    calibration: CalibrationOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Build the model, run two real training steps, and report the measured peak memory of the
@@ -132,13 +136,13 @@ def dry_run(
         raise DeviceError(f"unknown device '{device}' (valid: {', '.join(DEVICE_CHOICES)})")
     host: Budget | None = None
     if device == "cpu":  # decided before torch is even imported
-        resolved, host = _check_cpu_fits(cfg, asked, ckpt)
+        resolved, host = _check_cpu_fits(cfg, asked, ckpt, calibration)
 
     from ehrplan.runtime.measure import cpu_lstm_kernel, measure_step, resolve_device
 
     dev = resolve_device(device)
     if dev == "cpu" and host is None:
-        resolved, host = _check_cpu_fits(cfg, asked, ckpt)
+        resolved, host = _check_cpu_fits(cfg, asked, ckpt, calibration)
     if dev != "cpu":
         import torch
 
@@ -163,8 +167,26 @@ def dry_run(
         cfg, precision=precision, device=dev, checkpointing=ckpt, lstm_kernel=kernel,
         **shaped.get("estimate_shape", {}),
     )  # fmt: skip
-    m = measure_step(cfg, precision=precision, device=dev, checkpointing=ckpt, batch=batch)
+    levels, cal = calibrated_levels(est, calibration)
+    if dev == "cpu" and batch is None:
+        # a fresh process: its peak RSS growth is the step's own (level 3)
+        from ehrplan.runtime.measure import measure_in_subprocess
+
+        m = measure_in_subprocess(cfg, precision=precision, device=dev, checkpointing=ckpt)
+        process_note = "process peak: RSS growth of a fresh process over build and two steps"
+    else:
+        from ehrplan.runtime.allocator import configure
+
+        configure()
+        m = measure_step(cfg, precision=precision, device=dev, checkpointing=ckpt, batch=batch)
+        process_note = {
+            "cpu": "process peak: RSS growth in this process (data loaded before the model)",
+            "cuda": "process peak: max_memory_reserved + CUDA context",
+            "mps": "process peak: sampled driver allocation",
+        }[dev]
     measured = m.measured_peak_bytes
+    for line in cal.warnings:
+        warn(line)
     payload: dict[str, Any] = {
         "source": source,
         "data": shaped.get("data"),
@@ -182,6 +204,12 @@ def dry_run(
         "error": (est.total_bytes - measured) / measured,
         "peak_reserved_bytes": m.peak_reserved_bytes,
         "process_peak_rss_bytes": m.process_peak_rss_bytes,
+        "measured_allocator_peak_bytes": m.allocator_peak_bytes,
+        "measured_process_peak_bytes": m.process_peak_bytes,
+        "estimated_allocator_peak_bytes": levels.allocator_peak_bytes,
+        "estimated_process_peak_bytes": levels.process_peak_bytes,
+        "allocator_setting": m.allocator_setting,
+        "calibration": cal.summary(),
         "measurement_method": m.method,
         "lstm_kernel": m.lstm_kernel,
         "step_seconds": m.step_seconds,
@@ -192,7 +220,7 @@ def dry_run(
         "total_bytes": host.total_bytes if host else None,
         "budget_bytes": host.budget_bytes if host else None,
         "headroom": host.headroom if host else None,
-        "notes": est.notes,
+        "notes": [*est.notes, process_note, cal.label],
     }
     emit("dry-run", payload, as_json=json_, render=_render)
 
@@ -249,6 +277,10 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         ("measured peak (second step)", p["measured_peak_bytes"]),
         ("estimated peak", p["estimated_peak_bytes"]),
         ("peak reserved", p["peak_reserved_bytes"]),
+        ("measured allocator peak", p["measured_allocator_peak_bytes"]),
+        ("estimated allocator peak", p["estimated_allocator_peak_bytes"]),
+        ("measured process peak", p["measured_process_peak_bytes"]),
+        ("estimated process peak", p["estimated_process_peak_bytes"]),
         ("process peak RSS", p["process_peak_rss_bytes"]),
         ("available now (CPU)", p["available_bytes"]),
         ("total (CPU)", p["total_bytes"]),
@@ -261,6 +293,7 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     yield t
     yield f"device and precision: {p['precision']} on {p['device']}: {p['precision_reason']}"
     yield f"measured by: {p['measurement_method']}; estimated peak at: {p['estimated_peak_phase']}"
+    yield from p["notes"][-2:]
     if p.get("batch_shape"):
         b, v, c = p["batch_shape"]
         groups = p.get("visit_groups")

@@ -9,6 +9,7 @@ import typer
 
 from ehrplan.cli.options import (
     BatchSizeOpt,
+    CalibrationOpt,
     ConfigOpt,
     JsonOpt,
     PresetOpt,
@@ -34,6 +35,7 @@ from ehrplan.plan.catalog import CatalogDevice, get_target
 from ehrplan.plan.config import get_preset
 from ehrplan.plan.estimator import estimate_memory, static_memory
 from ehrplan.plan.flops import training_step_flops
+from ehrplan.plan.levels import calibrated_levels
 from ehrplan.plan.params import count_parameters
 from ehrplan.plan.per_gpu import DEFAULT_UTILISATION
 from ehrplan.plan.target import DeviceTarget, check_device, from_catalog, from_probe, resolve
@@ -84,6 +86,7 @@ def estimate(
     tflops: TflopsOpt = None,
     utilisation: UtilisationOpt = DEFAULT_UTILISATION,
     patients: PatientsOpt = None,
+    calibration: CalibrationOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Exact parameter count by component, and the memory of one training step.
@@ -98,6 +101,7 @@ def estimate(
     resolved = resolve(cfg, dev_target, precision)
     precision, device = resolved.precision, resolved.device
     est = estimate_memory(cfg, precision=precision, device=device, checkpointing=checkpointing)
+    levels, cal = calibrated_levels(est, calibration)
     flops = training_step_flops(cfg, checkpointing=est.checkpointing)
     preset_name = None
     if preset or size or model_type:
@@ -123,6 +127,11 @@ def estimate(
         "phases": dict(est.phases),
         "saved_for_backward_by_module": dict(est.saved_by_module),
         "device_overhead": dict(est.device_overhead),
+        "allocator_peak_bytes": levels.allocator_peak_bytes,
+        "process_peak_bytes": levels.process_peak_bytes,
+        "fit_bytes": levels.fit_bytes,
+        "memory_levels": levels.to_json(),
+        "calibration": cal.summary(),
         "flops": {
             "forward": flops.forward,
             "backward": flops.backward,
@@ -135,13 +144,15 @@ def estimate(
             "fp32": static_memory(cfg, "fp32"),
             "mixed": static_memory(cfg, "bf16"),
         },
-        "notes": est.notes,
+        "notes": [*est.notes, cal.label],
         "config": cfg.model_dump(),
         "parallel": parallel_payload(cfg, gpus, strategy, precision, device, est.checkpointing),
         "time": time_payload(
             cfg, row, tflops, precision, gpus, utilisation, patients, est.checkpointing
         ),
     }
+    for line in cal.warnings:
+        warn(line)
     emit("estimate", payload, as_json=json_, render=_render)
     if not json_:
         for note in est.notes:
@@ -199,10 +210,23 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     mem.add_row(
         f"[bold]{label}", f"[bold]{p['total_bytes']:,}", f"[bold]{fmt_bytes(p['total_bytes'])}"
     )
-    for key, b in p["device_overhead"].items():
-        mem.add_row(f"+ {key.replace('_', ' ')} (assumed)", f"{b:,}", fmt_bytes(b))
+    levels = p["memory_levels"]
+    mem.add_row("+ kernel scratch", f"{levels['kernel_scratch_bytes']:,}", "")
+    mem.add_row(
+        "[bold]allocator peak",
+        f"[bold]{p['allocator_peak_bytes']:,}",
+        f"[bold]{fmt_bytes(p['allocator_peak_bytes'])}",
+    )
+    for key, b in levels["process_terms"].items():
+        mem.add_row(f"+ {key.replace('_', ' ')}", f"{b:,}", fmt_bytes(b))
+    mem.add_row(
+        "[bold]process peak (what runs out)",
+        f"[bold]{p['process_peak_bytes']:,}",
+        f"[bold]{fmt_bytes(p['process_peak_bytes'])}",
+    )
     yield mem
     yield f"device and precision: {p['precision']} on {p['device']}: {p['precision_reason']}"
+    yield next(n for n in p["notes"] if n.startswith(("calibrated on", "uncalibrated")))
     yield (
         f"peak at: {p['peak_phase'].replace('_', ' ')}; "
         f"FLOPs per micro-batch {p['flops']['per_micro_batch']:.3e}, "

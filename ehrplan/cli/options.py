@@ -176,3 +176,26 @@ def training_environ() -> None:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+
+
+CalibrationOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--calibration",
+        help="A calibration profile (JSON from `ehrplan calibrate`) to use instead of the one "
+        "cached for the device; e.g. a GPU's profile kept in the repository for CI.",
+    ),
+]
+
+
+def with_calibration(budget: Any, calibration: Path | None) -> Any:
+    """``budget`` (`ehrplan.plan.planner.Budget`) planning with an explicit profile; the file is
+    checked now (one line naming it, exit 2, when it is not a profile for the budget's device)."""
+    if calibration is None:
+        return budget
+    from dataclasses import replace
+
+    from ehrplan.plan.calibration import load_profile
+
+    load_profile(calibration, budget.device)
+    return replace(budget, calibration=str(calibration))

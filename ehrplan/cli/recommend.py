@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ehrplan.cli.options import COUNT_MAX, JsonOpt, finite
+from ehrplan.cli.options import COUNT_MAX, CalibrationOpt, JsonOpt, finite, with_calibration
 from ehrplan.cli.output import emit
 from ehrplan.errors import DeviceError, UsageError
 from ehrplan.plan.config import EHRModelConfig
@@ -233,6 +233,7 @@ def recommend(
     patients: PatientsOpt = None,
     max_epoch_hours: MaxEpochHoursOpt = None,
     data: DataOpt = None,
+    calibration: CalibrationOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Which presets fit this machine (or --target / --memory), and what makes the next one fit.
@@ -257,6 +258,7 @@ def recommend(
         max_epoch_hours=max_epoch_hours,
     )
     budget = with_data(budget, data)
+    budget = with_calibration(budget, calibration)
     emit("recommend", plan(budget, types), as_json=json_, render=_render)
 
 

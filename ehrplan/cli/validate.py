@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from ehrplan.cli.options import BatchSizeOpt, JsonOpt, SetOpt, batch_size_overrides
+from ehrplan.cli.options import (
+    BatchSizeOpt,
+    CalibrationOpt,
+    JsonOpt,
+    SetOpt,
+    batch_size_overrides,
+    with_calibration,
+)
 from ehrplan.cli.output import emit, write_text
 from ehrplan.cli.recommend import (
     DeviceOpt,
@@ -132,6 +139,7 @@ def validate(
             "Silicon's unified memory. Needs the 'train' extra.",
         ),
     ] = None,
+    calibration: CalibrationOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check that configs fit a memory budget (--budget SIZE or --target NAME): a CI gate.
@@ -157,6 +165,7 @@ def validate(
         precision=precision,
     )
     b = with_data(b, data)
+    b = with_calibration(b, calibration)
     fields: dict[str, Any] = dict(parse_override(i) for i in set_ or [])
     if checkpointing is not None:
         fields["use_checkpoint"] = checkpointing

@@ -87,6 +87,9 @@ class MemoryEstimate:
     """Bytes each module saves for backward in the forward pass (no checkpointing)."""
     device_overhead: dict[str, int] = field(default_factory=dict)
     """Memory outside the live tensors (CUDA context, allocator reserve); not in the total."""
+    lstm_gate_bytes: int = 0
+    """fp32 bytes of the gates of the largest LSTM call (``4 x hidden`` per sequence and step):
+    the basis of the kernel-scratch term of `ehrplan.plan.levels` (0 for the Transformer)."""
 
     @property
     def total_bytes(self) -> int:
@@ -446,7 +449,9 @@ def _transformer_phases(
     kept = ids + grid + (L * T if ckpt else L * block) + final + (0 if ckpt else pooled)
     # under autocast the forward ends (loss computed) before autocast's cache of 16-bit weight
     # copies is dropped, so the copies of checkpointed blocks are alive at that moment too
-    phases["forward"] = _phase(base, inputs, grads_before, kept, 3 * Ta)
+    # temporaries: three [B,V,D] gradients at the heads, or early in the top block's backward
+    # the gradient of its feed-forward hidden [B,V,d_ff] (larger when d_ff > 3 d_model)
+    phases["forward"] = _phase(base, inputs, grads_before, kept, max(3 * Ta, FF))
     if ckpt:
         # block k recomputed inside backward (top block first): its saved tensors on top of the
         # inputs of blocks 1..k (block 0's is the grid's output); the gradients of the heads,
@@ -549,4 +554,13 @@ def estimate_memory(
         phases={k: sum(v.values()) for k, v in phases.items()},
         saved_by_module=saved,
         device_overhead=overhead,
+        lstm_gate_bytes=_lstm_gate_bytes(config, d),
     )
+
+
+def _lstm_gate_bytes(c: EHRModelConfig, d: _Dims) -> int:
+    """fp32 gate bytes of the largest LSTM call: a within-visit group or the sequence LSTM."""
+    if c.model_type != "lstm":
+        return 0
+    within = max(n * codes for n, codes in (d.groups or [(d.N, d.C)])) * 4 * c.code_embed_dim
+    return FP32 * max(within, d.N * 4 * c.hidden_dim)

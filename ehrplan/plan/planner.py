@@ -39,6 +39,7 @@ from ehrplan.plan.config import EHRModelConfig, load_presets
 from ehrplan.plan.estimator import estimate_memory
 from ehrplan.plan.flops import training_step_flops
 from ehrplan.plan.hardware import GIB, HardwareReport
+from ehrplan.plan.levels import process_fit_bytes
 from ehrplan.plan.pace import (
     DEFAULT_MAX_EPOCH_HOURS,
     DEFAULT_PATIENTS,
@@ -84,6 +85,7 @@ class Budget:
     patients: int = DEFAULT_PATIENTS  # the time rule: an epoch of this many patients ...
     max_epoch_hours: float = DEFAULT_MAX_EPOCH_HOURS  # ... within this many hours
     data_bytes: int = 0  # --data: host RAM the data takes, out of this budget (CPU, unified MPS)
+    calibration: str | None = None  # an explicit profile (--calibration); else the cached one
 
     @property
     def device(self) -> str:
@@ -350,15 +352,24 @@ def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
         )
         total, notes, breakdown = pe.per_device_bytes, pe.notes, dict(pe.breakdown)
         parallel = pe.as_dict()
-    else:
-        est = estimate_memory(
-            config,
-            precision=precision,
-            device=budget.device,
-            batch_size=config.batch_size,
-            checkpointing=config.use_checkpoint,
-        )
+    est = estimate_memory(
+        config,
+        precision=precision,
+        device=budget.device,
+        batch_size=dp["batch_size"] if budget.gpus > 1 else config.batch_size,
+        checkpointing=config.use_checkpoint,
+    )
+    if budget.gpus <= 1:
         total, notes, breakdown = est.total_bytes, est.notes, dict(est.breakdown)
+    # fit is decided on the process level, what the OS or the driver runs out of
+    # (`ehrplan.plan.levels`): live peak + kernel scratch + allocator/runtime terms
+    total, label, _ = process_fit_bytes(
+        budget.device,
+        total,
+        est.lstm_gate_bytes,
+        budget.calibration,
+    )
+    notes = [*notes, f"process level; {label}"]
     rate = rate_for(config, budget, precision, name)
     time = None
     if rate is not None:

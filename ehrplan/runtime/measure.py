@@ -14,6 +14,19 @@ already exists.
 - MPS: there is no peak counter; ``current_allocated_memory()`` and
   ``driver_allocated_memory()`` are *sampled* between the phases of the step.
 
+Three levels of peak (``shared/docs/memory-truth.md``), each measured:
+
+1. ``measured_peak_bytes``: live tensor bytes, as above.
+2. ``allocator_peak_bytes``: every allocation, including scratch a kernel takes and frees inside
+   itself. CPU: the running sum of ``torch.profiler`` memory events (``profile_memory=True``)
+   over the step, on top of the bytes alive when it starts; CUDA: ``max_memory_allocated``; MPS:
+   the largest sampled ``driver_allocated_memory``.
+3. ``process_peak_bytes``: what the operating system or driver counts. CPU: the growth of the
+   process's peak RSS from before the model was built to the end of the second step, meaningful
+   in a fresh process (`measure_in_subprocess`); CUDA: ``max_memory_reserved`` plus the CUDA
+   context (device memory in use before the model, less what torch had reserved); MPS: the
+   largest sampled driver allocation.
+
 A step with ``gradient_accumulation_steps = k > 1`` runs ``min(k, 2)`` micro-batches: from the
 second micro-batch on, the gradients of the previous ones are live during the forward pass, and
 every later micro-batch repeats the second one's memory exactly.
@@ -118,9 +131,16 @@ class Measurement:
     """ru_maxrss before the model was built: in a fresh process (`measure_in_subprocess`),
     ``process_peak_rss_bytes - rss_before_bytes`` is the step's RSS growth, a cross-check."""
     step_seconds: float
+    """Wall time of the second step (CPU: run without the tracker and the profiler)."""
     lstm_kernel: str | None
     """CPU LSTM kernel in use: 'mkldnn' (oneDNN) or 'native'; None off the CPU or for the
     Transformer."""
+    allocator_peak_bytes: int | None = None
+    """Level 2: every allocation, kernel scratch included (see the module docstring)."""
+    process_peak_bytes: int | None = None
+    """Level 3: what the OS/driver counts (CPU: peak RSS growth; CUDA: reserved + context)."""
+    allocator_setting: str = ""
+    """What `ehrplan.runtime.allocator.configure` did for this process."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,10 +276,17 @@ def measure_step(
     cfg = config.model_copy(update={"use_checkpoint": ckpt, "batch_size": B})
     micro = min(cfg.gradient_accumulation_steps, 2)
     what = f"batch {B} of this model on {device}"
+    from ehrplan.runtime.allocator import configure
+
+    allocator_setting = configure() if device == "cpu" else ""
 
     torch.manual_seed(seed)
     gc.collect()
     rss_before = peak_rss_bytes()
+    context = 0
+    if device == "cuda":  # device memory in use before the model that torch did not reserve
+        free, total = torch.cuda.mem_get_info()
+        context = max(0, total - free - torch.cuda.memory_reserved())
     with _oom_is_does_not_fit(what):
         model = build_model(cfg).to(device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -288,7 +315,15 @@ def measure_step(
         samples.clear()
         t0 = time.perf_counter()
         reserved: int | None = None
+        process_growth = 0
         if device == "cpu":
+            # the second step runs plain: timed, and the process's peak RSS read after it, before
+            # the tracker and the profiler (whose own buffers would count) measure the third
+            step(micro)
+            seconds = time.perf_counter() - t0
+            process_growth = peak_rss_bytes() - rss_before
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
             tracker = LiveTensorBytes()
             tracker.track(
                 list(model.parameters()),
@@ -296,21 +331,24 @@ def measure_step(
                 [list(s.values()) for s in optimizer.state.values()],
                 [getattr(batch, f.name) for f in fields(batch)],
             )
-            with tracker:
+            start = tracker.current
+            with _allocator_events() as events, tracker:
                 step(micro)
             peak = tracker.peak
+            allocator = start + _running_peak(events())
         elif device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             step(micro)
             _sync(device)
-            peak = torch.cuda.max_memory_allocated()
+            peak = allocator = torch.cuda.max_memory_allocated()
             reserved = torch.cuda.max_memory_reserved()
+            seconds = time.perf_counter() - t0
         else:
             sample()
             step(micro)
             peak = max(s[0] for s in samples)
-            reserved = max(s[1] for s in samples)
-        seconds = time.perf_counter() - t0
+            reserved = allocator = max(s[1] for s in samples)
+            seconds = time.perf_counter() - t0
     return Measurement(
         device=device,
         method={
@@ -328,7 +366,32 @@ def measure_step(
         rss_before_bytes=rss_before,
         step_seconds=seconds,
         lstm_kernel=cpu_lstm_kernel() if device == "cpu" and cfg.model_type == "lstm" else None,
+        allocator_peak_bytes=int(max(allocator, peak)),
+        process_peak_bytes=process_growth if device == "cpu" else int(reserved or 0) + context,
+        allocator_setting=allocator_setting,
     )
+
+
+@contextmanager
+def _allocator_events() -> Iterator[Callable[[], list[tuple[int, int]]]]:
+    """Record the CPU allocator's events (time, +/- bytes) with ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result: list[tuple[int, int]] = []
+        yield lambda: result
+    for e in prof.profiler.kineto_results.events():  # type: ignore[union-attr]
+        if e.name() == "[memory]" and e.device_type().name == "CPU":
+            result.append((e.start_ns(), e.nbytes()))
+
+
+def _running_peak(events: list[tuple[int, int]]) -> int:
+    """Largest running sum of allocation events in time order (frees are negative)."""
+    current = peak = 0
+    for _, nbytes in sorted(events):
+        current += nbytes
+        peak = max(peak, current)
+    return peak
 
 
 def measure_in_subprocess(

@@ -36,6 +36,7 @@ MODELS: dict[str, str] = {
     "train": "runs:TrainOut",
     "compare": "runs:CompareOut",
     "export-embeddings": "runs:ExportEmbeddingsOut",
+    "calibrate": "estimate:CalibrateOut",
 }
 """Command (as in the document's ``command``) -> ``module:Model`` of its response model."""
 

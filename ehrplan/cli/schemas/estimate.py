@@ -75,6 +75,29 @@ class DeviceTarget(Out):
     evidence: str = Field(description="Why: compute capability, CPU flag, catalog row.")
 
 
+class MemoryLevelsOut(Out):
+    """Levels 2 and 3 of the peak (`ehrplan.plan.levels`), each with the model it follows."""
+
+    live_bytes: int
+    kernel_scratch_bytes: int
+    allocator_peak_bytes: int
+    process_terms: ByTerm
+    process_peak_bytes: int
+    fit_bytes: int
+    models: dict[str, str]
+
+
+class CalibrationOut(Out):
+    """The calibration profile an answer used (`ehrplan.plan.calibration`)."""
+
+    device: str
+    device_name: str
+    date: str
+    torch_version: str
+    path: str
+    terms: dict[str, int | float]
+
+
 class EstimateOut(Doc):
     """`ehrplan estimate --json`: parameters, peak training-step memory and FLOPs of one config."""
 
@@ -98,9 +121,55 @@ class EstimateOut(Doc):
     phases: ByTerm = Field(description="Live bytes at each moment of the step.")
     saved_for_backward_by_module: ByTerm
     device_overhead: ByTerm = Field(description="Assumed bytes beside the peak (CUDA context).")
+    allocator_peak_bytes: int = Field(description="Live peak + kernel scratch (level 2).")
+    process_peak_bytes: int = Field(description="What the OS or driver counts (level 3).")
+    fit_bytes: int = Field(
+        description="What recommend and validate compare with a budget: the process level less "
+        "the CUDA context allowance a GPU budget already deducts."
+    )
+    memory_levels: MemoryLevelsOut
+    calibration: CalibrationOut | None = Field(description="null: uncalibrated (see notes).")
     flops: Flops
     static_memory: StaticMemory
     notes: list[str]
     config: EHRModelConfig
     parallel: ParallelEstimate | None
     time: TimeEstimate | None
+
+
+class LadderShape(Out):
+    """One measured shape of the calibration ladder (`ehrplan.runtime.calibrate`)."""
+
+    name: str
+    model_type: str
+    batch: int
+    visits: int
+    codes: int
+    live_bytes: int
+    allocator_peak_bytes: int
+    process_peak_bytes: int
+    reserved_bytes: int | None
+    estimated_bytes: int
+    lstm_gate_bytes: int
+    step_seconds: float = Field(description="Wall time of one training step on the device.")
+    flops_per_step: int = Field(description="Analytic FLOPs of that step (throughput basis).")
+
+
+class CalibrateOut(Doc):
+    command: Literal["calibrate"]
+    path: str = Field(description="Where the profile was written.")
+    seconds: float
+    label: str
+    format: str
+    format_version: int
+    device: str
+    device_name: str
+    driver: str
+    torch_version: str
+    date: str
+    host: str
+    terms: dict[str, int | float]
+    fitted: list[str]
+    residuals: dict[str, dict[str, float]]
+    ladder: list[LadderShape]
+    skipped: list[dict[str, str]]

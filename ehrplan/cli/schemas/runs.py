@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ehrplan.cli.schemas.base import ByTerm, Doc, Metric, Out
+from ehrplan.cli.schemas.estimate import CalibrationOut
 from ehrplan.plan.config import EHRModelConfig, ModelType
 
 
@@ -30,6 +31,16 @@ class DryRunOut(Doc):
     error: float = Field(description="(estimated - measured) / measured.")
     peak_reserved_bytes: int | None
     process_peak_rss_bytes: int | None
+    measured_allocator_peak_bytes: int | None = Field(
+        description="Level 2 (CPU: profiler memory events; CUDA: max_memory_allocated)."
+    )
+    measured_process_peak_bytes: int | None = Field(
+        description="Level 3 (CPU: peak RSS growth; CUDA: max_memory_reserved + context)."
+    )
+    estimated_allocator_peak_bytes: int
+    estimated_process_peak_bytes: int
+    allocator_setting: str
+    calibration: CalibrationOut | None
     measurement_method: str
     lstm_kernel: str | None
     step_seconds: float

@@ -65,11 +65,16 @@ def budget_for(
     return replace(budget, precision=asked), hw
 
 
-def estimate_bytes(config: EHRModelConfig, precision: str, device_type: str) -> int:
-    """The analytic peak of one training step as this run will train it."""
+def estimate_bytes(
+    config: EHRModelConfig, precision: str, device_type: str, calibration: str | None = None
+) -> int:
+    """What one training step needs as this run will train it, on the process level (what
+    runs out; `ehrplan.plan.levels`)."""
     from ehrplan.plan.estimator import estimate_memory
+    from ehrplan.plan.levels import process_fit_bytes
 
-    return estimate_memory(config, precision=precision, device=device_type).total_bytes
+    est = estimate_memory(config, precision=precision, device=device_type)
+    return process_fit_bytes(device_type, est.total_bytes, est.lstm_gate_bytes, calibration)[0]
 
 
 def auto_choice(

@@ -34,6 +34,7 @@ from ehrplan.errors import DivergedError, UsageError
 from ehrplan.plan.config import EHRModelConfig
 from ehrplan.plan.per_gpu import split_batch
 from ehrplan.plan.units import fmt_bytes
+from ehrplan.runtime import allocator
 from ehrplan.runtime import distributed as dist_
 from ehrplan.runtime.distributed import DistEnv
 from ehrplan.runtime.models import build_model
@@ -174,6 +175,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- set-up
 
     def _build(self) -> None:
+        if self.device.type == "cpu":  # resident memory follows live memory (allocator.py)
+            allocator.configure()
         torch.manual_seed(self.settings.seed)
         self.model = build_model(self.config)
         if self.init_model is not None:
@@ -323,6 +326,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         with tracker if tracker is not None else nullcontext():
             rec = self._train_step_body(group, tracker, measure)
+        if self.device.type == "cpu" and self.pos.step % allocator.TRIM_EVERY_STEPS == 0:
+            allocator.trim()
         if tracker is not None:
             rec["measured_peak_bytes"] = int(tracker.peak)
         elif self.device.type == "cuda":
