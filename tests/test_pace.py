@@ -193,3 +193,19 @@ def test_data_counts_its_training_patients(
     assert code == 2 and "no such directory" in err
     argv = ["recommend", "--data", str(tmp_path), "--patients", "5"]
     assert run(argv, capsys)[0] == 2
+
+
+def test_a_local_gpu_the_catalog_names_gets_its_peaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_hardware import load
+
+    monkeypatch.setenv("EHRPLAN_CACHE", str(tmp_path))
+    src, _ = load("a100x4-visible-2-3")
+    report = probe(src)
+    gpu = report.nvidia[0]
+    unknown = budget_from_probe(report.model_copy(update={"nvidia": [gpu]}))
+    assert all(r["time"] is None for r in plan(unknown, ["lstm"])["presets"])  # not in catalog
+    a10 = report.model_copy(update={"nvidia": [gpu.model_copy(update={"name": "NVIDIA A10"})]})
+    rows = plan(budget_from_probe(a10), ["lstm"])["presets"]
+    assert all(r["time"] and "125 TFLOPS" in r["time"]["throughput_source"] for r in rows[1:])

@@ -195,6 +195,7 @@ def budget_from_probe(
             raise DeviceError(f"--gpus {n}: only {len(report.nvidia)} CUDA device(s) visible here")
         used = report.nvidia[:n]
         smallest = min(used, key=lambda g: g.usable_bytes)
+        row = catalog_row_named(smallest.name)
         return Budget(
             label=", ".join(f"cuda:{g.cuda_index} {g.name}" for g in used),
             source="probe",
@@ -205,6 +206,8 @@ def budget_from_probe(
             gpus=n,
             nominal_bytes=smallest.total_bytes,
             notes=("usable: total less driver reserve and CUDA context (smallest GPU used)",),
+            fp32_tflops=row.fp32_tflops if row else None,
+            half_tflops=row.half_tflops if row else None,
         )
     if gpus not in (None, 1):
         raise DeviceError(f"--gpus {gpus}: no CUDA device is visible here")
@@ -311,8 +314,8 @@ def precision_for(config: EHRModelConfig, budget: Budget) -> Resolved:
 
 def rate_for(config: EHRModelConfig, budget: Budget, precision: str, name: str) -> Rate | None:
     """The rate behind the time estimate (`ehrplan.plan.pace`): this machine's measured pace
-    for the preset, else (CPU) the assumed one; a catalog machine's peak x utilisation; None for
-    a declared budget or a local GPU never measured."""
+    for the preset, else (CPU) the assumed one; a catalog machine's (or a local GPU the catalog
+    names) peak x utilisation; None for a declared budget or an unknown, unmeasured GPU."""
     if budget.source == "probe":
         if budget.device_key is not None:
             per_patient = training_step_flops(config, checkpointing=config.use_checkpoint)
@@ -320,7 +323,9 @@ def rate_for(config: EHRModelConfig, budget: Budget, precision: str, name: str) 
             r = measured(budget.device_key, name, precision, fpp)
             if r is not None:
                 return r
-        return assumed_cpu(budget.cores) if budget.device == "cpu" else None
+        if budget.device == "cpu":
+            return assumed_cpu(budget.cores)
+        # a local GPU the catalog names (`catalog_row_named`): its peaks, below
     peak = budget.fp32_tflops if precision == "fp32" else budget.half_tflops or budget.fp32_tflops
     if not peak:
         return None
@@ -332,6 +337,15 @@ def rate_for(config: EHRModelConfig, budget: Budget, precision: str, name: str) 
         "utilisation (assumed)",
         measured=False,
     )
+
+
+def catalog_row_named(gpu_name: str) -> CatalogDevice | None:
+    """The catalog row of a GPU the probe found, by its exact name as NVML reports it (e.g.
+    "NVIDIA A10", "NVIDIA L4"); None for a name the catalog does not spell the same way."""
+    from ehrplan.plan.catalog import load_catalog
+
+    want = gpu_name.strip().lower()
+    return next((r for r in load_catalog().values() if r.label.lower() == want), None)
 
 
 def fit(config: EHRModelConfig, budget: Budget, name: str = "config") -> Fit:
