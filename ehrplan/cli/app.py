@@ -122,6 +122,11 @@ COMMANDS: dict[str, Command] = {
         "calibrate",
         "Fit the memory terms the estimator cannot know from first principles for this device.",
     ),
+    "predict": Command(
+        "predict",
+        "predict",
+        "Predict every label row of one split with a run's best checkpoint.",
+    ),
     "schema": Command(
         "schema",
         "schema",

@@ -10,7 +10,16 @@ import typer
 from rich.console import RenderableType
 from rich.table import Table
 
-from ehrplan.cli.options import COUNT_MAX, MAX_THREADS, SEED_MAX, JsonOpt, training_environ
+from ehrplan.cli.options import (
+    COUNT_MAX,
+    MAX_THREADS,
+    SEED_MAX,
+    JsonOpt,
+    LabelsOpt,
+    SplitsOpt,
+    TaskOpt,
+    training_environ,
+)
 from ehrplan.cli.output import emit
 
 SizeOpt = Annotated[
@@ -73,6 +82,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps
 def compare(
     size: SizeOpt = "tiny",
     data: DataOpt = None,
+    task: TaskOpt = None,
+    labels: LabelsOpt = None,
+    splits: SplitsOpt = None,
     patients: PatientsOpt = 2000,
     max_steps: MaxStepsOpt = 200,
     seed: SeedOpt = 0,
@@ -104,6 +116,9 @@ def compare(
             threads=threads,
             device=device,
             json=json_,
+            task=task,
+            labels=labels,
+            splits=splits,
         )
     )
     emit("compare", payload, as_json=json_, render=_render)

@@ -19,13 +19,17 @@ from ehrplan.cli.options import (
     CalibrationOpt,
     ConfigOpt,
     JsonOpt,
+    LabelsOpt,
     PresetOpt,
     SetOpt,
     SizeOpt,
+    SplitsOpt,
+    TaskOpt,
     TypeOpt,
     config_from_options,
 )
 from ehrplan.cli.output import emit, warn
+from ehrplan.data.tasks import DataRequest
 from ehrplan.errors import DeviceError, DoesNotFitError, UsageError
 from ehrplan.plan.config import EHRModelConfig
 from ehrplan.plan.estimator import estimate_memory
@@ -105,6 +109,9 @@ def dry_run(
     precision: PrecisionOpt = "auto",
     checkpointing: CheckpointOpt = None,
     data: DataOpt = None,
+    task: TaskOpt = None,
+    labels: LabelsOpt = None,
+    splits: SplitsOpt = None,
     simulate: SimulateOpt = False,
     calibration: CalibrationOpt = None,
     json_: JsonOpt = False,
@@ -162,7 +169,8 @@ def dry_run(
     shaped: dict[str, Any] = {}
     batch = None
     if data is not None:
-        cfg, batch, shaped = _largest_data_batch(data, cfg, dev, precision, ckpt)
+        request = DataRequest(task=task, labels=labels, splits=splits)
+        cfg, batch, shaped = _largest_data_batch(data, cfg, dev, precision, ckpt, request)
     est = estimate_memory(
         cfg, precision=precision, device=dev, checkpointing=ckpt, lstm_kernel=kernel,
         **shaped.get("estimate_shape", {}),
@@ -226,7 +234,12 @@ def dry_run(
 
 
 def _largest_data_batch(
-    root: Path, cfg: EHRModelConfig, device: str, precision: str, ckpt: bool
+    root: Path,
+    cfg: EHRModelConfig,
+    device: str,
+    precision: str,
+    ckpt: bool,
+    request: Any = None,
 ) -> tuple[EHRModelConfig, Any, dict[str, Any]]:
     """The train split's batch with the largest estimate, among the first epoch's length-bucketed
     batches (what `ehrplan train` trains) and the batch of its longest patients; the config with
@@ -237,7 +250,7 @@ def _largest_data_batch(
     if not root.is_dir():
         what = "not a directory" if root.exists() else "no such directory"
         raise UsageError(f"--data {root}: {what}")
-    data, cfg = load_training_data(root, cfg)
+    data, cfg = load_training_data(root, cfg, request=request)
     train = data.split("train")
     B = cfg.batch_size
     candidates = epoch_batches(train.lengths, B, 0, 0, bucket_pool(B))

@@ -199,3 +199,36 @@ def with_calibration(budget: Any, calibration: Path | None) -> Any:
 
     load_profile(calibration, budget.device)
     return replace(budget, calibration=str(calibration))
+
+
+TaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="Label task: reads DIR/tasks/NAME/**/*.parquet (default: the data set's only task).",
+    ),
+]
+LabelsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--labels",
+        help="A label file or task folder anywhere (MEDS LabelSchema), instead of --task.",
+    ),
+]
+SplitsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--splits",
+        help="Split names of the data's subject_splits.parquet, e.g. "
+        "train=train,tuning=val,held_out=test (default: train, tuning, held_out).",
+    ),
+]
+MinCodeCountOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--min-code-count",
+        min=1,
+        help="Vocabulary cut-off: train-split occurrences a code needs to get its own id "
+        "(default 5; rarer codes map to UNK).",
+    ),
+]

@@ -18,9 +18,13 @@ from ehrplan.cli.options import (
     BatchSizeOpt,
     ConfigOpt,
     JsonOpt,
+    LabelsOpt,
+    MinCodeCountOpt,
     PresetOpt,
     SetOpt,
     SizeOpt,
+    SplitsOpt,
+    TaskOpt,
     TypeOpt,
     config_from_options,
     finite,
@@ -193,6 +197,10 @@ def train(
     set_: SetOpt = None,
     batch_size: BatchSizeOpt = None,
     data: DataOpt = None,
+    task: TaskOpt = None,
+    labels: LabelsOpt = None,
+    splits: SplitsOpt = None,
+    min_code_count: MinCodeCountOpt = None,
     patients: PatientsOpt = 2000,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -318,14 +326,35 @@ def _f(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
-    t = Table(title=f"{p['source']}: best checkpoint (step {p['best_step']}) and last (step "
-              f"{p['steps']})")  # fmt: skip
-    t.add_column("metric")
-    t.add_column("tuning", justify="right")
-    t.add_column("held-out", justify="right")
-    t.add_column("held-out, last", justify="right")
-    rows = [
+METRIC_ROWS: dict[str, list[tuple[str, str, int]]] = {
+    "binary": [
+        ("loss", "loss", 4),
+        ("AUROC", "auroc", 3),
+        ("  constant-score baseline", "baseline_auroc", 3),
+        ("AUPRC", "auprc", 3),
+        ("  prevalence baseline", "baseline_auprc", 3),
+        ("Brier score", "brier", 4),
+        ("  train-prevalence baseline", "baseline_brier", 4),
+        ("examples", "examples", 0),
+    ],
+    "multiclass": [
+        ("loss", "loss", 4),
+        ("accuracy", "stage_accuracy", 3),
+        ("  majority-class baseline", "baseline_stage_accuracy", 3),
+        ("macro-F1", "stage_macro_f1", 3),
+        ("  majority-class baseline", "baseline_stage_macro_f1", 3),
+        ("AUROC (macro OvR)", "stage_macro_auroc", 3),
+        ("examples", "examples", 0),
+    ],
+    "regression": [
+        ("loss", "loss", 4),
+        ("MSE", "mse", 4),
+        ("  train-mean baseline", "baseline_mse", 4),
+        ("MAE", "mae", 4),
+        ("  train-mean baseline", "baseline_mae", 4),
+        ("examples", "examples", 0),
+    ],
+    "ckd_progression": [
         ("loss", "loss", 4),
         ("stage accuracy", "stage_accuracy", 3),
         ("  majority-stage baseline", "baseline_stage_accuracy", 3),
@@ -335,7 +364,19 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         ("stage kappa (quadratic)", "stage_qw_kappa", 3),
         ("C-index, time to progression", "c_index", 3),
         ("MAE days (observed events)", "mae_days_observed", 1),
-    ]
+        ("examples", "examples", 0),
+    ],
+}
+
+
+def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
+    t = Table(title=f"{p['source']}: best checkpoint (step {p['best_step']}) and last (step "
+              f"{p['steps']})")  # fmt: skip
+    t.add_column("metric")
+    t.add_column("tuning", justify="right")
+    t.add_column("held-out", justify="right")
+    t.add_column("held-out, last", justify="right")
+    rows = METRIC_ROWS.get(p.get("task", {}).get("kind", ""), METRIC_ROWS["ckd_progression"])
     for label, key, d in rows:
         t.add_row(
             label,

@@ -239,7 +239,12 @@ def _build(root: Path, tmp: Path, settings: Settings, vocab: Vocab | None) -> di
     if splits is not None:
         names = splits[2]
         split_map = dict(zip(splits[0].tolist(), (names[c] for c in splits[1]), strict=True))
-    split_names = sorted(set(split_map.values())) if split_map is not None else ["train"]
+    # no splits file: build_cohort splits by a hash of subject_id into the three splits
+    split_names = (
+        sorted(set(split_map.values()))
+        if split_map is not None
+        else ["held_out", "train", "tuning"]
+    )
     split_idx = {s: i for i, s in enumerate(split_names)}
     report: dict[str, int] = {}
     seen: list[np.ndarray] = []

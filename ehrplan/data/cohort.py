@@ -17,8 +17,9 @@ there is no ``integer_value``); ``float_value`` is the days to the next stage ch
 ``boolean_value`` whether it was seen (False: censored), as `ehrplan synth` writes them. A visit
 without a label has stage -100 (ignored by the loss), time-to-event 0 and event_observed False.
 
-Splits come from ``metadata/subject_splits.parquet``; without that file every subject is
-``train``; a subject the file does not list has split ``""`` (used by no split).
+Splits come from ``metadata/subject_splits.parquet`` (its names mapped by ``split_names``);
+without that file, 80/10/10 by a hash of ``subject_id`` (`hashed_splits`); a subject the file does
+not list has split ``""`` (used by no split).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class Cohort:
     label_files: tuple[str, ...] = ()
     report: dict[str, int] = field(default_factory=dict)
     """Counts of what was dropped or merged: static-only subjects, unmatched labels, ..."""
+    event_time: np.ndarray | None = None
+    """int64 [E]: each event's time in microseconds (a static event: its subject's first timed
+    event's time), for cutting examples at a label's prediction time."""
 
     @property
     def num_patients(self) -> int:
@@ -115,6 +119,38 @@ class Cohort:
         return np.diff(self.event_offsets[self.visit_offsets])
 
 
+HASH_SPLITS = (("train", 8), ("tuning", 1), ("held_out", 1))  # tenths of the subjects
+
+
+def hashed_splits(subject_ids: np.ndarray) -> np.ndarray:
+    """80/10/10 train/tuning/held_out by a hash of ``subject_id`` (splitmix64's finaliser, mod
+    10): the same subject always lands in the same split, whatever else the data holds."""
+    with np.errstate(over="ignore"):
+        z = subject_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    tenth = (z % np.uint64(10)).astype(np.int64)
+    names = np.array([n for n, k in HASH_SPLITS for _ in range(k)], dtype=object)
+    return names[tenth]
+
+
+def parse_split_names(text: str | None) -> dict[str, str] | None:
+    """``--splits train=train,tuning=val,held_out=test`` -> {ours: the file's}."""
+    if not text:
+        return None
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        ours, eq, theirs = item.partition("=")
+        ours, theirs = ours.strip(), theirs.strip()
+        if not eq or ours not in ("train", "tuning", "held_out") or not theirs:
+            raise DataError(
+                f"--splits {text}: expected train=NAME,tuning=NAME,held_out=NAME (got '{item}')"
+            )
+        out[ours] = theirs
+    return out
+
+
 def _fill_static_times(sid: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Give null-time events their subject's first timed event's time; mask of events kept."""
     null = t == meds.NULL_TIME
@@ -135,11 +171,15 @@ def load_cohort(
     labels: str | Path | None = None,
     *,
     window_hours: float = DEFAULT_WINDOW_HOURS,
+    visit_labels: bool = True,
+    split_names: dict[str, str] | None = None,
 ) -> Cohort:
     """Read a MEDS data set (and a label task, if any) into visits.
 
     ``labels``: a label file or task directory; None looks for ``ROOT/tasks/ckd_stage`` and
-    goes without labels when it is absent.
+    goes without labels when it is absent. ``visit_labels=False`` attaches none: training and
+    prediction cut one example per label row instead (`ehrplan.data.examples`).
+    ``split_names``: ours -> the file's, e.g. ``{"tuning": "val", "held_out": "test"}``.
     """
     if window_hours <= 0:
         raise DataError(f"the visit window must be positive (got {window_hours} hours)")
@@ -154,9 +194,10 @@ def load_cohort(
         split_map=meds.read_splits(root),
         window_hours=window_hours,
         files=ev.files,
+        split_names=split_names,
     )
     label_path = Path(labels) if labels is not None else root / DEFAULT_TASK
-    if labels is not None or label_path.exists():
+    if visit_labels and (labels is not None or label_path.exists()):
         attach_labels(cohort, label_path, known=np.unique(ev.subject_id))
     return cohort
 
@@ -171,6 +212,7 @@ def build_cohort(
     split_map: dict[int, str] | None,
     window_hours: float,
     files: tuple[str, ...] = (),
+    split_names: dict[str, str] | None = None,
 ) -> Cohort:
     """Visits, time features and splits from events in file order (every subject's events
     together and sorted by time): a whole data set, or one of its files."""
@@ -211,10 +253,14 @@ def build_cohort(
 
     # splits
     if split_map is None:
-        split = np.full(len(subject_ids), "train", dtype=object)
+        split = hashed_splits(subject_ids)
         report["splits_file_missing"] = 1
     else:
-        split = np.array([split_map.get(int(s), "") for s in subject_ids], dtype=object)
+        rename = {v: k for k, v in (split_names or {}).items()}
+        split = np.array(
+            [rename.get(n, n) for n in (split_map.get(int(s), "") for s in subject_ids)],
+            dtype=object,
+        )
         report["subjects_without_split"] = int((split == "").sum())
 
     n_visits = len(visit_start)
@@ -236,6 +282,7 @@ def build_cohort(
         window_hours=window_hours,
         files=files,
         report=report,
+        event_time=t,
     )
 
 

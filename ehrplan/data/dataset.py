@@ -18,6 +18,7 @@ import torch
 
 from ehrplan.data.cache import ExampleCache
 from ehrplan.data.cohort import Cohort
+from ehrplan.data.examples import Examples, pack, sequence_shapes, truncation_loss
 from ehrplan.data.sampler import BucketBatchSampler
 from ehrplan.data.stats import Truncation, length_key, patient_shapes, truncation
 from ehrplan.data.vocab import UNK_ID, Vocab
@@ -133,6 +134,100 @@ class EHRDataset(torch.utils.data.Dataset):
         tte[b_of_visit, v_local] = c.time_to_event[visits]
         observed = np.zeros((B, V), dtype=bool)
         observed[b_of_visit, v_local] = c.event_observed[visits]
+        code_t = torch.from_numpy(codes)
+        return Batch(
+            codes=code_t,
+            code_mask=code_t != 0,
+            time_features=torch.from_numpy(time_features),
+            stage=torch.from_numpy(stage),
+            time_to_event=torch.from_numpy(tte),
+            event_observed=torch.from_numpy(observed),
+        )
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Examples of one split (`ehrplan.data.examples`), served as packed sequences.
+
+    Item ``i`` is sequence ``i``; `collate` pads a list of them to a `Batch` whose labelled
+    positions are the examples read from each sequence. The label goes where the kind says:
+    ``stage`` holds the class (binary: 0/1; regression: 0, only marking the position),
+    ``time_to_event`` the CKD days or the regression target, ``event_observed`` the CKD flag.
+    `label_examples` gives the example index of each labelled position of a batch, in the
+    row-major order ``batch.stage[mask]`` reads them.
+    """
+
+    def __init__(
+        self,
+        cohort: Cohort,
+        examples: Examples,
+        idx: np.ndarray,
+        ids: np.ndarray,
+    ) -> None:
+        self.cohort = cohort
+        self.examples = examples
+        self.idx = np.asarray(idx, dtype=np.int64)
+        self.ids = ids
+        self.seq = pack(cohort, examples, self.idx)
+        nv, widest = sequence_shapes(cohort, examples, self.seq)
+        self.visits_kept, self.widest = nv, widest
+        self.lengths = length_key(nv, widest)
+        self.loss = truncation_loss(cohort, examples, self.idx)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def __getitem__(self, i: int) -> int:
+        return int(i)
+
+    def label_examples(self, items: list[int]) -> np.ndarray:
+        """Example indices of the labelled positions of ``collate(items)``, row-major."""
+        s = np.asarray(items, dtype=np.int64)
+        starts, ends = self.seq.offsets[s], self.seq.offsets[s + 1]
+        pos, _ = _ranges(starts, ends - starts)
+        return self.seq.members[pos]
+
+    def collate(self, items: list[int]) -> Batch:
+        """Pad the given sequences to their own longest window and widest visit."""
+        c, ex, C = self.cohort, self.examples, self.examples.max_codes_per_visit
+        s = np.asarray(items, dtype=np.int64)
+        h = self.seq.host[s]
+        kf = ex.keep_first[h].astype(np.int64)
+        nv = ex.last_visit[h] - ex.recent_start[h] + 1 + kf
+        visits, v_local = _ranges(ex.recent_start[h] - kf, nv)
+        b_of_visit = np.repeat(np.arange(len(s)), nv)
+        first_slot = np.concatenate([[0], np.cumsum(nv)[:-1]])
+        visits[first_slot[kf == 1]] = c.visit_offsets[ex.patient[h][kf == 1]]
+        ncodes = np.minimum(c.codes_per_visit()[visits], C)
+        last_slot = np.cumsum(nv) - 1
+        ncodes[last_slot] = np.minimum(ex.last_events[h], C)
+        B, V, Cb = len(s), max(int(nv.max(initial=1)), 1), max(int(ncodes.max(initial=1)), 1)
+        events, c_local = _ranges(c.event_offsets[visits], ncodes)
+        codes = np.zeros((B, V, Cb), dtype=np.int64)
+        codes[np.repeat(b_of_visit, ncodes), np.repeat(v_local, ncodes), c_local] = self.ids[events]
+        time_features = np.zeros((B, V, 2), dtype=np.float32)
+        time_features[b_of_visit, v_local] = c.time_features[visits]
+        # labels: each sequence's examples at their positions
+        m = self.label_examples(items)
+        counts = self.seq.offsets[s + 1] - self.seq.offsets[s]
+        starts = self.seq.offsets[s]
+        mpos, _ = _ranges(starts, counts)
+        b_of_label = np.repeat(np.arange(B), counts)
+        pos = self.seq.position[mpos]
+        stage = np.full((B, V), IGNORE_INDEX, dtype=np.int64)
+        tte = np.zeros((B, V), dtype=np.float32)
+        observed = np.zeros((B, V), dtype=bool)
+        if ex.kind == "regression":
+            stage[b_of_label, pos] = 0
+            tte[b_of_label, pos] = ex.value[m]
+        else:
+            stage[b_of_label, pos] = ex.value[m].astype(np.int64)
+        if ex.days is not None and ex.observed is not None:
+            tte[b_of_label, pos] = ex.days[m]
+            observed[b_of_label, pos] = ex.observed[m]
         code_t = torch.from_numpy(codes)
         return Batch(
             codes=code_t,

@@ -115,7 +115,11 @@ class EHRModelConfig(BaseModel):
 
     # --- task ---------------------------------------------------------------------------------
     num_stages: int = Field(
-        5, ge=2, le=MAX_INT, description="Disease stages predicted at each visit."
+        5,
+        ge=1,
+        le=MAX_INT,
+        description="Outputs of the classifier head at each visit: disease stages (CKD task), "
+        "classes (multiclass), 1 for a binary or regression task (set from the task's labels).",
     )
 
     @model_validator(mode="after")

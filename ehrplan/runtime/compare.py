@@ -51,6 +51,9 @@ class CompareRequest:
     threads: int | None
     device: str
     json: bool
+    task: str | None = None
+    labels: Path | None = None
+    splits: str | None = None
 
 
 def comparison_dir(out: Path | None, size: str) -> Path:
@@ -189,6 +192,9 @@ def run_compare(req: CompareRequest) -> dict[str, Any]:
             eval_every=eval_every,
             json=req.json,
             threads=threads,
+            task=req.task,
+            labels=req.labels,
+            splits=req.splits,
         )
         t0 = time.perf_counter()
         summary = runner.run(request, resolve=resolve)

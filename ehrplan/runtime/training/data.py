@@ -1,8 +1,9 @@
 """What the trainer needs from a data set, and the adapter that builds it from `ehrplan.data`.
 
-The trainer sees three splits of indexable patients with a length per patient (for bucketing),
-one collate that pads per batch, and the vocabulary. `load_training_data` builds them from a MEDS
-data set with `ehrplan.data` (reader, vocabulary on the train split, `EHRDataset`), and
+The trainer sees three splits of indexable sequences (packed examples, one per label row:
+`ehrplan.data.examples`) with a length each (for bucketing), one collate that pads per batch, the
+vocabulary and the task. `load_training_data` builds them from a MEDS data set with
+`ehrplan.data` (reader, task, examples, vocabulary on the train split, `ExampleDataset`), and
 `synthetic_cohort` makes and caches the default synthetic CKD cohort.
 
 The model's embedding table is sized to the data: ``vocab_size = min(config.vocab_size, tokens)``
@@ -21,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from ehrplan.atomic import ensure_dir, output_error
+from ehrplan.data.tasks import DataRequest
 from ehrplan.errors import DataError, OutputError
 from ehrplan.plan.config import EHRModelConfig
-from ehrplan.runtime.batch import IGNORE_INDEX, Batch
+from ehrplan.runtime.batch import Batch
 
 SPLITS = ("train", "tuning", "held_out")
 CACHE_ENV = "EHRPLAN_CACHE"
@@ -51,9 +53,18 @@ class TrainData:
     train_times: tuple[np.ndarray, np.ndarray] | None = None
     """Days to progression (or censoring) and whether it was seen, at every labelled train visit:
     the loss's time unit is fitted on them."""
+    subject_splits: tuple[np.ndarray, list[str]] | None = None
+    """Every subject and its split (saved in the run folder when the split was hashed)."""
+    task: dict[str, Any] = field(default_factory=lambda: {"kind": "ckd_progression"})
+    """`task_info`: the kind, the model outputs, the train-split baselines."""
 
     def split(self, name: str) -> Split:
         return self.splits[name]
+
+    def collate_for(self, split: Split) -> Callable[[list[Any]], Batch]:
+        """The split's own collate (its items index its own sequences), else the shared one."""
+        own = getattr(split.dataset, "collate", None)
+        return own if own is not None else self.collate
 
 
 def cache_dir() -> Path:
@@ -100,84 +111,135 @@ def _capped(vocab: Any, size: int) -> Any:
 
 
 def load_training_data(
-    root: Path, config: EHRModelConfig, vocab_file: Path | None = None
+    root: Path,
+    config: EHRModelConfig,
+    vocab_file: Path | None = None,
+    request: DataRequest | None = None,
 ) -> tuple[TrainData, EHRModelConfig]:
-    """Read ``root`` (MEDS with labels) into splits; return them and the config with its
-    ``vocab_size`` fitted to the data. ``vocab_file``: reuse a saved vocabulary (resume)."""
-    from ehrplan.data.cache import prepare
-    from ehrplan.data.dataset import EHRDataset
-    from ehrplan.data.vocab import Vocab
+    """Read ``root`` (MEDS with a label task) into splits of examples; return them and the
+    config with its ``vocab_size`` fitted to the data and ``num_stages`` to the task's kind
+    (binary and regression: one output; multiclass: 0..largest class). ``vocab_file``: reuse a
+    saved vocabulary (resume)."""
+    from ehrplan.data.cohort import load_cohort, parse_split_names
+    from ehrplan.data.dataset import ExampleDataset
+    from ehrplan.data.examples import build_examples
+    from ehrplan.data.meds import check_root, fingerprint
+    from ehrplan.data.tasks import read_task, resolve_task
+    from ehrplan.data.vocab import DEFAULT_MIN_COUNT, Vocab, train_vocab
 
-    given = Vocab.load(vocab_file) if vocab_file is not None and vocab_file.is_file() else None
-    cohort = prepare(root, vocab=given)  # the example cache: built once, then memory-mapped
-    labelled = cohort.stage != IGNORE_INDEX
-    if not labelled.any():
-        raise DataError(
-            f"{root}: no labels (expected a MEDS label task in tasks/ckd_stage/ with "
-            "integer_value = stage, float_value = days to the next stage change, "
-            "boolean_value = whether it was seen)"
-        )
-    full = cohort.vocab
+    req = request or DataRequest()
+    check_root(root)
+    source = resolve_task(root, req.task, req.labels)
+    cohort = load_cohort(root, visit_labels=False, split_names=parse_split_names(req.splits))
+    labels = read_task(source)
+    examples = build_examples(cohort, labels, config.max_visits, config.max_codes_per_visit)
+    splits_file = root / "metadata" / "subject_splits.parquet"
+    for name in SPLITS:
+        if not (cohort.split == name).any() or not len(examples.in_split(cohort, name)):
+            where = (
+                f"{splits_file} names no subject '{name}' with a label"
+                if cohort.report.get("splits_file_missing") is None
+                else f"the hashed 80/10/10 split left '{name}' without a labelled subject"
+            )
+            found = sorted({str(x) for x in cohort.split.tolist()} - {""})
+            raise DataError(
+                f"{where} (splits found: {', '.join(found) or 'none'}; map other names with "
+                "--splits train=NAME,tuning=NAME,held_out=NAME)"
+            )
+    if vocab_file is not None and vocab_file.is_file():
+        full = Vocab.load(vocab_file)
+    else:
+        full = train_vocab(cohort, min_count=req.min_code_count or DEFAULT_MIN_COUNT)
     vocab = _capped(full, config.vocab_size)
     config = config.model_copy(update={"vocab_size": len(vocab)})
-    ids = cohort.tokens
-    id_cap = len(vocab) if len(vocab) < len(full) else None
-    splits: dict[str, Split] = {}
-    datasets = {}
-    for name in SPLITS:
-        ds = EHRDataset(
-            cohort,
-            vocab,
-            split=name,
-            max_visits=config.max_visits,
-            max_codes_per_visit=config.max_codes_per_visit,
-            num_stages=config.num_stages,
-            ids=ids,
-            id_cap=id_cap,
-        )
-        if len(ds) == 0:
-            raise DataError(f"{root}: split '{name}' has no patients (need train/tuning/held_out)")
-        datasets[name] = ds
-        splits[name] = Split(dataset=ds, lengths=np.asarray(ds.lengths))
-    train_visits = np.concatenate(
-        [
-            np.arange(cohort.visit_offsets[p], cohort.visit_offsets[p + 1])
-            for p in datasets["train"].patients
-        ]
-    )
-    stages = cohort.stage[train_visits]
-    labelled_train = train_visits[stages != IGNORE_INDEX]
-    stages = stages[stages != IGNORE_INDEX]
-    if len(stages) == 0:
-        raise DataError(f"{root}: the train split has no labelled visits")
-    majority = int(np.bincount(stages).argmax())
-    trunc = datasets["train"].truncation
-    from ehrplan.data.meds import fingerprint
-
+    ids = vocab.encode(cohort.code, cohort.numeric_value)
+    task = task_info(labels.kind, examples, examples.in_split(cohort, "train"), config)
+    config = config.model_copy(update={"num_stages": task["outputs"]})
+    datasets = {
+        n: ExampleDataset(cohort, examples, examples.in_split(cohort, n), ids) for n in SPLITS
+    }
+    splits = {n: Split(dataset=d, lengths=np.asarray(d.lengths)) for n, d in datasets.items()}
+    train_ex = datasets["train"].idx
     info = {
         "root": str(root),
-        "example_cache": {"path": str(cohort.path), "bytes_on_disk": cohort.disk_bytes()},
+        "task": {"name": labels.name, "kind": labels.kind, "files": list(labels.files)},
+        "patients": {n: int((cohort.split == n).sum()) for n in SPLITS},
+        "examples": {n: d.num_examples for n, d in datasets.items()},
+        "sequences": {n: len(d) for n, d in datasets.items()},
+        "labels": dict(examples.report),
+        "splits_hashed": bool(cohort.report.get("splits_file_missing")),
         "fingerprint": fingerprint(root),
-        "patients": {n: len(d) for n, d in datasets.items()},
-        "labelled_visits": int(labelled.sum()),
         "vocab_tokens_in_data": len(full),
         "vocab_size": len(vocab),
         "vocab_tokens_mapped_to_unk": len(full) - len(vocab),
-        "truncation_train": {
-            k: getattr(trunc, k)
-            for k in ("patients_truncated", "visits_dropped", "visits_truncated", "events_dropped")
-        },
+        "unk": unk_share(cohort, ids),
+        "truncation": {n: d.loss.to_dict() for n, d in datasets.items()},
     }
     data = TrainData(
         splits=splits,
         collate=datasets["train"].collate,
         vocab=vocab.to_json(),
-        majority_stage=majority,
+        majority_stage=int(task.get("majority_class", 0)),
         source=str(root),
         info=info,
         train_times=(
-            cohort.time_to_event[labelled_train],
-            cohort.event_observed[labelled_train],
+            (examples.days[train_ex].astype(np.float32), examples.observed[train_ex])
+            if examples.days is not None and examples.observed is not None
+            else None
         ),
+        task=task,
+        subject_splits=(cohort.subject_ids, [str(x) for x in cohort.split.tolist()]),
     )
     return data, config
+
+
+def task_info(
+    kind: str, examples: Any, train: np.ndarray, config: EHRModelConfig
+) -> dict[str, Any]:
+    """The task's kind, its model outputs and the train-split baselines its metrics sit beside."""
+    y = examples.value[train]
+    if len(y) == 0:
+        raise DataError("the train split has no labelled examples")
+    out: dict[str, Any] = {"kind": kind}
+    if kind == "binary":
+        out |= {"outputs": 1, "train_prevalence": float(np.mean(y.astype(np.float64)))}
+    elif kind == "regression":
+        out |= {
+            "outputs": 1,
+            "train_mean": float(np.mean(y)),
+            "train_std": float(np.std(y)) or 1.0,
+        }
+    else:
+        top = int(examples.value.max())
+        classes = top + 1 if kind == "multiclass" else config.num_stages
+        if top >= classes:
+            raise DataError(
+                f"stage label {top} needs num_stages > {top} (the config has "
+                f"num_stages={config.num_stages})"
+            )
+        out |= {
+            "outputs": max(classes, 2),
+            "majority_class": int(np.bincount(y.astype(np.int64)).argmax()),
+        }
+    return out
+
+
+def unk_share(cohort: Any, ids: np.ndarray) -> dict[str, Any]:
+    """Events mapped to UNK, and distinct raw codes none of whose events has an id."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ehrplan.data.vocab import UNK_ID
+
+    unk = ids == UNK_ID
+    codes = pc.unique(cohort.code)
+    unk_codes = pc.unique(cohort.code.filter(pa.array(unk))) if unk.any() else codes[:0]
+    known = pc.unique(cohort.code.filter(pa.array(~unk))) if (~unk).any() else codes[:0]
+    only_unk = pc.sum(pc.invert(pc.is_in(unk_codes, value_set=known))).as_py() or 0
+    return {
+        "events": int(unk.sum()),
+        "events_fraction": round(float(unk.mean()), 6) if len(ids) else 0.0,
+        "codes": int(only_unk),
+        "codes_fraction": round(only_unk / len(codes), 6) if len(codes) else 0.0,
+        "distinct_codes": len(codes),
+    }

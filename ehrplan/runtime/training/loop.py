@@ -46,9 +46,9 @@ from ehrplan.runtime.training.checkpoint import (
 )
 from ehrplan.runtime.training.data import Split, TrainData
 from ehrplan.runtime.training.device import autocast_dtype, resolve_device, resolve_precision
-from ehrplan.runtime.training.loss import ProgressionLoss, population_median_years
+from ehrplan.runtime.training.loss import LabelLoss, ProgressionLoss, population_median_years
 from ehrplan.runtime.training.memory import MEMORY_METHOD, estimate_for_batch, memory_in_use
-from ehrplan.runtime.training.metrics import Predictions, evaluate_predictions
+from ehrplan.runtime.training.metrics import Predictions, evaluate_task, headline
 from ehrplan.runtime.training.progress import TrainProgress
 from ehrplan.runtime.training.runfiles import RunFiles, read_json_list, read_records
 from ehrplan.runtime.training.schedule import (
@@ -184,12 +184,7 @@ class Trainer:
         self.model = self.model.to(self.device)
         self.model = dist_.wrap_model(self.model, self.strategy, self.env, self.device.type)
         self.raw_model = dist_.unwrap(self.model)
-        unit = 1.0
-        if self.data.train_times is not None:
-            days, seen = self.data.train_times
-            unit = population_median_years(torch.from_numpy(days), torch.from_numpy(seen))
-        self.loss_fn = ProgressionLoss(time_weight=self.settings.time_weight, time_unit_years=unit)
-        self.loss_fn = self.loss_fn.to(self.device)
+        self.loss_fn = make_loss(self.data, self.settings.time_weight).to(self.device)
         decay, no_decay = [], []
         for p in [*self.model.parameters(), *self.loss_fn.parameters()]:
             if not p.requires_grad:
@@ -306,7 +301,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _batch(self, split: Split, idx: list[int]) -> Any:
-        return self.data.collate([split.dataset[i] for i in idx]).to(self.device)
+        return self.data.collate_for(split)([split.dataset[i] for i in idx]).to(self.device)
 
     def _train_step(self, group: list[list[int]], measure: bool = False) -> dict[str, Any]:
         """One optimizer step over ``group``'s micro-batches; ``measure``: track its peak memory
@@ -487,43 +482,23 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, split: Split) -> tuple[Predictions, float]:
-        """Predictions at every real visit of ``split`` and the mean loss per visit (every rank
-        evaluates the whole split: under FSDP the forward pass is a collective)."""
+        """Predictions at every labelled position (one per example) of ``split`` and the mean
+        loss per example (every rank evaluates the whole split: under FSDP the forward pass is a
+        collective)."""
         model = self.model if self.strategy == "fsdp" else self.raw_model
-        model.eval()
-        ys, probs, times, obs, pred_days = [], [], [], [], []
-        loss_sum, visits = 0.0, 0
-        n = len(split.dataset)
-        bs = self.config.batch_size * 4
-        order = np.argsort(split.lengths, kind="stable")  # similar sizes together: less padding
-        for i in range(0, n, bs):
-            batch = self._batch(split, order[i : i + bs].tolist())
-            with self._autocast():
-                stage_logits, time_pred = model(*batch.model_inputs())
-            parts = self.loss_fn(stage_logits, time_pred, batch)
-            loss_sum += parts.total.item() * parts.visits
-            visits += parts.visits
-            real = batch.visit_mask & (batch.stage >= 0)
-            ys.append(batch.stage[real].cpu())
-            probs.append(stage_logits[real].float().softmax(-1).cpu())
-            times.append(batch.time_to_event[real].cpu())
-            obs.append(batch.event_observed[real].cpu())
-            pred_days.append(self.loss_fn.predicted_days(time_pred)[real].cpu())
-        preds = Predictions(
-            stage=torch.cat(ys).numpy(),
-            stage_prob=torch.cat(probs).numpy(),
-            time_days=torch.cat(times).numpy().astype(np.float64),
-            observed=torch.cat(obs).numpy(),
-            predicted_days=torch.cat(pred_days).numpy().astype(np.float64),
+        return predict_split(
+            model,
+            self.loss_fn,
+            split,
+            self.data.collate_for(split),
+            self.config.batch_size * 4,
+            self.device,
+            self._autocast,
         )
-        return preds, loss_sum / max(1, visits)
 
     def evaluate(self, split_name: str) -> dict[str, Any]:
         preds, loss = self.predict(self.data.split(split_name))
-        return {
-            "loss": loss,
-            **evaluate_predictions(preds, majority_stage=self.data.majority_stage),
-        }
+        return {"loss": loss, **evaluate_task(preds, self.data.task)}
 
     # ----------------------------------------------------------------------------- the run
 
@@ -636,7 +611,7 @@ class Trainer:
         self._record({"kind": "eval", "split": "tuning", "step": self.pos.step, **res})
         progress.log(
             f"eval step {self.pos.step}: tuning loss {res['loss']:.4f}  "
-            f"macro-F1 {res['stage_macro_f1']:.3f}  C-index {_f(res['c_index'])}"
+            + headline(res, self.data.task.get("kind", "ckd_progression"))
         )
         if self.best_loss is None or res["loss"] < self.best_loss:
             self.best_loss, self.best_step = res["loss"], self.pos.step
@@ -644,6 +619,7 @@ class Trainer:
                 "config": self.config.model_dump(),
                 "model": dist_.model_state(self.model, self.strategy, self.env),
                 "loss_fn": self.loss_fn.state_dict(),
+                "task": dict(self.data.task),
                 "step": self.pos.step,
                 "tuning_loss": res["loss"],
             }
@@ -695,9 +671,81 @@ class Trainer:
             write_json(self.files.summary, summary)
             from ehrplan.runtime.training.plot import plot_curves
 
-            plot_curves(records, self.files.curves, title=f"{self.run_dir.name}")
+            plot_curves(
+                records,
+                self.files.curves,
+                title=f"{self.run_dir.name}",
+                kind=self.data.task.get("kind", "ckd_progression"),
+            )
         return summary
 
 
 def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def make_loss(data: TrainData, time_weight: float) -> torch.nn.Module:
+    """The task kind's loss: the CKD composite's `ProgressionLoss` (its time unit fitted on the
+    train split), or `LabelLoss` for a binary, multiclass or regression task."""
+    task = data.task
+    kind = task.get("kind", "ckd_progression")
+    if kind != "ckd_progression":
+        return LabelLoss(kind, task.get("train_mean", 0.0), task.get("train_std", 1.0))
+    unit = 1.0
+    if data.train_times is not None:
+        days, seen = data.train_times
+        unit = population_median_years(torch.from_numpy(days), torch.from_numpy(seen))
+    return ProgressionLoss(time_weight=time_weight, time_unit_years=unit)
+
+
+@torch.no_grad()
+def predict_split(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    split: Split,
+    collate: Callable[[list[Any]], Any],
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], Any] = nullcontext,
+) -> tuple[Predictions, float]:
+    """Run ``model`` over a split in length order; the labels, the predictions and the example
+    index of every labelled position, and the mean loss per example."""
+    model.eval()
+    ys, probs, times, obs, pred_days, exs = [], [], [], [], [], []
+    loss_sum, n_seen = 0.0, 0
+    n = len(split.dataset)
+    order = np.argsort(split.lengths, kind="stable")  # similar sizes together: less padding
+    label_examples = getattr(split.dataset, "label_examples", None)
+    for i in range(0, n, batch_size):
+        items = [split.dataset[j] for j in order[i : i + batch_size].tolist()]
+        batch = collate(items).to(device)
+        with autocast():
+            stage_logits, time_pred = model(*batch.model_inputs())
+        parts = loss_fn(stage_logits, time_pred, batch)
+        loss_sum += parts.total.item() * parts.visits
+        n_seen += parts.visits
+        real = batch.visit_mask & (batch.stage >= 0)
+        ys.append(batch.stage[real].cpu())
+        times.append(batch.time_to_event[real].cpu())
+        obs.append(batch.event_observed[real].cpu())
+        if isinstance(loss_fn, LabelLoss):
+            point = loss_fn.point(stage_logits)[real].cpu()
+            if loss_fn.kind == "multiclass":
+                probs.append(point)
+            else:
+                probs.append(point[:, None] if loss_fn.kind == "binary" else point[:, None] * 0)
+            pred_days.append(point if loss_fn.kind == "regression" else point.new_zeros(len(point)))
+        else:
+            probs.append(stage_logits[real].float().softmax(-1).cpu())
+            pred_days.append(loss_fn.predicted_days(time_pred)[real].cpu())
+        if label_examples is not None:
+            exs.append(torch.from_numpy(label_examples(items)))
+    preds = Predictions(
+        stage=torch.cat(ys).numpy(),
+        stage_prob=torch.cat(probs).numpy(),
+        time_days=torch.cat(times).numpy().astype(np.float64),
+        observed=torch.cat(obs).numpy(),
+        predicted_days=torch.cat(pred_days).numpy().astype(np.float64),
+        examples=torch.cat(exs).numpy() if exs else None,
+    )
+    return preds, loss_sum / max(1, n_seen)

@@ -141,3 +141,47 @@ def population_median_years(time_days: torch.Tensor, observed: torch.Tensor) -> 
 
     opt.step(closure)
     return float(mu.detach().exp())
+
+
+class LabelLoss(nn.Module):
+    """The loss of a binary, multiclass or regression task, read from the classifier head at
+    each labelled position: binary cross-entropy on one logit; cross-entropy over classes; mean
+    squared error on the standardised target (train mean and standard deviation, kept as
+    buffers so predictions are in the label's units).
+
+    The time-to-progression head is the CKD task's: here it enters the total times zero, so it
+    gets a zero gradient (DDP expects one for every parameter) and never moves."""
+
+    def __init__(self, kind: str, target_mean: float = 0.0, target_std: float = 1.0) -> None:
+        super().__init__()
+        if kind not in ("binary", "multiclass", "regression"):
+            raise ValueError(f"LabelLoss has no kind {kind!r}")
+        self.kind = kind
+        self.register_buffer("target_mean", torch.tensor(float(target_mean)))
+        self.register_buffer("target_std", torch.tensor(float(target_std)))
+
+    def forward(
+        self, stage_logits: torch.Tensor, time_pred: torch.Tensor, batch: Batch
+    ) -> LossParts:
+        real = batch.visit_mask & (batch.stage != IGNORE_INDEX)
+        n = int(real.sum())
+        out = stage_logits[real].float()
+        if self.kind == "binary":
+            loss = F.binary_cross_entropy_with_logits(out[:, 0], batch.stage[real].float())
+        elif self.kind == "multiclass":
+            loss = F.cross_entropy(out, batch.stage[real])
+        else:
+            z = (batch.time_to_event[real].float() - self.target_mean) / self.target_std
+            loss = F.mse_loss(out[:, 0], z)
+        idle = time_pred.float().sum() * 0.0
+        return LossParts(total=loss + idle, stage=loss, time=idle.detach(), visits=n)
+
+    def point(self, stage_logits: torch.Tensor) -> torch.Tensor:
+        """Per position: P(positive) (binary), class probabilities (multiclass), or the
+        prediction in the label's units (regression)."""
+        x = stage_logits.float()
+        if self.kind == "binary":
+            return torch.sigmoid(x[..., 0])
+        if self.kind == "multiclass":
+            return x.softmax(-1)
+        return x[..., 0] * self.target_std + self.target_mean

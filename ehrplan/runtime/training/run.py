@@ -59,13 +59,17 @@ class Request:
     project_embeddings: bool = False
     shard: bool = False
     """FSDP2 over the ranks of a torchrun job (default under torchrun: DDP)."""
+    task: str | None = None
+    labels: Path | None = None
+    splits: str | None = None
+    min_code_count: int | None = None
     overwrite: bool = False
     """Start a new run in an ``--out`` that holds one (its files are removed first)."""
 
 
 RUN_FILES = (
     "config.json", "vocab.json", "hardware.json", "estimate.json", "embeddings.json",
-    "metrics.jsonl", "memory.json", "summary.json", "curves.png",
+    "metrics.jsonl", "memory.json", "summary.json", "curves.png", "task.json", "splits.parquet",
 )  # fmt: skip
 """What a run writes at the top of its folder (``--overwrite`` removes these and checkpoints/)."""
 
@@ -224,7 +228,7 @@ def _run(
 ) -> dict:
     from ehrplan.runtime import distributed as dist_
     from ehrplan.runtime.training import choose
-    from ehrplan.runtime.training.data import load_training_data, synthetic_cohort
+    from ehrplan.runtime.training.data import DataRequest, load_training_data, synthetic_cohort
     from ehrplan.runtime.training.device import auto_threads, precision_reason, resolve_precision
     from ehrplan.runtime.training.loop import Trainer, TrainSettings
 
@@ -281,7 +285,19 @@ def _run(
         dist_.barrier(env)
         data_root = synthetic_cohort(req.patients)
     vocab_file = run_dir / "vocab.json" if saved is not None else None
-    data, config = load_training_data(data_root, requested, vocab_file)
+    if saved is not None and not (req.task or req.labels or req.splits):
+        asked = DataRequest(**saved["data"].get("request", {}))
+    else:
+        asked = DataRequest(
+            task=req.task, labels=req.labels, splits=req.splits, min_code_count=req.min_code_count
+        )
+    data, config = load_training_data(data_root, requested, vocab_file, asked)
+    data.info["request"] = {
+        "task": asked.task,
+        "labels": str(asked.labels) if asked.labels else None,
+        "splits": asked.splits,
+        "min_code_count": asked.min_code_count,
+    }
     if saved is not None:
         was, now = saved["data"].get("fingerprint"), data.info.get("fingerprint")
         if was is not None and was != now:
@@ -362,6 +378,11 @@ def _run(
             },
         )
         write_text(run_dir / "vocab.json", json.dumps(data.vocab) + "\n")
+        write_json(run_dir / "task.json", dict(data.task) | {"name": data.info["task"]["name"]})
+        if data.subject_splits is not None and data.info.get("splits_hashed"):
+            from ehrplan.data.meds import splits_table, write_parquet
+
+            write_parquet(splits_table(*data.subject_splits), run_dir / "splits.parquet")
         write_json(
             run_dir / "hardware.json", {"hardware": choice.hardware, "budget": choice.budget}
         )
@@ -401,13 +422,8 @@ def _run(
         _say(req, "  no checkpoint had been written: training again from step 0, same seed")
     for r in choice.reasons:
         _say(req, f"  {r}")
-    info = data.info
-    _say(
-        req,
-        f"  data: {info['root']} ({info['patients']['train']} train / "
-        f"{info['patients']['tuning']} tuning / {info['patients']['held_out']} held-out "
-        f"patients, vocabulary {info['vocab_size']})",
-    )
+    for line in data_lines(data.info):
+        _say(req, line)
     _say(
         req,
         f"  device {device}, {precision}; batch {config.batch_size} x "
@@ -446,6 +462,10 @@ def _run(
         summary["embeddings"] = prepared.info
     summary["reasons"] = choice.reasons
     summary["config"] = config.model_dump()
+    summary["task"] = dict(data.task) | {"name": data.info["task"]["name"]}
+    summary["data"] = {
+        k: data.info[k] for k in ("examples", "labels", "truncation", "unk", "splits_hashed")
+    }
     if env.is_main and not env.is_distributed:
         _record_pace(choice, config, summary)
     return summary
@@ -476,6 +496,45 @@ def _record_pace(choice: Any, config: EHRModelConfig, summary: dict[str, Any]) -
         summary["run_dir"],
         int(summary["steps"]),
     )
+
+
+UNK_WARN = 0.20  # share of events mapped to UNK above which train and data stats warn
+TRUNC_WARN = 0.50  # share of events before prediction time that truncation drops
+
+
+def data_lines(info: dict[str, Any]) -> list[str]:
+    """What the data gives and what was lost, in a few lines (train start); warning lines last."""
+    t, ex, lab = info["task"], info["examples"], info["labels"]
+    tr, unk = info["truncation"]["train"], info["unk"]
+    lines = [
+        f"  data: {info['root']}, task {t['name']} ({t['kind']}): examples {ex['train']:,} train / "
+        f"{ex['tuning']:,} tuning / {ex['held_out']:,} held-out (one per label row; "
+        f"{info['patients']['train']:,} / {info['patients']['tuning']:,} / "
+        f"{info['patients']['held_out']:,} patients); vocabulary {info['vocab_size']:,}",
+        f"  lost: {tr['events_dropped']:,} of {tr['events']:,} train events before prediction "
+        f"time truncated ({tr['events_dropped_fraction']:.1%}; {tr['visits_dropped']:,} visits "
+        f"dropped, {tr['visits_cut']:,} cut); UNK {unk['events_fraction']:.1%} of events, "
+        f"{unk['codes_fraction']:.1%} of distinct codes; label rows skipped: "
+        f"{lab['labels_before_first_event']:,} before the subject's first event, "
+        f"{lab['labels_unknown_subject']:,} for unknown subjects",
+    ]
+    if info.get("splits_hashed"):
+        lines.append(
+            "  note: no metadata/subject_splits.parquet: subjects split 80/10/10 by a hash of "
+            "subject_id (saved as splits.parquet in the run folder)"
+        )
+    if unk["events_fraction"] > UNK_WARN:
+        lines.append(
+            f"  [yellow]warning:[/] {unk['events_fraction']:.0%} of events map to UNK "
+            "(lower --min-code-count, or a preset with a larger vocab_size)"
+        )
+    if tr["events_dropped_fraction"] > TRUNC_WARN:
+        lines.append(
+            f"  [yellow]warning:[/] truncation drops {tr['events_dropped_fraction']:.0%} of the "
+            "events before prediction time (a larger preset, or --set max_visits=N "
+            "--set max_codes_per_visit=N)"
+        )
+    return lines
 
 
 def _devnull() -> Any:
