@@ -86,7 +86,7 @@ def _main(args: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("case", BAD_CASES)
+@pytest.mark.parametrize("case", [c for c in BAD_CASES if c != "unknown_label_subjects"])
 def test_bad_data_exit_2_one_line(tmp_path: Path, case: str) -> None:
     root, words = _bad(tmp_path, case)
     code, out, err = _main(["data", "stats", str(root)])
@@ -96,3 +96,11 @@ def test_bad_data_exit_2_one_line(tmp_path: Path, case: str) -> None:
     assert "Traceback" not in err
     for w in words:
         assert w in err
+
+
+def test_labels_for_unknown_subjects_are_counted_not_an_error(tmp_path: Path) -> None:
+    root, _ = _bad(tmp_path, "unknown_label_subjects")
+    code, out, err = _main(["data", "stats", str(root), "--json"])
+    assert code == 0, err
+    task = json.loads(out)["task"]
+    assert task["labels_unknown_subject"] == 1 and task["examples"] == 1

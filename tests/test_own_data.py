@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli, run_without_torch
 from foreign_meds import write_foreign
 from meds import LabelSchema
 from sklearn.metrics import roc_auc_score
 
 from ehrplan.cli.app import main
+from ehrplan.plan.config import get_preset
 
 
 def _exit(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -98,3 +100,63 @@ def test_bad_task_input_is_one_line_exit_2(
         code, _, err = _exit(capsys, *args)
         assert code == 2 and want in err and len(err.splitlines()) == 1, err
     assert not list(tmp_path.glob("runs")) and not (Path("x.parquet")).exists()
+
+
+@pytest.fixture(scope="module")
+def small_foreign(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_foreign(tmp_path_factory.mktemp("own") / "d", 120, seed=4)
+
+
+def test_data_stats_lists_tasks_and_examples_without_torch(small_foreign: Path) -> None:
+    code, out, err = run_without_torch(["data", "stats", str(small_foreign), "--json"])
+    assert code == 0, err
+    doc = json.loads(out)
+    [task] = doc["tasks"]
+    labels = pq.read_table(small_foreign / "tasks" / "mortality")
+    assert task == {"name": "mortality", "kind": "binary", "label_rows": labels.num_rows}
+    t = doc["task"]
+    assert sum(t["examples_by_split"].values()) == t["examples"] == labels.num_rows
+    assert t["balance"]["positives"] == sum(labels["boolean_value"].to_pylist())
+    tiny = next(r for r in doc["presets"] if r["preset"] == "tiny-lstm")
+    assert 0 < tiny["examples_truncation"]["events_dropped"] < tiny["examples_truncation"]["events"]
+    assert doc["unk"]["events_fraction"] >= 0
+
+
+def test_recommend_and_validate_answer_from_the_datas_shapes(small_foreign: Path) -> None:
+    args = ["recommend", "--memory", "16GiB", "--device", "cpu", "--json"]
+    code, out, err = run_without_torch([*args, "--data", str(small_foreign)])
+    assert code == 0, err
+    doc = json.loads(out)
+    for r in doc["presets"]:
+        ds = r["data_shaped"]
+        v = ds["shape"][1]
+        # the data's admissions are few and long: fewer visits than the preset's maxima
+        assert v <= 4 < get_preset(r["preset"]).config.max_visits
+        assert ds["estimate_bytes"] <= r["estimate_bytes"]
+        assert ds["percentiles"]["visits_per_example"]["max"] <= 4
+    assert set(doc["data_recommendation"]) == {"lstm", "transformer"}
+    small = next(r for r in doc["presets"] if r["preset"] == "small-lstm")
+    between = (small["data_shaped"]["estimate_bytes"] + small["estimate_bytes"]) // 2
+    base = ["validate", "small-lstm", "--budget", str(between), "--headroom", "0"]
+    base += ["--device", "cpu"]
+    assert run_without_torch(base)[0] == 1  # preset maxima: does not fit
+    code, _, err = run_without_torch([*base, "--data", str(small_foreign)])
+    assert code == 0, err  # the data's own batches fit
+
+
+@pytest.mark.slow
+def test_recommend_data_shaped_step_matches_the_dry_run(small_foreign: Path) -> None:
+    args = ["recommend", "--memory", "16GiB", "--device", "cpu", "--json"]
+    code, out, err = run_without_torch([*args, "--data", str(small_foreign)])
+    assert code == 0, err
+    small = next(r for r in json.loads(out)["presets"] if r["preset"] == "small-lstm")
+    ds = small["data_shaped"]
+    r = run_cli(
+        "dry-run", "--preset", "small-lstm", "--device", "cpu", "--precision", ds["precision"],
+        "--data", str(small_foreign), "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    dry = json.loads(r.stdout)
+    assert dry["batch_shape"] == ds["shape"]  # the same batch
+    assert dry["estimated_peak_bytes"] == ds["estimate_bytes"]  # the same estimate
+    assert abs(ds["estimate_bytes"] / dry["measured_peak_bytes"] - 1) < 0.10

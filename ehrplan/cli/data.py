@@ -16,24 +16,20 @@ from ehrplan.cli.options import (
     MAX_VALUE_BINS,
     MAX_WINDOW_HOURS,
     JsonOpt,
+    LabelsOpt,
     PresetOpt,
+    SplitsOpt,
+    TaskOpt,
     finite,
 )
-from ehrplan.cli.output import emit
+from ehrplan.cli.output import emit, warn
+from ehrplan.plan.config import get_preset, load_presets
 
 data_app = typer.Typer(
     help="Inspect MEDS data sets: size, shape, labels, and what a preset would truncate.",
     no_args_is_help=True,
 )
 
-LabelsOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--labels",
-        help="A label file or task directory (MEDS LabelSchema); default DIR/tasks/ckd_stage "
-        "when it exists.",
-    ),
-]
 WindowOpt = Annotated[
     float,
     typer.Option(
@@ -76,26 +72,34 @@ BatchOpt = Annotated[
 def stats(
     directory: Annotated[Path, typer.Argument(help="Root of a MEDS data set.")],
     preset: PresetOpt = None,
+    task: TaskOpt = None,
     labels: LabelsOpt = None,
+    splits: SplitsOpt = None,
     visit_window: WindowOpt = 24.0,
     min_count: MinCountOpt = 5,
     value_bins: BinsOpt = 5,
     batch_size: BatchOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Patients, events, visits per patient, codes per visit, vocabulary, labels, truncation.
+    """Patients, events, visits per patient, codes per visit, vocabulary, tasks, truncation.
 
-    With --preset, the truncation that preset's max_visits / max_codes_per_visit would cause and
-    the batch shapes of per-batch padding (with and without length bucketing) on the train
-    split; without it, the same for every preset.
+    Lists the label tasks under DIR/tasks with their kind and label rows. For the task (--task,
+    --labels, or the only one): examples per split (one per label row), label rows skipped, and
+    per preset the events before prediction time that truncation drops. With --preset, that
+    preset only; without it, every preset. Also the batch shapes of per-batch padding (with and
+    without length bucketing) on the train split.
     """
     from ehrplan.data.cache import cache_bytes, data_memory
-    from ehrplan.data.cohort import load_cohort
+    from ehrplan.data.cohort import load_cohort, parse_split_names
     from ehrplan.data.stats import batch_dims, describe, truncation
-    from ehrplan.data.vocab import train_vocab
-    from ehrplan.plan.config import get_preset, load_presets
+    from ehrplan.data.vocab import train_vocab, unk_share
 
-    cohort = load_cohort(directory, labels, window_hours=visit_window)
+    cohort = load_cohort(
+        directory,
+        window_hours=visit_window,
+        visit_labels=False,
+        split_names=parse_split_names(splits),
+    )
     vocab = train_vocab(cohort, min_count=min_count, value_bins=value_bins)
     payload: dict[str, Any] = describe(cohort, vocab_size=len(vocab))
     payload["vocab"] = {"min_count": min_count, "value_bins": value_bins, "size": len(vocab)}
@@ -106,37 +110,139 @@ def stats(
         "vocab_size": len(vocab),
     }
     payload["example_cache_bytes"] = cache_bytes(**sizes)
+    payload["unk"] = unk_share(cohort.code, vocab.encode(cohort.code, cohort.numeric_value))
     presets = [get_preset(preset)] if preset else list(load_presets().values())
+    payload["tasks"], chosen = _tasks(directory, task, labels)
+    payload["task"] = None
+    labels_read = None
+    if chosen is not None:
+        from ehrplan.data.tasks import read_task
+
+        labels_read = read_task(chosen)
+        payload["task"] = _task_summary(cohort, labels_read)
+        if labels_read.kind == "ckd_progression":
+            payload["labels"] = _ckd_balance(labels_read)
     train = cohort.patients_in("train")
     rows = []
     for p in presets:
         cfg = p.config
         bs = batch_size or cfg.batch_size
-        rows.append(
-            {
-                "preset": p.name,
-                "vocab_size": cfg.vocab_size,
-                "truncation": truncation(
-                    cohort, cohort.patients_in(None), cfg.max_visits, cfg.max_codes_per_visit
-                ).to_dict(),
-                "host_ram_for_data": data_memory(
-                    **sizes,
-                    batch_size=bs,
-                    max_visits=cfg.max_visits,
-                    max_codes_per_visit=cfg.max_codes_per_visit,
+        row: dict[str, Any] = {
+            "preset": p.name,
+            "vocab_size": cfg.vocab_size,
+            "truncation": truncation(
+                cohort, cohort.patients_in(None), cfg.max_visits, cfg.max_codes_per_visit
+            ).to_dict(),
+            "host_ram_for_data": data_memory(
+                **sizes,
+                batch_size=bs,
+                max_visits=cfg.max_visits,
+                max_codes_per_visit=cfg.max_codes_per_visit,
+            ),
+            "batch_shapes": {
+                "per_batch": batch_dims(cohort, train, bs, cfg.max_visits, cfg.max_codes_per_visit),
+                "per_batch_bucketed": batch_dims(
+                    cohort, train, bs, cfg.max_visits, cfg.max_codes_per_visit, bucketing=True
                 ),
-                "batch_shapes": {
-                    "per_batch": batch_dims(
-                        cohort, train, bs, cfg.max_visits, cfg.max_codes_per_visit
-                    ),
-                    "per_batch_bucketed": batch_dims(
-                        cohort, train, bs, cfg.max_visits, cfg.max_codes_per_visit, bucketing=True
-                    ),
-                },
-            }
-        )
+            },
+        }
+        if labels_read is not None:
+            from ehrplan.data.examples import build_examples, truncation_loss
+
+            ex = build_examples(cohort, labels_read, cfg.max_visits, cfg.max_codes_per_visit)
+            row["examples_truncation"] = truncation_loss(cohort, ex).to_dict()
+        rows.append(row)
     payload["presets"] = rows
+    payload["warnings"] = _warnings(payload)
+    for w in payload["warnings"]:
+        warn(w)
     emit("data stats", payload, as_json=json_, render=_render)
+
+
+UNK_WARN = 0.20
+TRUNC_WARN = 0.50
+
+
+def _warnings(p: dict[str, Any]) -> list[str]:
+    out = []
+    if p["unk"]["events_fraction"] > UNK_WARN:
+        out.append(
+            f"{p['unk']['events_fraction']:.0%} of events map to UNK at --min-count "
+            f"{p['vocab']['min_count']} (lower --min-count; train takes --min-code-count)"
+        )
+    for r in p["presets"]:
+        tr = r.get("examples_truncation")
+        if tr and tr["events_dropped_fraction"] > TRUNC_WARN:
+            out.append(
+                f"{r['preset']}: truncation drops {tr['events_dropped_fraction']:.0%} of the "
+                "events before prediction time (a larger preset, or --set max_visits=N)"
+            )
+    return out
+
+
+def _tasks(directory: Path, task: str | None, labels: Path | None) -> tuple[list[dict], Any]:
+    """Every task found (name, kind, label rows) and the one chosen (None: none or several)."""
+    from ehrplan.data.tasks import TASKS_DIR, TaskSource, find_tasks, read_task, resolve_task
+
+    found = []
+    for name in find_tasks(directory):
+        lab = read_task(TaskSource(name, Path(directory) / TASKS_DIR / name))
+        found.append({"name": name, "kind": lab.kind, "label_rows": len(lab)})
+    if task is None and labels is None and len(found) != 1:
+        return found, None
+    return found, resolve_task(directory, task, labels)
+
+
+def _task_summary(cohort: Any, labels: Any) -> dict[str, Any]:
+    """Examples per split, rows skipped, and the label balance of the kind."""
+    import numpy as np
+
+    from ehrplan.data.examples import build_examples
+
+    ex = build_examples(cohort, labels, 1_000_000, 1_000_000)
+    split_of = cohort.split[ex.patient]
+    names, counts = np.unique(split_of, return_counts=True)
+    v = ex.value
+    if labels.kind == "binary":
+        balance: dict[str, Any] = {"positives": int(v.sum()), "prevalence": float(v.mean())}
+    elif labels.kind == "regression":
+        balance = {
+            "mean": float(v.mean()),
+            "p50": float(np.median(v)),
+            "min": float(v.min()),
+            "max": float(v.max()),
+        }
+    else:
+        balance = {"class_counts": {str(i): int(n) for i, n in enumerate(np.bincount(v))}}
+    return {
+        "name": labels.name,
+        "kind": labels.kind,
+        "files": list(labels.files),
+        "label_rows": len(labels),
+        "examples": len(ex),
+        "examples_by_split": {str(s): int(n) for s, n in zip(names, counts, strict=True)},
+        "labels_before_first_event": ex.report["labels_before_first_event"],
+        "labels_unknown_subject": ex.report["labels_unknown_subject"],
+        "balance": balance,
+    }
+
+
+def _ckd_balance(labels: Any) -> dict[str, Any]:
+    """The CKD composite's stage counts, seen stage changes and censoring, per label row."""
+    import numpy as np
+
+    stages = labels.value
+    obs = labels.observed
+    return {
+        "labelled_visits": len(labels),
+        "stage_counts": {str(i): int(n) for i, n in enumerate(np.bincount(stages))},
+        "event_observed": int(obs.sum()),
+        "censored": int((~obs).sum()),
+        "time_to_event_days": {
+            "p50": round(float(np.median(labels.days)), 1),
+            "max": round(float(labels.days.max()), 1),
+        },
+    }
 
 
 data_app.command("stats")(stats)
@@ -222,7 +328,30 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         "vocabulary (train split)",
         f"{v['size']:,} (min count {v['min_count']}, {v['value_bins']} value bins, PAD+UNK)",
     )
+    u = p["unk"]
+    t.add_row(
+        "mapped to UNK",
+        f"{u['events_fraction']:.1%} of events, {u['codes_fraction']:.1%} of distinct codes",
+    )
     yield t
+
+    if p["tasks"]:
+        tt = Table(title="Tasks (tasks/NAME)")
+        for col in ("task", "kind", "label rows"):
+            tt.add_column(col, justify="right" if col == "label rows" else "left")
+        for r in p["tasks"]:
+            tt.add_row(r["name"], r["kind"], f"{r['label_rows']:,}")
+        yield tt
+    task = p.get("task")
+    if task:
+        by = ", ".join(f"{n:,} {s or '(no split)'}" for s, n in task["examples_by_split"].items())
+        yield (
+            f"task {task['name']} ({task['kind']}): {task['examples']:,} examples, one per label "
+            f"row ({by}); skipped: {task['labels_before_first_event']:,} label rows before the "
+            f"subject's first event, {task['labels_unknown_subject']:,} for unknown subjects"
+        )
+    elif len(p["tasks"]) > 1:
+        yield "several tasks: choose one with --task NAME for its examples"
 
     d = Table(title="Shape")
     d.add_column("")
@@ -251,9 +380,13 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         yield lt
 
     pt = Table(
-        title="Per preset: events lost to truncation (all patients); padded/real positions "
-        "of train batches",
-        caption="batch: padded to each batch's maxima; bucketed: with length bucketing; "
+        title="Per preset: events lost to truncation; padded/real positions of train batches",
+        caption=(
+            "lost: of the task's examples' events before prediction time"
+            if p.get("task")
+            else "lost: of every patient's events"
+        )
+        + "; batch: padded to each batch's maxima; bucketed: with length bucketing; "
         "preset: padded to max V x C",
         box=box.SIMPLE_HEAD,
         collapse_padding=True,
@@ -268,7 +401,7 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         pt.add_row(
             r["preset"],
             f"{tr['max_visits']}x{tr['max_codes_per_visit']}",
-            f"{tr['events_dropped_fraction']:.1%}",
+            f"{(r.get('examples_truncation') or tr)['events_dropped_fraction']:.1%}",
             str(per["visits"]["p95"]),
             str(per["codes_per_visit"]["p95"]),
             f"{per['padding_ratio']:.2f}",

@@ -244,30 +244,31 @@ def _largest_data_batch(
     """The train split's batch with the largest estimate, among the first epoch's length-bucketed
     batches (what `ehrplan train` trains) and the batch of its longest patients; the config with
     its vocabulary fitted to the data."""
+    from ehrplan.data.shapes import TrainShapes, largest_batch
+    from ehrplan.plan.grouping import grouping_enabled
     from ehrplan.runtime.training.data import load_training_data
-    from ehrplan.runtime.training.schedule import bucket_pool, epoch_batches
 
     if not root.is_dir():
         what = "not a directory" if root.exists() else "no such directory"
         raise UsageError(f"--data {root}: {what}")
     data, cfg = load_training_data(root, cfg, request=request)
     train = data.split("train")
-    B = cfg.batch_size
-    candidates = epoch_batches(train.lengths, B, 0, 0, bucket_pool(B))
-    candidates.append([int(i) for i in train.lengths.argsort()[::-1][:B]])
-    best: tuple[int, Any, dict[str, Any]] | None = None
-    for idx in candidates:
-        batch = data.collate([train.dataset[i] for i in idx])
-        b, v, c = batch.codes.shape
-        shape: dict[str, Any] = {"batch_size": b, "visits": v, "codes": c}
-        shape["visit_groups"] = batch.encoder_groups(cfg.model_type, device)
-        total = estimate_memory(
-            cfg, precision=precision, device=device, checkpointing=ckpt, **shape
-        ).total_bytes
-        if best is None or total > best[0]:
-            best = (total, batch, shape)
-    assert best is not None
-    _, batch, shape = best
+    ds = train.dataset
+    shapes = TrainShapes(examples=ds.examples, idx=ds.idx, sequences=ds.seq, lengths=train.lengths)
+
+    def estimate(b: int, v: int, c: int, groups: list[tuple[int, int]] | None) -> int:
+        return estimate_memory(
+            cfg, precision=precision, device=device, checkpointing=ckpt, batch_size=b,
+            visits=v, codes=c, visit_groups=groups,
+        ).total_bytes  # fmt: skip
+
+    grouped = cfg.model_type == "lstm" and grouping_enabled(device)
+    best = largest_batch(ds.cohort, shapes, cfg.batch_size, estimate, grouped)
+    batch = data.collate_for(train)(best["items"])
+    b, v, c = best["shape"]
+    shape: dict[str, Any] = {"batch_size": b, "visits": v, "codes": c}
+    shape["visit_groups"] = batch.encoder_groups(cfg.model_type, device)
+    assert shape["visit_groups"] == best["visit_groups"]
     cfg = cfg.model_copy(update={"batch_size": shape["batch_size"]})
     info = {
         "data": str(root),

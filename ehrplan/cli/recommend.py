@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ehrplan.cli.options import COUNT_MAX, CalibrationOpt, JsonOpt, finite, with_calibration
+from ehrplan.cli.options import (
+    COUNT_MAX,
+    CalibrationOpt,
+    JsonOpt,
+    LabelsOpt,
+    SplitsOpt,
+    TaskOpt,
+    finite,
+    with_calibration,
+)
 from ehrplan.cli.output import emit
 from ehrplan.errors import DeviceError, UsageError
 from ehrplan.plan.config import EHRModelConfig
@@ -99,22 +108,22 @@ MaxEpochHoursOpt = Annotated[
         "but not time are listed.",
     ),
 ]
-DataOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--data",
-        help="A MEDS data set: the time rule counts an epoch as its training patients (the "
-        "train split of metadata/subject_splits.parquet), and the host RAM its example cache "
-        "takes (built now if missing, as `ehrplan data prepare`) comes out of the budget on the "
-        "CPU and on Apple Silicon's unified memory. Needs the 'train' extra.",
-    ),
-]
 PrecisionOpt = Annotated[
     str,
     typer.Option(
         "--precision",
         help="auto (the device's rule, see `ehrplan estimate --help`), or fp32, fp16, bf16 for "
         "every config.",
+    ),
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="A MEDS data set with a label task: each preset is also estimated at the data's "
+        "largest length-bucketed micro-batch (as `dry-run --data` picks it); the time rule "
+        "counts an epoch as its training patients; the host RAM its example cache takes comes "
+        "out of the budget on the CPU and on Apple Silicon. Needs the 'train' extra.",
     ),
 ]
 
@@ -232,14 +241,19 @@ def recommend(
     precision: PrecisionOpt = "auto",
     patients: PatientsOpt = None,
     max_epoch_hours: MaxEpochHoursOpt = None,
-    data: DataOpt = None,
+    data: DataDirOpt = None,
+    task: TaskOpt = None,
+    labels: LabelsOpt = None,
+    splits: SplitsOpt = None,
     calibration: CalibrationOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Which presets fit this machine (or --target / --memory), and what makes the next one fit.
 
     Every preset's estimated peak training-step memory against the budget; the largest that fits
-    (as shipped, or after a named change) is the recommendation. Never imports torch.
+    (as shipped, or after a named change) is the recommendation. With --data, each preset is
+    also estimated at the data's own largest micro-batch, beside the preset-maxima figure, with
+    the shape percentiles behind it. Never imports torch.
     """
     types = check_sizes_known(model_type)
     if data is not None:
@@ -259,7 +273,52 @@ def recommend(
     )
     budget = with_data(budget, data)
     budget = with_calibration(budget, calibration)
-    emit("recommend", plan(budget, types), as_json=json_, render=_render)
+    payload = plan(budget, types)
+    if data is not None:
+        add_data_shapes(payload, data, task, labels, splits)
+    emit("recommend", payload, as_json=json_, render=_render)
+
+
+def add_data_shapes(
+    payload: dict[str, Any],
+    root: Path,
+    task: str | None,
+    labels: Path | None,
+    splits: str | None,
+) -> None:
+    """Read the data set (numpy and pyarrow, never torch) and annotate the plan's rows."""
+    from ehrplan.data.shapes import annotate_plan, load_task_data
+    from ehrplan.data.tasks import DataRequest
+
+    data = load_task_data(root, DataRequest(task=task, labels=labels, splits=splits))
+    annotate_plan(payload, data, root)
+
+
+def render_data_shapes(p: dict[str, Any]) -> Iterable[RenderableType]:
+    """The data-shaped estimates (recommend and validate --data)."""
+    from rich.text import Text
+
+    d = p["data"]
+    yield Text(
+        f"At the data's own batches ({d['root']}, task {d['task']}, {d['kind']}; the largest "
+        "length-bucketed train micro-batch, as `dry-run --data` picks it):"
+    )
+    rows = p.get("presets") or p.get("results") or []
+    for r in rows:
+        ds = r["data_shaped"]
+        b, v, c = ds["shape"]
+        groups = ds.get("visit_groups")
+        pc = ds["percentiles"]
+        vpe, cpv = pc["visits_per_example"], pc["codes_per_visit"]
+        yield Text(
+            f"  {r.get('preset') or r.get('name')}: {b} x {v} x {c}"
+            + (f" ({len(groups)} length groups)" if groups else "")
+            + f": {fmt_bytes(ds['estimate_bytes'])} ({ds['precision']}) "
+            + ("fits" if ds["fits"] else "does not fit")
+            + f"; at preset maxima {fmt_bytes(r['estimate_bytes'])}; visits per example "
+            f"p50/p95/max {vpe['p50']}/{vpe['p95']}/{vpe['max']}, codes per visit "
+            f"{cpv['p50']}/{cpv['p95']}/{cpv['max']}"
+        )
 
 
 def training_patients(root: Path) -> int:
@@ -334,6 +393,8 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
     rates = {(r.get("time") or {}).get("throughput_source") for r in p["presets"]} - {None}
     for src in sorted(rates):
         yield Text(f"time: {src}; FLOPs at full padding")
+    if p.get("data"):
+        yield from render_data_shapes(p)
     for t in p["model_types"]:
         yield from _render_type(p, t)
 
@@ -368,6 +429,14 @@ def _render_type(p: dict[str, Any], t: str) -> Iterable[RenderableType]:
                 f"{fmt_bytes(up['shortfall_bytes'])}; no change ehrplan tries makes it fit"
             )
     yield Text(f"  {p['seed_check'][t]['statement']}")
+    if p.get("data_recommendation"):
+        dr = p["data_recommendation"][t]
+        yield Text(
+            f"  for this data: {dr['preset']} fits as shipped at the data's largest batch, "
+            f"{fmt_bytes(dr['estimate_bytes'])} <= {fmt_bytes(dr['budget_bytes'])}"
+            if dr
+            else "  for this data: no preset fits as shipped at the data's largest batch"
+        )
     if b["gpus"] > 1 and rec is not None:
         row = next(r for r in p["presets"] if r["preset"] == rec["preset"])
         dp = row["data_parallel"]

@@ -18,12 +18,16 @@ from ehrplan.cli.options import (
     BatchSizeOpt,
     CalibrationOpt,
     JsonOpt,
+    LabelsOpt,
     SetOpt,
+    SplitsOpt,
+    TaskOpt,
     batch_size_overrides,
     with_calibration,
 )
 from ehrplan.cli.output import emit, write_text
 from ehrplan.cli.recommend import (
+    DataDirOpt,
     DeviceOpt,
     GpusOpt,
     HeadroomOpt,
@@ -31,6 +35,7 @@ from ehrplan.cli.recommend import (
     StrategyOpt,
     TargetOpt,
     render_budget,
+    render_data_shapes,
     resolve_budget,
     with_data,
 )
@@ -130,22 +135,19 @@ def validate(
     set_: SetOpt = None,
     batch_size: BatchSizeOpt = None,
     checkpointing: CheckpointOpt = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            help="A MEDS data set: the host RAM its example cache takes (built now if missing, "
-            "as `ehrplan data prepare`) comes out of the budget on the CPU and on Apple "
-            "Silicon's unified memory. Needs the 'train' extra.",
-        ),
-    ] = None,
+    data: DataDirOpt = None,
+    task: TaskOpt = None,
+    labels: LabelsOpt = None,
+    splits: SplitsOpt = None,
     calibration: CalibrationOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check that configs fit a memory budget (--budget SIZE or --target NAME): a CI gate.
 
     Exit 0: every config fits; 1: at least one does not (each is named with its estimate and the
-    budget); 2: invalid input (unknown preset, malformed file, bad size).
+    budget); 2: invalid input (unknown preset, malformed file, bad size). With --data, a config
+    fits when its step at the data's largest micro-batch fits (the preset-maxima figure is shown
+    beside it).
     """
     if json_ and format_ not in (None, "json"):
         raise UsageError(f"--json and --format {format_} disagree: give one of them")
@@ -170,6 +172,8 @@ def validate(
     if checkpointing is not None:
         fields["use_checkpoint"] = checkpointing
     if fmt in ("github", "junit"):
+        if data is not None:
+            raise UsageError(f"--data answers in text or json, not --format {fmt}")
         _report(items, b, fmt, fields, batch_size)
         return
     configs = []  # every input is checked before any verdict
@@ -181,21 +185,43 @@ def validate(
             batch_notes.append(f"{name}: {note}")
     fits = [fit(cfg, b, name) for name, cfg in configs]
     notes = list(dict.fromkeys(n for f in fits for n in f.notes))
-    payload = {
+    payload: dict[str, Any] = {
         "budget": b.as_dict(),
         "results": [f.as_dict() for f in fits],
         "ok": all(f.fits for f in fits),
         "batch_size_notes": batch_notes,
         "estimate_notes": notes,
     }
+    verdicts = [(f.name, f.fits, f.estimate_bytes, f.precision, f.budget_bytes) for f in fits]
+    if data is not None:
+        from ehrplan.data.shapes import data_shaped, load_task_data
+        from ehrplan.data.tasks import DataRequest
+
+        td = load_task_data(data, DataRequest(task=task, labels=labels, splits=splits))
+        payload["data"] = {
+            "root": str(data),
+            "task": td.labels.name,
+            "kind": td.labels.kind,
+            "label_rows": len(td.labels),
+        }
+        verdicts = []
+        for r, (_, cfg) in zip(payload["results"], configs, strict=True):
+            ds = data_shaped(td, cfg, r["precision"], b.device)
+            ds["fits"] = ds["estimate_bytes"] <= r["budget_bytes"]
+            r["data_shaped"] = ds
+            verdicts.append(
+                (r["name"], ds["fits"], ds["estimate_bytes"], r["precision"], r["budget_bytes"])
+            )
+        payload["ok"] = all(v[1] for v in verdicts)
     emit("validate", payload, as_json=fmt == "json", render=_render)
-    failing = [f for f in fits if not f.fits]
+    failing = [v for v in verdicts if not v[1]]
     if failing:
+        at = " at the data's largest batch" if data is not None else ""
         raise DoesNotFitError(
             "; ".join(
-                f"{f.name} does not fit: estimated {fmt_bytes(f.estimate_bytes)} ({f.precision}) > "
-                f"budget {fmt_bytes(f.budget_bytes)}, short by {fmt_bytes(f.shortfall_bytes)}"
-                for f in failing
+                f"{name} does not fit: estimated {fmt_bytes(est)} ({prec}){at} > "
+                f"budget {fmt_bytes(bud)}, short by {fmt_bytes(est - bud)}"
+                for name, _, est, prec, bud in failing
             )
         )
 
@@ -265,3 +291,5 @@ def _render(p: dict[str, Any]) -> Iterable[RenderableType]:
         yield Text(f"{r['name']}: {r['precision']} on {r['device']}: {r['precision_reason']}")
     for n in p["batch_size_notes"]:
         yield Text(n)
+    if p.get("data"):
+        yield from render_data_shapes(p)

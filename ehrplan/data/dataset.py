@@ -18,7 +18,13 @@ import torch
 
 from ehrplan.data.cache import ExampleCache
 from ehrplan.data.cohort import Cohort
-from ehrplan.data.examples import Examples, pack, sequence_shapes, truncation_loss
+from ehrplan.data.examples import (
+    Examples,
+    pack,
+    sequence_shapes,
+    slots,
+    truncation_loss,
+)
 from ehrplan.data.sampler import BucketBatchSampler
 from ehrplan.data.stats import Truncation, length_key, patient_shapes, truncation
 from ehrplan.data.vocab import UNK_ID, Vocab
@@ -192,19 +198,11 @@ class ExampleDataset(torch.utils.data.Dataset):
 
     def collate(self, items: list[int]) -> Batch:
         """Pad the given sequences to their own longest window and widest visit."""
-        c, ex, C = self.cohort, self.examples, self.examples.max_codes_per_visit
+        c, ex = self.cohort, self.examples
         s = np.asarray(items, dtype=np.int64)
-        h = self.seq.host[s]
-        kf = ex.keep_first[h].astype(np.int64)
-        nv = ex.last_visit[h] - ex.recent_start[h] + 1 + kf
-        visits, v_local = _ranges(ex.recent_start[h] - kf, nv)
-        b_of_visit = np.repeat(np.arange(len(s)), nv)
-        first_slot = np.concatenate([[0], np.cumsum(nv)[:-1]])
-        visits[first_slot[kf == 1]] = c.visit_offsets[ex.patient[h][kf == 1]]
-        ncodes = np.minimum(c.codes_per_visit()[visits], C)
-        last_slot = np.cumsum(nv) - 1
-        ncodes[last_slot] = np.minimum(ex.last_events[h], C)
-        B, V, Cb = len(s), max(int(nv.max(initial=1)), 1), max(int(ncodes.max(initial=1)), 1)
+        sl = slots(c, ex, self.seq, s)
+        visits, v_local, b_of_visit, ncodes = sl.visits, sl.slot, sl.row, sl.codes
+        B, V, Cb = sl.shape
         events, c_local = _ranges(c.event_offsets[visits], ncodes)
         codes = np.zeros((B, V, Cb), dtype=np.int64)
         codes[np.repeat(b_of_visit, ncodes), np.repeat(v_local, ncodes), c_local] = self.ids[events]

@@ -316,3 +316,55 @@ def sequence_shapes(cohort: Cohort, ex: Examples, seq: Sequences) -> tuple[np.nd
     """Per sequence: kept visits and the widest kept visit (the bucketing key's parts)."""
     s = _shapes(cohort, ex, seq.host)
     return s["visits_kept"], s["widest"]
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ``arange(s, s + n)`` for each (s, n), and each element's offset in its range."""
+    total = int(lengths.sum())
+    group_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    within = np.arange(total) - group_start
+    return np.repeat(starts, lengths) + within, within
+
+
+@dataclass(frozen=True)
+class Slots:
+    """The visits a batch of sequences holds, slot by slot (what collate pads)."""
+
+    visits: np.ndarray
+    """int64 [S]: global visit index of each slot (sequence-major, slot order)."""
+    slot: np.ndarray
+    """int64 [S]: the slot's position in its sequence."""
+    row: np.ndarray
+    """int64 [S]: the slot's sequence in the batch."""
+    codes: np.ndarray
+    """int64 [S]: events the slot keeps (capped; the last slot cut at the prediction time)."""
+    per_sequence: np.ndarray
+    """int64 [B]: slots of each sequence."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(B, V, C) of the padded batch."""
+        B = len(self.per_sequence)
+        V = max(int(self.per_sequence.max(initial=1)), 1)
+        return B, V, max(int(self.codes.max(initial=1)), 1)
+
+
+def slots(cohort: Cohort, ex: Examples, seq: Sequences, items: np.ndarray) -> Slots:
+    """The slots of sequences ``items``: the first visit (when kept in front), then the recent
+    window; each visit's first ``max_codes_per_visit`` events, the last one cut."""
+    s = np.asarray(items, dtype=np.int64)
+    h = seq.host[s]
+    kf = ex.keep_first[h].astype(np.int64)
+    nv = ex.last_visit[h] - ex.recent_start[h] + 1 + kf
+    visits, v_local = ranges(ex.recent_start[h] - kf, nv)
+    first_slot = np.concatenate([[0], np.cumsum(nv)[:-1]]).astype(np.int64)
+    visits[first_slot[kf == 1]] = cohort.visit_offsets[ex.patient[h][kf == 1]]
+    ncodes = np.minimum(cohort.codes_per_visit()[visits], ex.max_codes_per_visit)
+    ncodes[np.cumsum(nv) - 1] = np.minimum(ex.last_events[h], ex.max_codes_per_visit)
+    return Slots(
+        visits=visits,
+        slot=v_local,
+        row=np.repeat(np.arange(len(s)), nv),
+        codes=ncodes,
+        per_sequence=nv,
+    )

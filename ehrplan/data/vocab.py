@@ -340,3 +340,22 @@ class VocabCounter:
             value_bins=value_bins,
             bin_edges=edges,
         )
+
+
+def unk_share(code: pa.Array, ids: np.ndarray) -> dict[str, Any]:
+    """Events whose id is UNK, and distinct raw codes none of whose events has an id of its own
+    (each with its share)."""
+    unk = ids == UNK_ID
+    codes = pc.unique(code)
+    only_unk = 0
+    if unk.any():
+        unk_codes = pc.unique(code.filter(pa.array(unk)))
+        known = pc.unique(code.filter(pa.array(~unk)))
+        only_unk = int(pc.sum(pc.invert(pc.is_in(unk_codes, value_set=known))).as_py() or 0)
+    return {
+        "events": int(unk.sum()),
+        "events_fraction": round(float(unk.mean()), 6) if len(ids) else 0.0,
+        "codes": only_unk,
+        "codes_fraction": round(only_unk / len(codes), 6) if len(codes) else 0.0,
+        "distinct_codes": len(codes),
+    }

@@ -203,9 +203,12 @@ def make_step(
     called after each phase (used to sample memory where there is no peak counter)."""
 
     if loss_fn is None:  # the loss `ehrplan train` trains with: the measured step is its step
-        from ehrplan.runtime.training.loss import ProgressionLoss
+        from ehrplan.runtime.training.loss import LabelLoss, ProgressionLoss
 
-        loss_fn = ProgressionLoss()
+        # one output: a binary (or regression) task's head, read by a one-logit loss
+        head = getattr(getattr(model, "heads", None), "stage_classifier", None)
+        one = getattr(head, "out_features", None) == 1
+        loss_fn = LabelLoss("binary") if one else ProgressionLoss()
 
     def step(n: int) -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -37,6 +37,7 @@ MODELS: dict[str, str] = {
     "compare": "runs:CompareOut",
     "export-embeddings": "runs:ExportEmbeddingsOut",
     "calibrate": "estimate:CalibrateOut",
+    "predict": "runs:PredictOut",
 }
 """Command (as in the document's ``command``) -> ``module:Model`` of its response model."""
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ehrplan.cli.schemas.base import Doc, Out
+from ehrplan.cli.schemas.tasks import ExamplesLoss, TaskListing, TaskSummary, UnkShare
 
 
 class Summary(Out):
@@ -120,6 +121,9 @@ class PresetStats(Out):
         "batch and maxima, no DataLoader workers (`ehrplan.data.cache.data_memory`)."
     )
     batch_shapes: BatchShapes
+    examples_truncation: ExamplesLoss | None = Field(
+        None, description="Of the task's examples' events before prediction time."
+    )
 
 
 class DataStatsOut(Doc):
@@ -143,4 +147,8 @@ class DataStatsOut(Doc):
     example_cache_bytes: int = Field(
         description="Bytes on disk of this data set's example cache (`ehrplan data prepare`)."
     )
+    unk: UnkShare
+    tasks: list[TaskListing] = Field(description="Every task under tasks/.")
+    task: TaskSummary | None = Field(description="The chosen (or only) task.")
     presets: list[PresetStats]
+    warnings: list[str]

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ehrplan.cli.schemas.base import ByTerm, Doc, Out
 from ehrplan.cli.schemas.estimate import DeviceTarget, ParallelEstimate, TimeEstimate
+from ehrplan.cli.schemas.tasks import DataRecommendation, DataShaped, DataSource
 from ehrplan.plan.config import ModelType
 
 
@@ -69,6 +70,9 @@ class Fit(Out):
     job_bytes: int = Field(description="Every device of the job together.")
     parallel: ParallelEstimate | None = Field(description="Over several devices (gpus > 1).")
     time: TimeEstimate | None = Field(description="Where the budget has a peak throughput.")
+    data_shaped: DataShaped | None = Field(
+        None, description="--data: the estimate at the data's largest micro-batch."
+    )
 
 
 class ConfigChanges(Out):
@@ -167,6 +171,10 @@ class RecommendOut(Doc):
     )
     time_rule: str
     seed_check: dict[ModelType, SeedCheck]
+    data: DataSource | None = None
+    data_recommendation: dict[ModelType, DataRecommendation | None] | None = Field(
+        None, description="--data: the largest preset whose data-shaped step fits as shipped."
+    )
     estimate_notes: list[str] = Field(description="The estimator's caveats, once each.")
 
 
@@ -181,3 +189,4 @@ class ValidateOut(Doc):
         default_factory=list, description="What --batch-size did to each config."
     )
     estimate_notes: list[str] = Field(description="The estimator's caveats, once each.")
+    data: DataSource | None = None

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ehrplan.cli.schemas.base import ByTerm, Doc, Metric, Out
 from ehrplan.cli.schemas.estimate import CalibrationOut
+from ehrplan.cli.schemas.tasks import TaskInfo, TaskMetrics, TrainDataInfo
 from ehrplan.plan.config import EHRModelConfig, ModelType
 
 
@@ -54,21 +55,7 @@ class DryRunOut(Doc):
     notes: list[str]
 
 
-class SplitMetrics(Out):
-    """Metrics of one split (null where undefined)."""
-
-    loss: Metric
-    stage_accuracy: Metric
-    stage_macro_f1: Metric
-    stage_macro_auroc: Metric
-    stage_qw_kappa: Metric
-    c_index: Metric
-    mae_days_observed: Metric
-    visits: int
-    observed_events: int
-    baseline_majority_stage: int | None = None
-    baseline_stage_accuracy: Metric = None
-    baseline_stage_macro_f1: Metric = None
+SplitMetrics = TaskMetrics
 
 
 class TuningAndHeldOut(Out):
@@ -137,6 +124,23 @@ class TrainOut(Doc):
     embeddings: EmbeddingsInfo | None = None
     reasons: list[str]
     config: EHRModelConfig
+    task: TaskInfo | None = None
+    data: TrainDataInfo | None = None
+
+
+class PredictOut(Doc):
+    command: Literal["predict"]
+    run: str
+    data: str
+    task: str
+    kind: str
+    split: str
+    rows: int = Field(description="Rows written: one per label row of the split.")
+    label_rows_in_split: int
+    device: str
+    metrics: TaskMetrics
+    out: str
+    columns: list[str]
 
 
 class HeldOutBrief(Out):

@@ -125,7 +125,7 @@ def load_training_data(
     from ehrplan.data.examples import build_examples
     from ehrplan.data.meds import check_root, fingerprint
     from ehrplan.data.tasks import read_task, resolve_task
-    from ehrplan.data.vocab import DEFAULT_MIN_COUNT, Vocab, train_vocab
+    from ehrplan.data.vocab import DEFAULT_MIN_COUNT, Vocab, train_vocab, unk_share
 
     req = request or DataRequest()
     check_root(root)
@@ -172,7 +172,7 @@ def load_training_data(
         "vocab_tokens_in_data": len(full),
         "vocab_size": len(vocab),
         "vocab_tokens_mapped_to_unk": len(full) - len(vocab),
-        "unk": unk_share(cohort, ids),
+        "unk": unk_share(cohort.code, ids),
         "truncation": {n: d.loss.to_dict() for n, d in datasets.items()},
     }
     data = TrainData(
@@ -222,24 +222,3 @@ def task_info(
             "majority_class": int(np.bincount(y.astype(np.int64)).argmax()),
         }
     return out
-
-
-def unk_share(cohort: Any, ids: np.ndarray) -> dict[str, Any]:
-    """Events mapped to UNK, and distinct raw codes none of whose events has an id."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from ehrplan.data.vocab import UNK_ID
-
-    unk = ids == UNK_ID
-    codes = pc.unique(cohort.code)
-    unk_codes = pc.unique(cohort.code.filter(pa.array(unk))) if unk.any() else codes[:0]
-    known = pc.unique(cohort.code.filter(pa.array(~unk))) if (~unk).any() else codes[:0]
-    only_unk = pc.sum(pc.invert(pc.is_in(unk_codes, value_set=known))).as_py() or 0
-    return {
-        "events": int(unk.sum()),
-        "events_fraction": round(float(unk.mean()), 6) if len(ids) else 0.0,
-        "codes": int(only_unk),
-        "codes_fraction": round(only_unk / len(codes), 6) if len(codes) else 0.0,
-        "distinct_codes": len(codes),
-    }

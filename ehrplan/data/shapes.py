@@ -1,0 +1,220 @@
+"""The batch shapes a config meets on a task's examples, without torch (for plans and dry runs).
+
+`largest_batch` is the one definition of "the data's largest micro-batch": among the first
+epoch's length-bucketed micro-batches of the train split (what `ehrplan train` trains, seed 0)
+and the batch of its longest sequences, the one with the largest estimate. `ehrplan dry-run
+--data` measures that batch; `ehrplan recommend --data` and `validate --data` estimate it, so the
+figures agree by construction. `percentiles` names the shape behind it: kept visits per example
+and kept codes per visit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ehrplan.data.cohort import Cohort
+from ehrplan.data.examples import Examples, Sequences, build_examples, pack, sequence_shapes, slots
+from ehrplan.data.tasks import DataRequest, TaskLabels, read_task, resolve_task
+
+Groups = list[tuple[int, int]] | None
+EstimateFn = Callable[[int, int, int, Groups], int]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A cohort and one task's labels, read once for every preset."""
+
+    cohort: Cohort
+    labels: TaskLabels
+    vocab_tokens: int
+    """Tokens of the train split's vocabulary (PAD and UNK included), as training builds it."""
+
+    def fitted(self, config: Any) -> Any:
+        """``config`` as training fits it to this data: the embedding table to the vocabulary,
+        the classifier head to the task's kind (`ehrplan.runtime.training.data`)."""
+        kind = self.labels.kind
+        if kind in ("binary", "regression"):
+            outputs = 1
+        elif kind == "multiclass":
+            outputs = max(int(self.labels.value.max()) + 1, 2)
+        else:
+            outputs = config.num_stages
+        return config.model_copy(
+            update={
+                "vocab_size": min(config.vocab_size, self.vocab_tokens),
+                "num_stages": outputs,
+            }
+        )
+
+
+def load_task_data(root: str | Path, request: DataRequest | None = None) -> TaskData:
+    """Read the data set and its task (no labels attached to visits)."""
+    from ehrplan.data.cohort import load_cohort, parse_split_names
+    from ehrplan.data.meds import check_root
+
+    req = request or DataRequest()
+    check_root(root)
+    source = resolve_task(root, req.task, req.labels)
+    from ehrplan.data.vocab import DEFAULT_MIN_COUNT, train_vocab
+
+    cohort = load_cohort(root, visit_labels=False, split_names=parse_split_names(req.splits))
+    labels = read_task(source)
+    vocab = train_vocab(cohort, min_count=req.min_code_count or DEFAULT_MIN_COUNT)
+    return TaskData(cohort=cohort, labels=labels, vocab_tokens=len(vocab))
+
+
+@dataclass(frozen=True)
+class TrainShapes:
+    """The train split's examples under one config's maxima, packed as training packs them."""
+
+    examples: Examples
+    idx: np.ndarray
+    sequences: Sequences
+    lengths: np.ndarray
+
+
+def train_shapes(data: TaskData, max_visits: int, max_codes_per_visit: int) -> TrainShapes:
+    from ehrplan.data.stats import length_key
+
+    ex = build_examples(data.cohort, data.labels, max_visits, max_codes_per_visit)
+    idx = ex.in_split(data.cohort, "train")
+    seq = pack(data.cohort, ex, idx)
+    nv, widest = sequence_shapes(data.cohort, ex, seq)
+    return TrainShapes(examples=ex, idx=idx, sequences=seq, lengths=length_key(nv, widest))
+
+
+def candidate_batches(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+    """The first epoch's micro-batches (seed 0, length-bucketed as training does) and the batch
+    of the longest sequences."""
+    from ehrplan.runtime.training.schedule import bucket_pool, epoch_batches
+
+    out = epoch_batches(lengths, batch_size, 0, 0, bucket_pool(batch_size))
+    out.append([int(i) for i in lengths.argsort()[::-1][:batch_size]])
+    return out
+
+
+def batch_groups(codes_per_slot: np.ndarray) -> list[tuple[int, int]]:
+    """The within-visit length groups of a batch (`ehrplan.plan.grouping`)."""
+    from ehrplan.plan.grouping import group_shapes
+
+    return group_shapes(codes_per_slot.tolist())
+
+
+def largest_batch(
+    cohort: Cohort,
+    shapes: TrainShapes,
+    batch_size: int,
+    estimate: EstimateFn,
+    grouped: bool,
+) -> dict[str, Any]:
+    """The candidate batch with the largest ``estimate(B, V, C, groups)``: its items (train-split
+    sequence indices), shape, groups (None unless ``grouped``) and estimate."""
+    best: dict[str, Any] | None = None
+    for items in candidate_batches(shapes.lengths, batch_size):
+        sl = slots(cohort, shapes.examples, shapes.sequences, np.asarray(items))
+        B, V, C = sl.shape
+        groups = batch_groups(sl.codes) if grouped else None
+        total = estimate(B, V, C, groups)
+        if best is None or total > best["estimate_bytes"]:
+            best = {
+                "items": items,
+                "shape": [B, V, C],
+                "visit_groups": groups,
+                "estimate_bytes": int(total),
+            }
+    assert best is not None
+    return best
+
+
+def percentiles(data: TaskData, shapes: TrainShapes) -> dict[str, Any]:
+    """p50/p95/max of kept visits per train example and of kept codes per kept visit."""
+    from ehrplan.data.stats import summary
+
+    ex, idx = shapes.examples, shapes.idx
+    codes = slots(data.cohort, ex, shapes.sequences, np.arange(len(shapes.sequences))).codes
+    return {
+        "examples": len(idx),
+        "sequences": len(shapes.sequences),
+        "visits_per_example": summary(ex.visits_kept()[idx]),
+        "codes_per_visit": summary(codes),
+    }
+
+
+def data_shaped(
+    data: TaskData,
+    config: Any,
+    precision: str,
+    device: str,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """One config's estimate at the data's largest micro-batch (as `dry-run --data` picks it),
+    the config fitted to the data as training fits it, with the shape percentiles behind it."""
+    from ehrplan.plan.estimator import estimate_memory
+    from ehrplan.plan.grouping import grouping_enabled
+
+    B = batch_size or config.batch_size
+    config = data.fitted(config)
+    shapes = train_shapes(data, config.max_visits, config.max_codes_per_visit)
+
+    def estimate(b: int, v: int, c: int, groups: Groups) -> int:
+        return estimate_memory(
+            config, precision=precision, device=device, checkpointing=config.use_checkpoint,
+            batch_size=b, visits=v, codes=c, visit_groups=groups,
+        ).total_bytes  # fmt: skip
+
+    grouped = config.model_type == "lstm" and grouping_enabled(device)
+    best = largest_batch(data.cohort, shapes, B, estimate, grouped)
+    return {
+        "shape": best["shape"],
+        "vocab_size": config.vocab_size,
+        "visit_groups": best["visit_groups"],
+        "estimate_bytes": best["estimate_bytes"],
+        "precision": precision,
+        "percentiles": percentiles(data, shapes),
+    }
+
+
+def annotate_plan(payload: dict[str, Any], data: TaskData, root: str | Path) -> None:
+    """Add each preset row's data-shaped estimate (``data_shaped``, with ``fits``) and, per model
+    family, the largest preset whose data-shaped step fits as shipped (``data_recommendation``)."""
+    from ehrplan.plan.config import get_preset
+
+    device = payload["budget"]["device"]
+    for row in payload["presets"]:
+        cfg = get_preset(row["preset"]).config
+        micro = (row.get("data_parallel") or {}).get("batch_size")
+        ds = data_shaped(data, cfg, row["precision"], device, micro)
+        ds["fits"] = ds["estimate_bytes"] <= row["budget_bytes"]
+        row["data_shaped"] = ds
+    payload["data"] = {
+        "root": str(root),
+        "task": data.labels.name,
+        "kind": data.labels.kind,
+        "label_rows": len(data.labels),
+    }
+    rec: dict[str, Any] = {}
+    for t in payload["model_types"]:
+        fitting = [
+            r for r in payload["presets"] if r["preset"] in _of_type(t) and r["data_shaped"]["fits"]
+        ]
+        rec[t] = (
+            {
+                "preset": fitting[-1]["preset"],
+                "estimate_bytes": fitting[-1]["data_shaped"]["estimate_bytes"],
+                "budget_bytes": fitting[-1]["budget_bytes"],
+            }
+            if fitting
+            else None
+        )
+    payload["data_recommendation"] = rec
+
+
+def _of_type(model_type: str) -> set[str]:
+    from ehrplan.plan.config import load_presets
+
+    return {n for n, p in load_presets().items() if p.config.model_type == model_type}
