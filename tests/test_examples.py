@@ -14,7 +14,7 @@ from foreign_meds import write_foreign
 from ehrplan.data.cohort import hashed_splits, load_cohort
 from ehrplan.data.dataset import EHRDataset, ExampleDataset
 from ehrplan.data.examples import build_examples, truncation_loss
-from ehrplan.data.synth import write_cohort
+from ehrplan.data.synth_write import write_cohort
 from ehrplan.data.tasks import read_task, resolve_task
 from ehrplan.data.vocab import train_vocab
 from ehrplan.errors import DataError
