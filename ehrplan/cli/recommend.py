@@ -287,10 +287,16 @@ def add_data_shapes(
     splits: str | None,
 ) -> None:
     """Read the data set (numpy and pyarrow, never torch) and annotate the plan's rows."""
+    from ehrplan.cli.output import warn
     from ehrplan.data.shapes import annotate_plan, load_task_data
     from ehrplan.data.tasks import DataRequest
+    from ehrplan.errors import DataError
 
-    data = load_task_data(root, DataRequest(task=task, labels=labels, splits=splits))
+    try:
+        data = load_task_data(root, DataRequest(task=task, labels=labels, splits=splits))
+    except DataError as err:  # the time rule still counts its patients
+        warn(f"no estimate at the data's own batches: {err}")
+        return
     annotate_plan(payload, data, root)
 
 
