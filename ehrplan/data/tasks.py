@@ -187,7 +187,7 @@ def read_task(source: TaskSource) -> TaskLabels:
         if kind is not None and k != kind:
             raise DataError(f"{f}: {k} labels, but {first} holds {kind} labels (one kind a task)")
         kind, first = k, first or f
-        sids.append(table.column("subject_id").cast(pa.int64()).to_numpy())
+        sids.append(meds._int64_ids(f, table.column("subject_id")))
         times.append(meds._time_us(f, table.column("prediction_time"), "prediction_time"))
         v, d, o = _values(f, table, k)
         values.append(v)
