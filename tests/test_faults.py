@@ -273,7 +273,9 @@ def test_nproc_2_resume_after_ctrl_c_equals_the_uninterrupted_run(
 
     from ehrplan.runtime.training.loop import STEP_DELAY_ENV
 
-    victim = _nproc(cohort, tmp_path / "victim", env={STEP_DELAY_ENV: "0.5"})
+    # 2 s after each step leaves the Ctrl-C a window of several steps even on a loaded machine
+    # (at 0.5 s the run could finish before the signal arrived)
+    victim = _nproc(cohort, tmp_path / "victim", env={STEP_DELAY_ENV: "2"})
     metrics = tmp_path / "victim" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and victim.poll() is None:
