@@ -19,8 +19,8 @@ from ehrplan.plan.config import EHRModelConfig
 from ehrplan.plan.pace import DEFAULT_PATIENTS, check_time_rule, fmt_duration
 from ehrplan.plan.per_gpu import (
     DEFAULT_UTILISATION,
-    STRATEGIES,
     catalog_tflops,
+    check_strategy_name,
     estimate_parallel,
     estimate_time,
 )
@@ -91,8 +91,7 @@ def parallel_payload(
     checkpointing: bool,
 ) -> dict[str, Any] | None:
     """Per-device and job memory over ``gpus`` devices (None on one device with DDP)."""
-    if strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
+    check_strategy_name(strategy)
     if strategy == "fsdp" and gpus < 2:
         raise UsageError("--strategy fsdp shards over several devices: give --gpus 2 or more")
     if gpus < 2:

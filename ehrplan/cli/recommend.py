@@ -27,7 +27,7 @@ from ehrplan.plan.pace import (
     DEFAULT_PATIENTS,
     check_time_rule,
 )
-from ehrplan.plan.per_gpu import STRATEGIES
+from ehrplan.plan.per_gpu import check_strategy_name
 from ehrplan.plan.planner import (
     DEFAULT_HEADROOM,
     Budget,
@@ -183,8 +183,7 @@ def resolve_budget(
     asked = check_precision(precision)
     check_time_rule(patients, max_epoch_hours)
     b = _budget(target, memory, gpus, headroom, device, memory_flag)
-    if strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
+    check_strategy_name(strategy)
     if strategy == "fsdp" and b.gpus < 2:
         raise UsageError("--strategy fsdp shards over several GPUs: give --gpus 2 or more")
     b = replace(

@@ -79,11 +79,16 @@ def split_batch(effective_batch: int, micro_batch: int, world_size: int) -> tupl
     return micro, per_rank // micro
 
 
+def check_strategy_name(strategy: str) -> None:
+    """Refuse a strategy that is neither DDP nor FSDP, naming the valid ones."""
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
+
+
 def check_strategy(strategy: str, world_size: int) -> None:
     """Refuse unknown strategies, and FSDP on one process (sharding over one rank is DDP-less
     single-device training with extra all-gathers)."""
-    if strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
+    check_strategy_name(strategy)
     if strategy == "fsdp" and world_size < 2:
         raise UsageError(
             "--shard (FSDP) needs at least 2 processes: add --nproc N, or run under torchrun"
@@ -281,8 +286,7 @@ def estimate_parallel(
     config's maxima, full padding); ``visit_groups``: its within-visit length groups (see
     `ehrplan.plan.estimator.estimate_memory`).
     """
-    if strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
+    check_strategy_name(strategy)
     if world_size < 1:
         raise UsageError(f"--gpus must be at least 1, not {world_size}")
     backend = backend or ("nccl" if device == "cuda" else "gloo")
