@@ -192,6 +192,29 @@ def _loader_row(
     return doc
 
 
+def _tool_row(
+    prep: dict[str, Any], events: int, disk_bytes: int, load: dict[str, Any]
+) -> dict[str, Any]:
+    """One tool's row: its preprocessing run, its bytes on disk and its loader's figures."""
+    loader_keys = (
+        "examples_per_second",
+        "time_to_first_batch",
+        "loader_cpu_seconds",
+        "examples",
+        "peak_rss",
+        "peak_rss_workers",
+        "error",
+    )
+    return {
+        "prep_s": prep["seconds"],
+        "prep_cpu_s": prep["cpu_seconds"],
+        "prep_events_per_s": events / prep["seconds"],
+        "prep_peak_rss": prep["peak_rss"],
+        "disk_bytes": disk_bytes,
+        **{k: load.get(k) for k in loader_keys},
+    }
+
+
 def _public_args(argv: list[str]) -> list[str]:
     """The command line with this machine's paths shown as their option's placeholder."""
     out, hide = [], {"--work": "DIR", "--mtd-python": "PYTHON", "--out": "FILE"}
@@ -253,23 +276,7 @@ def main() -> None:
     rows.append(
         {
             "tool": "ehrplan",
-            "prep_s": prep["seconds"],
-            "prep_cpu_s": prep["cpu_seconds"],
-            "prep_events_per_s": events / prep["seconds"],
-            "prep_peak_rss": prep["peak_rss"],
-            "disk_bytes": cache_bytes,
-            **{
-                k: load.get(k)
-                for k in (
-                    "examples_per_second",
-                    "time_to_first_batch",
-                    "loader_cpu_seconds",
-                    "examples",
-                    "peak_rss",
-                    "peak_rss_workers",
-                    "error",
-                )
-            },
+            **_tool_row(prep, events, cache_bytes, load),
             "data_rss_per_event_touched": per_event,
         }
     )
@@ -290,25 +297,7 @@ def main() -> None:
         else:
             size = sum(p.stat().st_size for p in pyd.rglob("*") if p.is_file())
             load = _loader_row(a.mtd_python, "mtd", pyd, a, a.workers, mtd_env)
-            mtd |= {
-                "prep_s": prep["seconds"],
-                "prep_cpu_s": prep["cpu_seconds"],
-                "prep_events_per_s": events / prep["seconds"],
-                "prep_peak_rss": prep["peak_rss"],
-                "disk_bytes": size,
-                **{
-                    k: load.get(k)
-                    for k in (
-                        "examples_per_second",
-                        "time_to_first_batch",
-                        "loader_cpu_seconds",
-                        "examples",
-                        "peak_rss",
-                        "peak_rss_workers",
-                        "error",
-                    )
-                },
-            }
+            mtd |= _tool_row(prep, events, size, load)
     rows.append(mtd)
 
     head = [
