@@ -35,6 +35,41 @@ def test_each_listed_help_line_is_the_commands_own(name: str) -> None:
     assert COMMANDS[name].help == _first_paragraph(cmd.help or "")
 
 
+def _helps(cmd: object) -> list[tuple[str, str]]:
+    out = [(str(getattr(cmd, "name", "")), str(getattr(cmd, "help", None) or ""))]
+    for sub in (getattr(cmd, "commands", None) or {}).values():
+        out += _helps(sub)
+    return out
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_paragraphs_are_one_line_each_so_rich_wraps_them(name: str) -> None:
+    """Typer's rich mode keeps a docstring's line breaks: a paragraph must reach it as one line
+    (a list, one line per item), or `--help` shows the source's ragged lines at every width."""
+    for sub, text in _helps(load_command(name)):
+        for para in text.split("\n\n"):
+            if para.startswith("\b"):
+                continue
+            for line in para.splitlines()[1:]:
+                assert app_module._LIST_ITEM.match(line), (sub, line)
+
+
+def test_reflow_joins_prose_and_keeps_list_items() -> None:
+    doc = """First line
+    goes on.
+
+    - one item
+      continued
+    - two
+
+    \b
+    kept
+    as is"""
+    assert app_module.reflow(doc) == (
+        "First line goes on.\n\n- one item continued\n- two\n\n\b\nkept\nas is"
+    )
+
+
 def test_the_train_modules_are_the_train_extra_of_pyproject() -> None:
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"

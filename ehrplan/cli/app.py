@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -160,7 +162,39 @@ def load_command(name: str) -> Any:
         single.command(name)(obj)
         cmd = typer.main.get_command(single)
     cmd.name = name
+    _reflow_help(cmd)
     return cmd
+
+
+_LIST_ITEM = re.compile(r"^(- |\* |\d+\. )")
+
+
+def reflow(text: str) -> str:
+    """A docstring's paragraphs as one line each (list items one line per item), so that Rich
+    wraps them to the terminal: Typer's rich mode keeps the source's line breaks, which leaves
+    ragged lines at any width but the source's. A paragraph starting with ``\\b`` is kept as
+    written."""
+    out = []
+    for para in inspect.cleandoc(text).split("\n\n"):
+        if para.startswith("\b"):
+            out.append(para)
+            continue
+        items: list[str] = []
+        for line in para.splitlines():
+            if not items or _LIST_ITEM.match(line.strip()):
+                items.append(line.strip())
+            else:
+                items[-1] += " " + line.strip()
+        out.append("\n".join(items))
+    return "\n\n".join(out)
+
+
+def _reflow_help(cmd: Any) -> None:
+    """`reflow` the help of a command and of every command of a group, recursively."""
+    if cmd.help:
+        cmd.help = reflow(cmd.help)
+    for sub in (getattr(cmd, "commands", None) or {}).values():
+        _reflow_help(sub)
 
 
 class LazyGroup(TyperGroup):
