@@ -109,7 +109,7 @@ def stats(
         "patients": cohort.num_patients,
         "vocab_size": len(vocab),
     }
-    payload["example_cache_bytes"] = cache_bytes(**sizes)
+    payload["example_cache_bytes"] = cache_bytes(**sizes, distinct_codes=payload["distinct_codes"])
     payload["unk"] = unk_share(cohort.code, vocab.encode(cohort.code, cohort.numeric_value))
     presets = [get_preset(preset)] if preset else list(load_presets().values())
     payload["tasks"], chosen = _tasks(directory, task, labels)
@@ -120,6 +120,12 @@ def stats(
 
         labels_read = read_task(chosen)
         payload["task"] = _task_summary(cohort, labels_read)
+        payload["example_cache_bytes"] = cache_bytes(
+            **sizes,
+            examples=payload["task"]["examples"],
+            kind=labels_read.kind,
+            distinct_codes=payload["distinct_codes"],
+        )
         if labels_read.kind == "ckd_progression":
             payload["labels"] = _ckd_balance(labels_read)
     train = cohort.patients_in("train")
@@ -248,36 +254,69 @@ def _ckd_balance(labels: Any) -> dict[str, Any]:
 data_app.command("stats")(stats)
 
 
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        "-j",
+        min=1,
+        max=256,
+        help="Processes that read the data files (default: 2, or 1 on a one-core machine). "
+        "Each holds one file's events; the cache is the same for any number.",
+    ),
+]
+
+
 def prepare(
     directory: Annotated[Path, typer.Argument(help="Root of a MEDS data set.")],
+    task: TaskOpt = None,
     labels: LabelsOpt = None,
+    splits: SplitsOpt = None,
     visit_window: WindowOpt = 24.0,
     min_count: MinCountOpt = 5,
     value_bins: BinsOpt = 5,
+    workers: WorkersOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Build (or reuse) the example cache that `train` and `dry-run --data` read.
+    """Build (or reuse) the example cache that `train`, `dry-run --data` and `predict` read.
 
-    Reads the data files one at a time and writes token ids, visit offsets, visit times and
-    labels as memory-mapped arrays under $EHRPLAN_CACHE (default ~/.cache/ehrplan), keyed by the
-    data's files (names, sizes, mtimes) and these settings. A valid cache is reused; a changed,
-    truncated or other-version one is rebuilt.
+    Reads the data files in --workers processes, one file each at a time, and writes token
+    ids, visit offsets, visit time features and the task's examples (one per label row, cut at
+    its prediction time) as memory-mapped arrays under $EHRPLAN_CACHE (default
+    ~/.cache/ehrplan), keyed by the data's files (names, sizes, mtimes), the task and these
+    settings: `train` with the same --task/--labels, --splits and --min-code-count (= --min-count
+    here) reuses it. A valid cache is reused; a changed, truncated or other-version one is
+    rebuilt. With no task (or several and none chosen) the cache holds no examples.
     """
     import time
 
-    from ehrplan.data.cache import Settings
+    from ehrplan.data.cache import Settings, default_workers
     from ehrplan.data.cache import prepare as prepare_cache
+    from ehrplan.data.meds import check_root
+    from ehrplan.errors import Interrupted
 
-    settings = Settings(
-        task=str(labels) if labels is not None else None,
+    check_root(directory)
+    settings = Settings.for_request(
+        directory,
+        task,
+        labels,
+        splits,
+        optional_task=True,
         window_hours=visit_window,
         min_count=min_count,
         value_bins=value_bins,
     )
+    n = workers or default_workers()
     start = time.perf_counter()
-    cache = prepare_cache(directory, settings)
+    try:
+        cache = prepare_cache(directory, settings, workers=n)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted: the example cache was not built (no partial cache is left)"
+        ) from None
     seconds = time.perf_counter() - start
     h = cache.header
+    labels_report = h["report"].get("labels") or {}
     payload: dict[str, Any] = {
         "root": str(directory),
         "cache": str(cache.path),
@@ -288,6 +327,11 @@ def prepare(
         "token_dtype": h["arrays"]["tokens"]["dtype"],
         "bytes_on_disk": cache.disk_bytes(),
         "arrays": {n: a["bytes"] for n, a in h["arrays"].items()},
+        "workers": n,
+        "task": (h.get("task") or {}).get("name"),
+        "kind": (h.get("task") or {}).get("kind"),
+        "examples": int(labels_report.get("examples", 0)),
+        "label_rows": int(labels_report.get("label_rows", 0)),
     }
     if not cache.reused:
         payload["events_per_second"] = round(h["counts"]["events"] / max(seconds, 1e-9))
@@ -305,10 +349,13 @@ def _render_prepare(p: dict[str, Any]) -> Iterable[RenderableType]:
     t.add_row("cache", p["cache"])
     for key in ("patients", "visits", "events", "vocab_size"):
         t.add_row(key.replace("_", " "), f"{p[key]:,}")
+    if p["task"] is not None:
+        t.add_row(f"examples ({p['task']}, {p['kind']})", f"{p['examples']:,}")
+        t.add_row("label rows", f"{p['label_rows']:,}")
     t.add_row("token ids", p["token_dtype"])
     t.add_row("bytes on disk", f"{p['bytes_on_disk'] / 2**20:,.1f} MiB")
     if "events_per_second" in p:
-        t.add_row("events/s", f"{p['events_per_second']:,}")
+        t.add_row(f"events/s ({p['workers']} workers)", f"{p['events_per_second']:,}")
     yield t
 
 

@@ -28,7 +28,7 @@ from ehrplan.cli.options import (
     TypeOpt,
     config_from_options,
 )
-from ehrplan.cli.output import emit, warn
+from ehrplan.cli.output import emit, say, warn
 from ehrplan.data.tasks import DataRequest
 from ehrplan.errors import DeviceError, DoesNotFitError, UsageError
 from ehrplan.plan.config import EHRModelConfig
@@ -251,7 +251,7 @@ def _largest_data_batch(
     if not root.is_dir():
         what = "not a directory" if root.exists() else "no such directory"
         raise UsageError(f"--data {root}: {what}")
-    data, cfg = load_training_data(root, cfg, request=request)
+    data, cfg = load_training_data(root, cfg, request=request, say=say)
     train = data.split("train")
     ds = train.dataset
     shapes = TrainShapes(examples=ds.examples, idx=ds.idx, sequences=ds.seq, lengths=train.lengths)

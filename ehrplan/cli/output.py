@@ -82,6 +82,11 @@ def write_text(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
+def say(message: str) -> None:
+    """A progress line for people (e.g. building a cache), on stderr."""
+    stderr().print(message, highlight=False)
+
+
 def warn(message: str) -> None:
     """A hint or warning for people, on stderr."""
     stderr().print(f"[yellow]warning:[/] {message}", highlight=False)

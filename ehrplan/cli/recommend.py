@@ -134,18 +134,21 @@ def with_data(b: Budget, data: Path | None) -> Budget:
     not GPU memory)."""
     if data is None:
         return b
-    from ehrplan.data.cache import data_memory, prepare
+    from ehrplan.data.cache import Settings, data_memory, prepare
     from ehrplan.data.meds import DATA_DIR
 
     if not (data / DATA_DIR).is_dir():  # a splits file alone serves the time rule
         note = f"--data {data}: no {DATA_DIR}/ folder, so the data's host RAM is not counted"
         return replace(b, notes=(*b.notes, note))
-    cache = prepare(data)
+    cache = prepare(data, Settings.for_request(data, optional_task=True))
+    task = cache.task
     need = data_memory(
         events=cache.num_events,
         visits=cache.num_visits,
         patients=cache.num_patients,
         vocab_size=len(cache.vocab),
+        examples=int(cache.header["report"].get("labels", {}).get("examples", 0)),
+        kind=task["kind"] if task is not None else None,
         batch_size=0,
         max_visits=0,
         max_codes_per_visit=0,

@@ -1,29 +1,37 @@
 """The example cache: a MEDS data set's training examples as memory-mapped arrays (no torch).
 
-`prepare` reads the data files one at a time, twice: a first pass counts the train split's
-tokens for the vocabulary (`VocabCounter`; skipped when a vocabulary is given), a second groups
-each file's events into visits, joins its subjects' labels and writes token ids. Peak memory is
-one file's events, the label rows and the vocabulary pass's lab values (4 bytes each), never the
-whole data set.
+`prepare` reads the data files in worker processes (`ehrplan.data.cache_build`), twice: a first
+pass counts the train split's tokens for the vocabulary (skipped when a vocabulary is given), a
+second groups each file's events into visits, cuts its subjects' label rows into examples
+(`ehrplan.data.examples.build_examples`) and writes token ids. Peak memory is one file's events
+per worker, the task's label rows, the examples' positions and the vocabulary pass's lab values
+(4 bytes each), never the whole data set.
 
 Layout, under ``$EHRPLAN_CACHE/examples/<key>/`` (the data folder may be read-only):
 
 - ``header.json``: format, version, the data fingerprint (every data, label and split file's
-  relative name, size and mtime), the vocabulary hash, task, visit window, counts, and each
+  relative name, size and mtime), the content fingerprint (`meds.fingerprint`), the build
+  settings, the task (name, path, kind, files), split names, counts, the label report, and each
   array's dtype, shape and byte size.
-- ``vocab.json``: the vocabulary the token ids index (`Vocab`).
+- ``vocab.json``: the vocabulary the token ids index (`Vocab`), uncapped.
 - one ``.npy`` per array: ``tokens`` (int16 when the vocabulary fits, else int32) [E],
-  ``event_offsets`` [V+1] and ``visit_offsets`` [P+1] (int64), per visit ``visit_end``
-  (int64 microseconds), ``time_features`` (float32 [V, 2]), ``stage`` (int32, -100 unlabelled),
-  ``time_to_event`` (float32), ``event_observed`` (bool), per patient ``subject_ids`` (int64)
-  and ``split`` (int8 index into the header's split names).
+  ``event_offsets`` [V+1] and ``visit_offsets`` [P+1] (int64), ``time_features`` (float32
+  [V, 2]), per patient ``subject_ids`` (int64) and ``split`` (int8 index into the header's split
+  names, -1 unlisted); ``token_counts`` [vocab] (events per id, all splits) and ``code_min_id``
+  [distinct raw codes] (each code's smallest id other than UNK), from which the UNK share under
+  any vocabulary cap follows; with a task, per example (label row, ordered by it): ``ex_patient``,
+  ``ex_last_visit``, ``ex_last_events``, ``ex_label_row`` (int64), ``ex_value`` (bool, int64 or
+  float64 by the task's kind), ``ex_prediction_time``, ``ex_subject_id`` (int64), and for the CKD
+  composite ``ex_days`` (float64) and ``ex_observed`` (bool). Only the parts of an example that
+  do not depend on ``max_visits`` are stored; `ExampleCache.examples` derives the rest.
 
-The key hashes the fingerprint with the build settings, so a changed data set or vocabulary
-gets a new cache. A cache is built in a temporary folder beside its final place and renamed at
-the end: a build killed at any moment leaves the old cache or none. `open_cache` checks the
-header against the data and every array's size and npy header; anything off (truncated,
-corrupt, another format version, changed data) is rebuilt, never read. A full disk stops the
-build with one line naming the path.
+The key hashes the data fingerprint with the settings (the task as `resolve_task` resolves it,
+the split names, the visit window, the vocabulary cut-off and bins, a given vocabulary's hash),
+so any change gets another cache. A cache is built in a temporary folder beside its final place
+and renamed at the end: a build killed at any moment leaves the old cache or none. `open_cache`
+checks the header against the data and every array's size and npy header; anything off
+(truncated, corrupt, another format version, changed data) is rebuilt, never read. A full disk
+stops the build with one line naming the path.
 """
 
 from __future__ import annotations
@@ -33,30 +41,25 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from ehrplan.atomic import ensure_dir, output_error
+from ehrplan.data import cache_build as build
 from ehrplan.data import meds
-from ehrplan.data.cohort import (
-    DEFAULT_TASK,
-    DEFAULT_WINDOW_HOURS,
-    IGNORE_INDEX,
-    _fill_static_times,
-    attach_label_rows,
-    build_cohort,
-)
-from ehrplan.data.vocab import DEFAULT_MIN_COUNT, DEFAULT_VALUE_BINS, Vocab, VocabCounter
+from ehrplan.data.cohort import DEFAULT_WINDOW_HOURS, IGNORE_INDEX
+from ehrplan.data.vocab import DEFAULT_MIN_COUNT, DEFAULT_VALUE_BINS, UNK_ID, Vocab
 from ehrplan.errors import DataError, OutputError
 
 FORMAT = "ehrplan-example-cache"
-VERSION = 1
+VERSION = 2
 CACHE_ENV = "EHRPLAN_CACHE"
-_HEADER_BYTES = 128  # every .npy header is padded to this, so the shape can be set at the end
+_HEADER_BYTES = build.HEADER_BYTES
 _INT16_MAX = np.iinfo(np.int16).max
 
 ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -64,14 +67,26 @@ ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
     "tokens": ("int16", ()),
     "event_offsets": ("int64", ()),
     "visit_offsets": ("int64", ()),
-    "visit_end": ("int64", ()),
     "time_features": ("float32", (2,)),
-    "stage": ("int32", ()),
-    "time_to_event": ("float32", ()),
-    "event_observed": ("bool", ()),
     "subject_ids": ("int64", ()),
     "split": ("int8", ()),
 }
+EXAMPLE_ARRAYS = (
+    "ex_patient",
+    "ex_last_visit",
+    "ex_last_events",
+    "ex_label_row",
+    "ex_value",
+    "ex_prediction_time",
+    "ex_subject_id",
+)
+CKD_ARRAYS = ("ex_days", "ex_observed")
+TALLY_ARRAYS = ("token_counts", "code_min_id")
+
+
+def default_workers() -> int:
+    """Build processes when none are asked for: two, or one on a one-core machine."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def cache_root() -> Path:
@@ -104,221 +119,282 @@ class Settings:
     """What, besides the data, decides a cache's content."""
 
     task: str | None = None
-    """The label task folder or file; None: ``tasks/ckd_stage`` when present."""
+    """The task's name as `resolve_task` names it; None: no task (no examples)."""
+    task_path: str | None = None
+    """Its label file or folder (absolute)."""
+    splits: tuple[tuple[str, str], ...] | None = None
+    """``--splits`` as sorted (ours, the file's) pairs; None: the names as they are."""
     window_hours: float = DEFAULT_WINDOW_HOURS
     min_count: int = DEFAULT_MIN_COUNT
     value_bins: int = DEFAULT_VALUE_BINS
     vocab: str | None = None
     """The hash of a given vocabulary (a resumed run's); None: built on the train split."""
 
-    def label_path(self, root: Path) -> Path | None:
-        path = Path(self.task) if self.task is not None else root / DEFAULT_TASK
-        return path if self.task is not None or path.exists() else None
+    @classmethod
+    def for_request(
+        cls,
+        root: str | Path,
+        task: str | None = None,
+        labels: str | Path | None = None,
+        splits: str | None = None,
+        *,
+        optional_task: bool = False,
+        **kw: Any,
+    ) -> Settings:
+        """The settings of a command's data options: the task resolved (`resolve_task`) and
+        ``--splits`` parsed. ``optional_task``: no task and several tasks give a cache without
+        examples instead of an error (for counts only: `recommend --data`)."""
+        from ehrplan.data.cohort import parse_split_names
+        from ehrplan.data.tasks import find_tasks, resolve_task
+
+        mapping = parse_split_names(splits)
+        pairs = tuple(sorted(mapping.items())) if mapping else None
+        if optional_task and task is None and labels is None and len(find_tasks(root)) != 1:
+            return cls(splits=pairs, **kw)
+        src = resolve_task(root, task, labels)
+        return cls(task=src.name, task_path=str(src.path.absolute()), splits=pairs, **kw)
+
+    def split_names(self) -> dict[str, str] | None:
+        return dict(self.splits) if self.splits else None
+
+    def label_path(self) -> Path | None:
+        return Path(self.task_path) if self.task_path is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["splits"] = [list(p) for p in self.splits] if self.splits else None
+        return d
 
 
 def cache_key(root: Path, settings: Settings) -> tuple[str, list[list[Any]]]:
-    fp = fingerprint(root, settings.label_path(root))
-    doc = {"root": str(root.absolute()), "files": fp, "settings": settings.__dict__}
+    fp = fingerprint(root, settings.label_path())
+    doc = {"root": str(root.absolute()), "files": fp, "settings": settings.to_json()}
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
     return digest[:20], fp
 
 
 # --------------------------------------------------------------------------------------------
-# writing
+# building
 
 
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """A version 1.0 .npy header padded to `_HEADER_BYTES` (the shape can grow in place)."""
-    d = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    text = repr(d).encode("latin1")
-    pad = _HEADER_BYTES - 10 - len(text) - 1
-    return (
-        b"\x93NUMPY\x01\x00"
-        + (_HEADER_BYTES - 10).to_bytes(2, "little")
-        + text
-        + (b" " * pad)
-        + b"\n"
-    )
+def _build(
+    root: Path,
+    tmp: Path,
+    settings: Settings,
+    vocab: Vocab | None,
+    workers: int,
+    say: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    from ehrplan.data.tasks import TaskSource, read_task
 
-
-class _Appender:
-    """One .npy file written row block by row block; its header gets the final shape at the end."""
-
-    def __init__(self, path: Path, dtype: str, tail: tuple[int, ...]) -> None:
-        self.path = path
-        self.dtype = np.dtype(dtype)
-        self.tail = tail
-        self.rows = 0
-        self.f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.f.write(_npy_header(self.dtype, (0, *tail)))
-
-    def add(self, a: np.ndarray) -> None:
-        a = np.ascontiguousarray(a, dtype=self.dtype)
-        self.f.write(a.tobytes())
-        self.rows += len(a)
-
-    def close(self) -> dict[str, Any]:
-        shape = (self.rows, *self.tail)
-        self.f.seek(0)
-        self.f.write(_npy_header(self.dtype, shape))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        return {
-            "dtype": self.dtype.name,
-            "shape": list(shape),
-            "bytes": self.path.stat().st_size,
-        }
-
-
-def _splits_array(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    """The splits file as sorted subject ids, split codes and the split names."""
-    m = meds.read_splits(root)
-    if m is None:
-        return None
-    sid = np.fromiter(m.keys(), dtype=np.int64, count=len(m))
-    names = sorted(set(m.values()))
-    code = np.array([names.index(s) for s in m.values()], dtype=np.int8)
-    order = np.argsort(sid)
-    return sid[order], code[order], names
-
-
-def _label_subset(lab: meds.Labels, order: np.ndarray, subjects: np.ndarray) -> meds.Labels:
-    """The label rows of the given subjects (``order`` sorts the labels by subject)."""
-    sorted_sid = lab.subject_id[order]
-    lo = np.searchsorted(sorted_sid, subjects, side="left")
-    hi = np.searchsorted(sorted_sid, subjects, side="right")
-    n = hi - lo
-    idx = order[np.repeat(lo, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))]
-    idx = np.sort(idx)  # file order, as the whole-data join sees them
-    return meds.Labels(
-        subject_id=lab.subject_id[idx],
-        prediction_time=lab.prediction_time[idx],
-        values={k: v[idx] for k, v in lab.values.items()},
-        files=lab.files,
-    )
-
-
-def _vocab_pass(
-    files: list[Path], splits: tuple[np.ndarray, np.ndarray, list[str]] | None, settings: Settings
-) -> Vocab:
-    counter = VocabCounter()
-    for path in files:
-        got = meds.read_data_file(path, dictionary=True)
-        if got is None:
-            continue
-        sid, t, code, value = got
-        _, keep = _fill_static_times(sid, t)
-        if splits is None:
-            train = keep
-        else:
-            sorted_sid, split_code, names = splits
-            pos = np.minimum(np.searchsorted(sorted_sid, sid), len(sorted_sid) - 1)
-            listed = sorted_sid[pos] == sid
-            want = names.index("train") if "train" in names else -1
-            train = keep & listed & (split_code[pos] == want)
-        counter.add(code.filter(pa.array(train)), value[train])
-    return counter.vocab(min_count=settings.min_count, value_bins=settings.value_bins)
-
-
-def _build(root: Path, tmp: Path, settings: Settings, vocab: Vocab | None) -> dict[str, Any]:
     files = meds.data_files(root)
-    splits = _splits_array(root)
-    label_path = settings.label_path(root)
-    lab = meds.read_labels(label_path) if label_path is not None else None
-    lab_order = np.argsort(lab.subject_id, kind="stable") if lab is not None else None
+    split_names = settings.split_names()
+    splits = build.split_table(root, split_names)
+    names = splits.names if splits is not None else ["held_out", "train", "tuning"]
+    labels = None
+    if settings.task is not None and settings.task_path is not None:
+        labels = read_task(TaskSource(settings.task, Path(settings.task_path)))
+    job = build.Job(
+        root=root,
+        files=files,
+        tmp=tmp,
+        window_hours=settings.window_hours,
+        split_names=split_names,
+        splits=splits,
+        names=names,
+    )
+    progress = build.Progress(say, len(files))
     if vocab is None:
-        vocab = _vocab_pass(files, splits, settings)
+        with closing(build.run_pool(build.vocab_part, job, workers)) as parts:
+            counter = build.merge_counters(
+                _stepped(parts, lambda k: progress.step(k, "vocabulary pass"))
+            )
+        vocab = counter.vocab(min_count=settings.min_count, value_bins=settings.value_bins)
     vocab.save(tmp / "vocab.json")
     token_dtype = "int16" if len(vocab) <= _INT16_MAX else "int32"
+    job = replace(
+        job,
+        vocab=vocab,
+        token_dtype=token_dtype,
+        **(
+            {
+                "label_sid": labels.subject_id,
+                "label_time": labels.prediction_time,
+                "label_order": np.argsort(labels.subject_id, kind="stable"),
+                "task_name": labels.name,
+                "task_kind": labels.kind,
+            }
+            if labels is not None
+            else {}
+        ),
+    )
     out = {
-        name: _Appender(tmp / f"{name}.npy", token_dtype if name == "tokens" else dt, tail)
+        name: build.Appender(tmp / f"{name}.npy", token_dtype if name == "tokens" else dt, tail)
         for name, (dt, tail) in ARRAYS.items()
     }
-    split_map = None
-    if splits is not None:
-        names = splits[2]
-        split_map = dict(zip(splits[0].tolist(), (names[c] for c in splits[1]), strict=True))
-    # no splits file: build_cohort splits by a hash of subject_id into the three splits
-    split_names = (
-        sorted(set(split_map.values()))
-        if split_map is not None
-        else ["held_out", "train", "tuning"]
-    )
-    split_idx = {s: i for i, s in enumerate(split_names)}
-    report: dict[str, int] = {}
-    seen: list[np.ndarray] = []
-    events = visits = patients = 0
-    out["event_offsets"].add(np.zeros(1, np.int64))
-    out["visit_offsets"].add(np.zeros(1, np.int64))
-    read_any = False
-    token_id = vocab.token_to_id
-    for path in files:
-        got = meds.read_data_file(path, dictionary=True)
-        if got is None:
-            continue
-        sid, t, code, value = got
-        uniq = sid[np.flatnonzero(np.diff(sid, prepend=sid[0] - 1))]  # contiguous, checked
-        seen.append(uniq)
-        if not (t != meds.NULL_TIME).any():
-            report["static_only_events_dropped"] = report.get(
-                "static_only_events_dropped", 0
-            ) + len(sid)
-            continue
-        c = build_cohort(
-            str(root), sid, t, code, value, split_map=split_map, window_hours=settings.window_hours
-        )
-        if lab is not None and lab_order is not None:
-            attach_label_rows(c, _label_subset(lab, lab_order, c.subject_ids), label_path)
-        for k, n in c.report.items():
-            report[k] = report.get(k, 0) + n
-        if pa.types.is_dictionary(c.code.type):
-            ids = vocab.encode_dictionary(c.code, c.numeric_value, token_id)
-        else:
-            ids = vocab.encode(c.code, c.numeric_value)
-        out["tokens"].add(ids)
-        out["event_offsets"].add(c.event_offsets[1:] + events)
-        out["visit_offsets"].add(c.visit_offsets[1:] + visits)
-        out["visit_end"].add(c.visit_end)
-        out["time_features"].add(c.time_features)
-        out["stage"].add(c.stage)
-        out["time_to_event"].add(c.time_to_event)
-        out["event_observed"].add(c.event_observed)
-        out["subject_ids"].add(c.subject_ids)
-        out["split"].add(np.array([split_idx.get(s, -1) for s in c.split], dtype=np.int8))
-        events += c.num_events
-        visits += c.num_visits
-        patients += c.num_patients
-        read_any = True
-    if not read_any:
-        raise DataError(f"{root / meds.DATA_DIR}: no timed events in {len(files)} file(s)")
-    all_sid = np.concatenate(seen)
-    if len(np.unique(all_sid)) != len(all_sid):
-        meds.read_events(root)  # names the file and subject split across files
-    if lab is not None:
-        unknown = ~np.isin(lab.subject_id, all_sid)
-        if unknown.any():
-            ex = ", ".join(str(int(s)) for s in np.unique(lab.subject_id[unknown])[:3])
-            raise DataError(
-                f"{label_path}: {int(unknown.sum())} label row(s) for subjects not in the data "
-                f"(e.g. subject {ex})"
-            )
-    arrays = {name: a.close() for name, a in out.items()}
+    try:
+        body = _second_pass(root, job, out, workers, progress)
+        arrays = {name: a.close() for name, a in out.items()}
+    finally:
+        for a in out.values():
+            a.abandon()
+    tallies, ex = body.pop("tallies"), body.pop("examples")
+    arrays["token_counts"] = build.write_array(tmp / "token_counts.npy", tallies[0])
+    arrays["code_min_id"] = build.write_array(tmp / "code_min_id.npy", tallies[1])
+    task = None
+    if labels is not None:
+        arrays |= _write_examples(tmp, labels, ex, body["report"])
+        task = {
+            "name": labels.name,
+            "path": settings.task_path,
+            "kind": labels.kind,
+            "files": list(labels.files),
+        }
     return {
+        **body,
         "vocab_hash": vocab_hash(vocab),
         "vocab_size": len(vocab),
-        "split_names": split_names,
-        "counts": {"patients": patients, "visits": visits, "events": events},
-        "label_files": list(lab.files) if lab is not None else [],
-        "report": report,
+        "split_names": names,
+        "task": task,
         "arrays": arrays,
     }
 
 
+def _stepped(parts: Any, step: Callable[[int], None]) -> Any:
+    for k, p in enumerate(parts, 1):
+        step(k)
+        yield p
+
+
+@dataclass
+class _Gather:
+    """The parent's side of pass 2: appends each file's parts in file order, offsets shifted,
+    and sums the rest."""
+
+    job: build.Job
+    out: dict[str, build.Appender]
+    events: int = 0
+    visits: int = 0
+    patients: int = 0
+    label_rows: int = 0
+    before: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+    seen: list[np.ndarray] = field(default_factory=list)
+    code_min: dict[str, int] = field(default_factory=dict)
+    ex_cols: list[list[np.ndarray]] = field(default_factory=lambda: [[], [], [], []])
+    token_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def add(self, got: dict[str, Any]) -> None:
+        self.seen.append(got["subjects"])
+        for key, n in got["report"].items():
+            self.report[key] = self.report.get(key, 0) + n
+        if "counts" not in got:
+            return
+        i = got["index"]
+        shift = {"event_offsets": self.events, "visit_offsets": self.visits}
+        for name in ARRAYS:
+            part = self.job.tmp / f"part-{i}.{name}.npy"
+            a = np.load(part, mmap_mode="r")
+            self.out[name].add(a + shift[name] if name in shift else a)
+            del a
+            part.unlink()
+        self.token_counts = self.token_counts + got["token_counts"]
+        for name, low in got["code_min_id"].items():
+            self.code_min[name] = min(self.code_min.get(name, low), low)
+        if "examples" in got:
+            e = got["examples"]
+            self.label_rows += e["rows"]
+            self.before += e["before"]
+            p, last, le, row = e["cols"]
+            shifted = (p + self.patients, last + self.visits, le, row)
+            for col, a in zip(self.ex_cols, shifted, strict=True):
+                col.append(a)
+        n_ev, n_vis, n_pat = got["counts"]
+        self.events += n_ev
+        self.visits += n_vis
+        self.patients += n_pat
+
+
+def _second_pass(
+    root: Path,
+    job: build.Job,
+    out: dict[str, build.Appender],
+    workers: int,
+    progress: build.Progress,
+) -> dict[str, Any]:
+    """Pass 2 over every file (`_Gather`); the checks that need every file; the label report."""
+    assert job.vocab is not None
+    out["event_offsets"].add(np.zeros(1, np.int64))
+    out["visit_offsets"].add(np.zeros(1, np.int64))
+    g = _Gather(job=job, out=out, token_counts=np.zeros(len(job.vocab), dtype=np.int64))
+    with closing(build.run_pool(build.data_part, job, workers)) as parts:
+        for k, got in enumerate(parts, 1):
+            g.add(got)
+            progress.step(k, "examples pass")
+    if not g.events:
+        raise DataError(f"{root / meds.DATA_DIR}: no timed events in {len(job.files)} file(s)")
+    all_sid = np.concatenate(g.seen)
+    if len(np.unique(all_sid)) != len(all_sid):
+        meds.read_events(root)  # names the file and subject split across files
+    report = g.report
+    if "splits_file_missing" in report:
+        report["splits_file_missing"] = 1
+    examples = None
+    if job.label_sid is not None:
+        examples = [np.concatenate(c) if c else np.zeros(0, np.int64) for c in g.ex_cols]
+        report["_labels"] = {
+            "label_rows": len(job.label_sid),
+            "labels_unknown_subject": len(job.label_sid) - g.label_rows,
+            "labels_before_first_event": g.before,
+            "examples": len(examples[0]),
+        }
+    low = np.fromiter(g.code_min.values(), np.int32, len(g.code_min))
+    return {
+        "counts": {"patients": g.patients, "visits": g.visits, "events": g.events},
+        "report": report,
+        "tallies": (g.token_counts, low),
+        "examples": examples,
+    }
+
+
+def _write_examples(
+    tmp: Path, labels: Any, cols: list[np.ndarray], report: dict[str, Any]
+) -> dict[str, Any]:
+    """The examples sorted by label row, their labels taken from the label rows."""
+    label_report = report.pop("_labels")
+    if label_report["label_rows"] == label_report["labels_unknown_subject"]:
+        raise DataError(
+            f"{labels.files[0]}: none of the {len(labels):,} label rows names a subject of the "
+            f"data (e.g. subject {int(labels.subject_id[0])})"
+        )
+    order = np.argsort(cols[3], kind="stable")
+    rows = cols[3][order]
+    columns = {
+        "ex_patient": cols[0][order],
+        "ex_last_visit": cols[1][order],
+        "ex_last_events": cols[2][order],
+        "ex_label_row": rows,
+        "ex_value": labels.value[rows],
+        "ex_prediction_time": labels.prediction_time[rows],
+        "ex_subject_id": labels.subject_id[rows],
+    }
+    if labels.days is not None and labels.observed is not None:
+        columns |= {"ex_days": labels.days[rows], "ex_observed": labels.observed[rows]}
+    report["labels"] = label_report
+    return {name: build.write_array(tmp / f"{name}.npy", a) for name, a in columns.items()}
+
+
 def prepare(
-    root: str | Path, settings: Settings | None = None, vocab: Vocab | None = None
+    root: str | Path,
+    settings: Settings | None = None,
+    vocab: Vocab | None = None,
+    *,
+    workers: int | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> ExampleCache:
-    """The cache of ``root``: opened when valid, otherwise built (atomically) and opened."""
+    """The cache of ``root``: opened when valid, otherwise built (atomically) and opened.
+    ``workers``: build processes (default `default_workers`); ``say``: called with one line
+    before a build starts and with progress lines while it runs (nothing when reused)."""
     root = meds.check_root(root)
     settings = settings or Settings()
     if vocab is not None:
@@ -339,15 +415,17 @@ def prepare(
         raise OutputError(
             f"{why} (the example cache: set ${CACHE_ENV} to a writable folder)"
         ) from None
+    if say is not None:
+        say(f"building the example cache of {root} (first use) ...")
     try:
-        body = _build(root, tmp, settings, vocab)
+        body = _build(root, tmp, settings, vocab, workers or default_workers(), say)
         header = {
             "format": FORMAT,
             "version": VERSION,
             "data": str(root.absolute()),
             "fingerprint": fp,
-            "settings": settings.__dict__,
-            "task": str(settings.label_path(root)) if settings.label_path(root) else None,
+            "content_fingerprint": meds.fingerprint(root),
+            "settings": settings.to_json(),
             "window_hours": settings.window_hours,
             **body,
         }
@@ -396,8 +474,9 @@ def _remove_stale(parent: Path) -> None:
 
 @dataclass
 class ExampleCache:
-    """A built cache, its arrays memory-mapped: the attributes `EHRDataset` and the truncation
-    and shape counts read from a `Cohort`, plus ``tokens``."""
+    """A built cache, its arrays memory-mapped: the cohort attributes `ExampleDataset` and the
+    truncation and shape counts read (offsets, time features, subjects, splits), ``tokens``, and
+    the task's examples (`examples`)."""
 
     path: Path
     header: dict[str, Any]
@@ -431,16 +510,21 @@ class ExampleCache:
 
     @property
     def report(self) -> dict[str, int]:
-        return dict(self.header["report"])
+        return {k: v for k, v in self.header["report"].items() if k != "labels"}
 
     @property
-    def label_files(self) -> tuple[str, ...]:
-        return tuple(self.header["label_files"])
+    def task(self) -> dict[str, Any] | None:
+        """The task's name, path, kind and label files; None when the cache has none."""
+        return self.header.get("task")
 
     @property
     def split(self) -> np.ndarray:
-        names = np.array([*self.header["split_names"], ""], dtype=object)
-        return names[self.arrays["split"]]  # -1 (unlisted) -> ""
+        """str [P]: each patient's split name ("" where the splits file does not list it)."""
+        got = self.__dict__.get("_split")
+        if got is None:
+            names = np.array([*self.header["split_names"], ""], dtype=object)
+            got = self.__dict__["_split"] = names[self.arrays["split"]]  # -1 (unlisted) -> ""
+        return got
 
     @property
     def num_patients(self) -> int:
@@ -448,7 +532,7 @@ class ExampleCache:
 
     @property
     def num_visits(self) -> int:
-        return len(self.arrays["visit_end"])
+        return len(self.arrays["time_features"])
 
     @property
     def num_events(self) -> int:
@@ -473,6 +557,70 @@ class ExampleCache:
 
     def disk_bytes(self) -> int:
         return sum(int(a["bytes"]) for a in self.header["arrays"].values())
+
+    def examples(self, max_visits: int, max_codes_per_visit: int) -> Any:
+        """The task's examples under these maxima: equal, field by field, to `build_examples`
+        over the in-memory cohort (the window's start and the first visit kept in front are
+        derived here, vectorised; the rest is mapped)."""
+        from ehrplan.data.examples import Examples
+
+        if max_visits < 1 or max_codes_per_visit < 1:
+            raise DataError("max_visits and max_codes_per_visit must be at least 1")
+        task = self.task
+        if task is None:
+            raise DataError(f"{self.root}: the example cache holds no label task")
+        a = self.arrays
+        p, last = a["ex_patient"], a["ex_last_visit"]
+        v0 = a["visit_offsets"][p]
+        over = last - v0 + 1 > max_visits
+        keep_first = over & (max_visits >= 2)
+        recent_start = np.where(over, last - max_visits + 1 + keep_first, v0)
+        return Examples(
+            task=task["name"],
+            kind=task["kind"],
+            max_visits=max_visits,
+            max_codes_per_visit=max_codes_per_visit,
+            patient=p,
+            last_visit=last,
+            last_events=a["ex_last_events"],
+            recent_start=recent_start.astype(np.int64),
+            keep_first=keep_first,
+            label_row=a["ex_label_row"],
+            value=a["ex_value"],
+            prediction_time=a["ex_prediction_time"],
+            subject_id=a["ex_subject_id"],
+            days=a.get("ex_days"),
+            observed=a.get("ex_observed"),
+            report=dict(self.header["report"]["labels"]),
+        )
+
+    def unk_share(self, cap: int | None = None) -> dict[str, Any]:
+        """`ehrplan.data.vocab.unk_share` of the data encoded with the vocabulary's first
+        ``cap`` tokens (all of them for None), from the tallies, without reading the tokens."""
+        counts = np.asarray(self.arrays["token_counts"])
+        low = np.asarray(self.arrays["code_min_id"])
+        k = len(counts) if cap is None else min(cap, len(counts))
+        unk = int(counts[UNK_ID]) + int(counts[k:].sum()) if k > UNK_ID else int(counts.sum())
+        only = int((low >= k).sum())
+        events, codes = self.num_events, len(low)
+        return {
+            "events": unk,
+            "events_fraction": round(unk / events, 6) if events else 0.0,
+            "codes": only,
+            "codes_fraction": round(only / codes, 6) if codes else 0.0,
+            "distinct_codes": codes,
+        }
+
+
+def expected_arrays(header: dict[str, Any]) -> set[str]:
+    """The arrays a cache with this header holds."""
+    names = set(ARRAYS) | set(TALLY_ARRAYS)
+    task = header.get("task")
+    if task is not None:
+        names |= set(EXAMPLE_ARRAYS)
+        if isinstance(task, dict) and task.get("kind") == "ckd_progression":
+            names |= set(CKD_ARRAYS)
+    return names
 
 
 def _valid_npy(path: Path, spec: dict[str, Any]) -> bool:
@@ -511,7 +659,7 @@ def open_cache(
     if fp is not None and header.get("fingerprint") != fp:
         return None
     specs = header.get("arrays")
-    if not isinstance(specs, dict) or set(specs) != set(ARRAYS):
+    if not isinstance(specs, dict) or set(specs) != expected_arrays(header):
         return None
     if not all(_valid_npy(path / f"{n}.npy", s) for n, s in specs.items()):
         return None
@@ -535,17 +683,40 @@ __all__ = ["IGNORE_INDEX", "ExampleCache", "Settings", "open_cache", "prepare"]
 # the host memory a training process needs for its data
 
 
-def cache_bytes(events: int, visits: int, patients: int, vocab_size: int) -> int:
-    """Bytes on disk of the cache of a data set of this size (`ARRAYS`, headers included)."""
+def example_bytes(kind: str | None) -> int:
+    """Bytes per example of a task of this kind (None: no task)."""
+    if kind is None:
+        return 0
+    value = 1 if kind == "binary" else 8
+    return 8 * 6 + value + (8 + 1 if kind == "ckd_progression" else 0)
+
+
+def cache_bytes(
+    events: int,
+    visits: int,
+    patients: int,
+    vocab_size: int,
+    *,
+    examples: int = 0,
+    kind: str | None = None,
+    distinct_codes: int = 0,
+) -> int:
+    """Bytes on disk of the cache of a data set of this size (every array, headers included)."""
     token = 2 if vocab_size <= _INT16_MAX else 4
-    per_visit = 8 + 8 + 8 + 4 + 4 + 1  # event offset, end, time features, stage, time, observed
+    per_visit = 8 + 8  # event offset, time features
     per_patient = 8 + 8 + 1  # visit offset, subject id, split
+    n_arrays = len(ARRAYS) + len(TALLY_ARRAYS)
+    if kind is not None:
+        n_arrays += len(EXAMPLE_ARRAYS) + (len(CKD_ARRAYS) if kind == "ckd_progression" else 0)
     return (
         events * token
         + visits * per_visit
         + patients * per_patient
         + 16
-        + _HEADER_BYTES * len(ARRAYS)
+        + vocab_size * 8
+        + distinct_codes * 4
+        + examples * example_bytes(kind)
+        + _HEADER_BYTES * n_arrays
     )
 
 
@@ -560,22 +731,25 @@ def data_memory(
     max_codes_per_visit: int,
     workers: int = 0,
     prefetch: int = 2,
+    examples: int = 0,
+    kind: str | None = None,
 ) -> dict[str, int]:
     """Host RAM a training process needs for its data, by term (bytes).
 
     - ``cache_pages``: the mapped cache; an epoch touches all of it. Page cache, shared by the
       DataLoader workers and given back under pressure, but resident while training runs.
-    - ``process_arrays``: what `load_training_data` and `EHRDataset` compute in memory: per
-      visit a label mask, kept-visit mask and the shape temporaries (25 bytes), per patient the
-      split name, length keys and shapes (40 bytes).
+    - ``process_arrays``: what `load_training_data` and `ExampleDataset` compute in memory: per
+      visit the shape temporaries of packing (prefix sums, 25 bytes), per patient the split
+      name (40 bytes), per example its window start, first-visit flag, sequence and length key
+      (40 bytes).
     - ``batches``: the batches alive at once, each at the largest shape (int64 codes, bool mask,
       per visit time features, stage, time, observed): one being trained plus ``prefetch`` per
       worker.
     Worker processes are forked and share the parent's pages; their own interpreter overhead is
     not counted here.
     """
-    pages = cache_bytes(events, visits, patients, vocab_size)
-    arrays = visits * 25 + patients * 40
+    pages = cache_bytes(events, visits, patients, vocab_size, examples=examples, kind=kind)
+    arrays = visits * 25 + patients * 40 + examples * 40
     one = batch_size * max_visits * (max_codes_per_visit * 9 + 8 + 8 + 4 + 1)
     batches = one * (1 + workers * prefetch)
     return {

@@ -164,15 +164,17 @@ class ExampleDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        cohort: Cohort,
+        cohort: Cohort | ExampleCache,
         examples: Examples,
         idx: np.ndarray,
         ids: np.ndarray,
+        id_cap: int | None = None,
     ) -> None:
         self.cohort = cohort
         self.examples = examples
         self.idx = np.asarray(idx, dtype=np.int64)
         self.ids = ids
+        self.id_cap = id_cap  # ids at or above it (the rarest tokens) become UNK in a batch
         self.seq = pack(cohort, examples, self.idx)
         nv, widest = sequence_shapes(cohort, examples, self.seq)
         self.visits_kept, self.widest = nv, widest
@@ -205,7 +207,10 @@ class ExampleDataset(torch.utils.data.Dataset):
         B, V, Cb = sl.shape
         events, c_local = _ranges(c.event_offsets[visits], ncodes)
         codes = np.zeros((B, V, Cb), dtype=np.int64)
-        codes[np.repeat(b_of_visit, ncodes), np.repeat(v_local, ncodes), c_local] = self.ids[events]
+        ids = self.ids[events]
+        if self.id_cap is not None:
+            ids = np.where(ids >= self.id_cap, UNK_ID, ids)
+        codes[np.repeat(b_of_visit, ncodes), np.repeat(v_local, ncodes), c_local] = ids
         time_features = np.zeros((B, V, 2), dtype=np.float32)
         time_features[b_of_visit, v_local] = c.time_features[visits]
         # labels: each sequence's examples at their positions

@@ -359,7 +359,8 @@ def slots(cohort: Cohort, ex: Examples, seq: Sequences, items: np.ndarray) -> Sl
     visits, v_local = ranges(ex.recent_start[h] - kf, nv)
     first_slot = np.concatenate([[0], np.cumsum(nv)[:-1]]).astype(np.int64)
     visits[first_slot[kf == 1]] = cohort.visit_offsets[ex.patient[h][kf == 1]]
-    ncodes = np.minimum(cohort.codes_per_visit()[visits], ex.max_codes_per_visit)
+    eo = cohort.event_offsets  # the batch's visits only: no pass over every visit per batch
+    ncodes = np.minimum(eo[visits + 1] - eo[visits], ex.max_codes_per_visit)
     ncodes[np.cumsum(nv) - 1] = np.minimum(ex.last_events[h], ex.max_codes_per_visit)
     return Slots(
         visits=visits,

@@ -52,6 +52,11 @@ class DataPrepareOut(Doc):
     events_per_second: int | None = Field(
         default=None, description="Build speed; only when the cache was built now."
     )
+    workers: int = Field(description="Build processes (--workers).")
+    task: str | None = Field(description="The label task the examples come from (None: none).")
+    kind: str | None = Field(description="The task's kind (binary, multiclass, ...).")
+    examples: int = Field(description="Examples: one per label row with events before it.")
+    label_rows: int = Field(description="The task's label rows.")
 
 
 class TimeToEvent(Out):

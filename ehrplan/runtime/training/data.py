@@ -110,69 +110,94 @@ def _capped(vocab: Any, size: int) -> Any:
     return replace(vocab, tokens=vocab.tokens[:size], counts=vocab.counts[:size])
 
 
+def prepare_data(
+    root: Path,
+    vocab_file: Path | None = None,
+    request: DataRequest | None = None,
+    say: Callable[[str], None] | None = None,
+    workers: int | None = None,
+) -> Any:
+    """The example cache (`ehrplan.data.cache`) of ``root`` for this request: opened when it
+    exists, built on first use (``say`` gets one line before a build, and progress lines).
+    ``vocab_file``: a saved vocabulary (resume), which keys a cache of its own."""
+    from ehrplan.data.cache import Settings, prepare
+    from ehrplan.data.meds import check_root
+    from ehrplan.data.vocab import DEFAULT_MIN_COUNT, Vocab
+
+    req = request or DataRequest()
+    check_root(root)
+    settings = Settings.for_request(
+        root,
+        req.task,
+        req.labels,
+        req.splits,
+        min_count=req.min_code_count or DEFAULT_MIN_COUNT,
+    )
+    vocab = Vocab.load(vocab_file) if vocab_file is not None and vocab_file.is_file() else None
+    return prepare(root, settings, vocab, workers=workers, say=say)
+
+
+def _check_splits(cache: Any, examples: Any) -> None:
+    """Every split holds a labelled subject, or one line naming the splits found."""
+    splits_file = Path(cache.root) / "metadata" / "subject_splits.parquet"
+    for name in SPLITS:
+        if not (cache.split == name).any() or not len(examples.in_split(cache, name)):
+            where = (
+                f"{splits_file} names no subject '{name}' with a label"
+                if cache.report.get("splits_file_missing") is None
+                else f"the hashed 80/10/10 split left '{name}' without a labelled subject"
+            )
+            found = sorted({str(x) for x in cache.split.tolist()} - {""})
+            raise DataError(
+                f"{where} (splits found: {', '.join(found) or 'none'}; map other names with "
+                "--splits train=NAME,tuning=NAME,held_out=NAME)"
+            )
+
+
 def load_training_data(
     root: Path,
     config: EHRModelConfig,
     vocab_file: Path | None = None,
     request: DataRequest | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[TrainData, EHRModelConfig]:
-    """Read ``root`` (MEDS with a label task) into splits of examples; return them and the
-    config with its ``vocab_size`` fitted to the data and ``num_stages`` to the task's kind
-    (binary and regression: one output; multiclass: 0..largest class). ``vocab_file``: reuse a
-    saved vocabulary (resume)."""
-    from ehrplan.data.cohort import load_cohort, parse_split_names
+    """``root`` (MEDS with a label task) as splits of examples over its memory-mapped example
+    cache (`prepare_data`); return them and the config with its ``vocab_size`` fitted to the
+    data and ``num_stages`` to the task's kind (binary and regression: one output; multiclass:
+    0..largest class). ``vocab_file``: reuse a saved vocabulary (resume). The vocabulary cap
+    (the config's ``vocab_size``) keeps the cache's first ``vocab_size`` tokens: larger ids
+    become UNK in each batch, as encoding with the capped vocabulary would make them."""
     from ehrplan.data.dataset import ExampleDataset
-    from ehrplan.data.examples import build_examples
-    from ehrplan.data.meds import check_root, fingerprint
-    from ehrplan.data.tasks import read_task, resolve_task
-    from ehrplan.data.vocab import DEFAULT_MIN_COUNT, Vocab, train_vocab, unk_share
 
-    req = request or DataRequest()
-    check_root(root)
-    source = resolve_task(root, req.task, req.labels)
-    cohort = load_cohort(root, visit_labels=False, split_names=parse_split_names(req.splits))
-    labels = read_task(source)
-    examples = build_examples(cohort, labels, config.max_visits, config.max_codes_per_visit)
-    splits_file = root / "metadata" / "subject_splits.parquet"
-    for name in SPLITS:
-        if not (cohort.split == name).any() or not len(examples.in_split(cohort, name)):
-            where = (
-                f"{splits_file} names no subject '{name}' with a label"
-                if cohort.report.get("splits_file_missing") is None
-                else f"the hashed 80/10/10 split left '{name}' without a labelled subject"
-            )
-            found = sorted({str(x) for x in cohort.split.tolist()} - {""})
-            raise DataError(
-                f"{where} (splits found: {', '.join(found) or 'none'}; map other names with "
-                "--splits train=NAME,tuning=NAME,held_out=NAME)"
-            )
-    if vocab_file is not None and vocab_file.is_file():
-        full = Vocab.load(vocab_file)
-    else:
-        full = train_vocab(cohort, min_count=req.min_code_count or DEFAULT_MIN_COUNT)
+    cache = prepare_data(root, vocab_file, request, say)
+    examples = cache.examples(config.max_visits, config.max_codes_per_visit)
+    _check_splits(cache, examples)
+    full = cache.vocab
     vocab = _capped(full, config.vocab_size)
+    cap = len(vocab) if len(vocab) < len(full) else None
     config = config.model_copy(update={"vocab_size": len(vocab)})
-    ids = vocab.encode(cohort.code, cohort.numeric_value)
-    task = task_info(labels.kind, examples, examples.in_split(cohort, "train"), config)
+    task = task_info(examples.kind, examples, examples.in_split(cache, "train"), config)
     config = config.model_copy(update={"num_stages": task["outputs"]})
     datasets = {
-        n: ExampleDataset(cohort, examples, examples.in_split(cohort, n), ids) for n in SPLITS
+        n: ExampleDataset(cache, examples, examples.in_split(cache, n), cache.tokens, id_cap=cap)
+        for n in SPLITS
     }
     splits = {n: Split(dataset=d, lengths=np.asarray(d.lengths)) for n, d in datasets.items()}
     train_ex = datasets["train"].idx
+    t = cache.task
     info = {
         "root": str(root),
-        "task": {"name": labels.name, "kind": labels.kind, "files": list(labels.files)},
-        "patients": {n: int((cohort.split == n).sum()) for n in SPLITS},
+        "task": {"name": t["name"], "kind": t["kind"], "files": list(t["files"])},
+        "patients": {n: int((cache.split == n).sum()) for n in SPLITS},
         "examples": {n: d.num_examples for n, d in datasets.items()},
         "sequences": {n: len(d) for n, d in datasets.items()},
         "labels": dict(examples.report),
-        "splits_hashed": bool(cohort.report.get("splits_file_missing")),
-        "fingerprint": fingerprint(root),
+        "splits_hashed": bool(cache.report.get("splits_file_missing")),
+        "fingerprint": cache.header["content_fingerprint"],
         "vocab_tokens_in_data": len(full),
         "vocab_size": len(vocab),
         "vocab_tokens_mapped_to_unk": len(full) - len(vocab),
-        "unk": unk_share(cohort.code, ids),
+        "unk": cache.unk_share(cap),
         "truncation": {n: d.loss.to_dict() for n, d in datasets.items()},
     }
     data = TrainData(
@@ -183,12 +208,12 @@ def load_training_data(
         source=str(root),
         info=info,
         train_times=(
-            (examples.days[train_ex].astype(np.float32), examples.observed[train_ex])
+            (np.asarray(examples.days[train_ex], np.float32), examples.observed[train_ex])
             if examples.days is not None and examples.observed is not None
             else None
         ),
         task=task,
-        subject_splits=(cohort.subject_ids, [str(x) for x in cohort.split.tolist()]),
+        subject_splits=(np.asarray(cache.subject_ids), [str(x) for x in cache.split.tolist()]),
     )
     return data, config
 

@@ -144,6 +144,23 @@ def _claim(req: Request, run_dir: Path, env: Any, stack: ExitStack, new: bool) -
         raise failure
 
 
+def _prepare_cache(req: Request, env: Any, root: Path, vocab_file: Path | None, asked: Any) -> None:
+    """Rank 0 opens or builds the example cache (one line when it builds); every rank learns
+    the outcome, then maps the cache itself."""
+    from ehrplan.runtime import distributed as dist_
+    from ehrplan.runtime.training.data import prepare_data
+
+    failure: EhrplanError | None = None
+    if env.is_main:
+        try:
+            prepare_data(root, vocab_file, asked, say=lambda m: _say(req, m))
+        except EhrplanError as err:
+            failure = err
+    failure = dist_.broadcast_object(failure, env)  # type: ignore[assignment]
+    if failure is not None:
+        raise failure
+
+
 def _say(req: Request, message: str) -> None:
     """A line for people: stdout normally, stderr under --json (stdout is the JSON document);
     only rank 0 of a torchrun job speaks."""
@@ -291,6 +308,7 @@ def _run(
         asked = DataRequest(
             task=req.task, labels=req.labels, splits=req.splits, min_code_count=req.min_code_count
         )
+    _prepare_cache(req, env, data_root, vocab_file, asked)
     data, config = load_training_data(data_root, requested, vocab_file, asked)
     data.info["request"] = {
         "task": asked.task,
