@@ -208,6 +208,57 @@ def test_ctrl_c_says_where_the_run_stands(
         assert f"--resume --out {tmp_path / 'run'}" in line
 
 
+def _in_group(pgid: int) -> list[int]:
+    """The processes still in process group ``pgid``."""
+    import psutil
+
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                left.append(p.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return left
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_collate_workers_stops_cleanly_and_resumes(
+    cohort: Path, reference: Path, tmp_path: Path
+) -> None:
+    from ehrplan.runtime.training.loop import STEP_DELAY_ENV
+
+    out = tmp_path / "run"
+    args = ["--preset", "tiny", "--data", str(cohort), "--threads", "1", "--seed", "5"]
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "ehrplan", "train", *args, "--max-steps", str(STEPS),
+         "--out", str(out), "--json", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), STEP_DELAY_ENV: "2"},
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victim.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 1:
+            break
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the workers too
+    _, err = victim.communicate(timeout=300)
+    assert victim.returncode == 130, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1 and said[0] == err.strip().splitlines()[-1], err[-3000:]
+    assert "last checkpoint: step 2" in said[0], said
+    assert "Traceback" not in err and "DataLoader" not in err, err[-3000:]
+    deadline = time.monotonic() + 1  # the workers were joined before the process exited
+    while _in_group(victim.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _in_group(victim.pid)
+    code, _, err = _main("train", "--resume", "--out", str(out), "--workers", "0", "--json")
+    assert code == 0, err
+    assert _losses(out) == _losses(reference)
+
+
 @pytest.mark.parametrize(
     "umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)]
 )

@@ -95,7 +95,8 @@ def single(tmp: Path) -> tuple[dict, Path, list[str]]:
 
 @pytest.mark.slow
 def test_ddp_on_two_processes_trains_as_one(tmp, single):
-    summary, run_dir, writes = _train(tmp, "ddp", torchrun=2)
+    # each rank collates its own share in two worker processes (the single run: in-process)
+    summary, run_dir, writes = _train(tmp, "ddp", "--workers", "2", torchrun=2)
     reference = _step_losses(single[1])
     losses = _step_losses(run_dir)
     assert len(losses) == len(reference) == STEPS  # one line per step: one writer
@@ -137,9 +138,8 @@ def test_ddp_run_resumes_on_another_world_size(tmp, single):
     summary, _, writes = _train(tmp, "single", "--resume", torchrun=2)
     assert summary["steps"] == STEPS and summary["distributed"]["world_size"] == 2
     assert {w.split()[0] for w in writes} == {"0"}, writes[:5]
-    for split in ("tuning", "held_out"):  # the same best weights, evaluated by two ranks
-        loss = single[0]["best"][split]["loss"]
-        assert summary["best"][split]["loss"] == pytest.approx(loss, rel=1e-6)
+    # the same weights, each rank predicting its share of the splits: one process's metrics
+    assert summary["best"] == single[0]["best"] and summary["last"] == single[0]["last"]
 
 
 @pytest.mark.parametrize(

@@ -118,11 +118,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     trainer = _trainer(data, tmp_path)
     real_step = Trainer._train_step_body
 
-    def poisoned(self: Trainer, group: Any, tracker: Any, measure: bool) -> dict[str, Any]:
+    def poisoned(
+        self: Trainer, step: Any, stream: Any, tracker: Any, measure: bool
+    ) -> dict[str, Any]:
         if self.pos.step == 4:  # the 5th step
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("nan"))
-        return real_step(self, group, tracker, measure)
+        return real_step(self, step, stream, tracker, measure)
 
     monkeypatch.setattr(Trainer, "_train_step_body", poisoned)
     with pytest.raises(DivergedError, match=r"diverged at step 5.*last good checkpoint kept"):

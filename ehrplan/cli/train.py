@@ -168,6 +168,18 @@ ProjectEmbeddingsOpt = Annotated[
     ),
 ]
 
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=0,
+        max=MAX_THREADS,
+        help="Collate batches ahead in N DataLoader worker processes (2 batches each; forked "
+        "on Linux, sharing the data's pages). 0: collate in the training process. Default: 0 "
+        "on the CPU (the step itself uses the cores), 2 on CUDA and MPS; a resumed run keeps "
+        "its own. The batches are the same for any N.",
+    ),
+]
 NprocOpt = Annotated[
     int | None,
     typer.Option(
@@ -219,6 +231,7 @@ def train(
     embeddings: EmbeddingsOpt = None,
     freeze_embeddings: FreezeEmbeddingsOpt = False,
     project_embeddings: ProjectEmbeddingsOpt = False,
+    workers: WorkersOpt = None,
     nproc: NprocOpt = None,
     shard: ShardOpt = False,
     json_: JsonOpt = False,

@@ -50,6 +50,11 @@ class Batch:
             }
         )
 
+    def pin_memory(self) -> Batch:
+        """Every tensor in page-locked memory (a DataLoader with ``pin_memory`` calls this), so
+        that ``to(cuda, non_blocking=True)`` overlaps the copy with the step."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
     def visit_groups(self) -> list[tuple[int, int]]:
         """``(visits, codes)`` of the length groups the CPU within-visit LSTM runs for this
         batch (`ehrplan.plan.grouping`), for the estimator's data-shaped estimate."""

@@ -373,6 +373,17 @@ def gather_object(obj: object, env: DistEnv) -> list[object] | None:
     return out
 
 
+def all_gather_object(obj: object, env: DistEnv) -> list[object]:
+    """Every rank's ``obj``, as a list by rank, on every rank; a collective."""
+    if not env.is_distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[object] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: object, env: DistEnv) -> object:
     """Rank 0's ``obj`` on every rank."""
     if not env.is_distributed:

@@ -110,6 +110,9 @@ class TrainOut(Doc):
     patients_trained: int
     train_seconds: float
     patients_per_s: float | None
+    workers: int = Field(
+        0, description="DataLoader worker processes that collated ahead (0: in the process)."
+    )
     wall_seconds_this_session: float
     final_train_loss: Metric
     peak_memory_bytes: int | None = Field(description="Largest process memory of any step.")

@@ -46,6 +46,7 @@ from ehrplan.runtime.training.checkpoint import (
 )
 from ehrplan.runtime.training.data import Split, TrainData
 from ehrplan.runtime.training.device import autocast_dtype, resolve_device, resolve_precision
+from ehrplan.runtime.training.loader import feed
 from ehrplan.runtime.training.loss import LabelLoss, ProgressionLoss, population_median_years
 from ehrplan.runtime.training.memory import MEMORY_METHOD, estimate_for_batch, memory_in_use
 from ehrplan.runtime.training.metrics import Predictions, evaluate_task, headline
@@ -82,11 +83,14 @@ class TrainSettings:
     bucket_patients: int = BUCKET_POOL_PATIENTS  # length-bucketing pool (< 2 batches: none)
     measure_every: int | None = 50
     threads: int | None = None
+    workers: int = 0
+    """DataLoader worker processes that collate ahead (0: collate in this process); the batches
+    are the same either way, so a resumed run may change it."""
 
     def replay_keys(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
         d = asdict(self)
-        for k in ("device", "log_every", "save_every", "measure_every"):
+        for k in ("device", "log_every", "save_every", "measure_every", "workers"):
             d.pop(k)
         return d
 
@@ -120,6 +124,23 @@ class Position:
     epoch: int = 0
     next_batch: int = 0  # index of the next micro-batch in the epoch's batch list
     step: int = 0  # optimizer steps done
+
+
+@dataclass
+class StepShare:
+    """This rank's part of one optimizer step."""
+
+    group: list[list[int]]
+    """The step's micro-batches in the single-process order."""
+    pieces: list[list[int]]
+    """This rank's micro-batches (`dist_.rank_share`); an empty one runs zero-weighted."""
+    n: int
+    """Non-empty micro-batches the whole job runs for the step."""
+
+    @property
+    def collated(self) -> list[list[int]]:
+        """What each piece collates: itself, or for an empty piece a one-patient stand-in."""
+        return [idx or self.group[0][:1] for idx in self.pieces]
 
 
 @dataclass
@@ -300,11 +321,23 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _batch(self, split: Split, idx: list[int]) -> Any:
-        return self.data.collate_for(split)([split.dataset[i] for i in idx]).to(self.device)
+    def _epoch_plan(self, batches: list[list[int]]) -> list[StepShare]:
+        """The steps left of this epoch (from ``pos.next_batch``, up to ``total_steps``), each
+        with this rank's share of its micro-batches."""
+        acc = self.config.gradient_accumulation_steps
+        plan, nxt = [], self.pos.next_batch
+        while nxt < len(batches) and self.pos.step + len(plan) < self.total_steps:
+            group = batches[nxt : nxt + acc]
+            mine, n = dist_.rank_share(group, self.micro, self.accumulation, self.env)
+            plan.append(StepShare(group, mine, n))
+            nxt += len(group)
+        return plan
 
-    def _train_step(self, group: list[list[int]], measure: bool = False) -> dict[str, Any]:
-        """One optimizer step over ``group``'s micro-batches; ``measure``: track its peak memory
+    def _train_step(
+        self, step: StepShare, stream: Iterator[Any], measure: bool = False
+    ) -> dict[str, Any]:
+        """One optimizer step over ``step``'s micro-batches, taken from ``stream`` (collated in
+        its order by `ehrplan.runtime.training.loader.feed`); ``measure``: track its peak memory
         the way the dry run does (CPU: live tensor bytes at the dispatcher)."""
         tracker = None
         if measure and self.device.type == "cpu":
@@ -320,7 +353,7 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with tracker if tracker is not None else nullcontext():
-            rec = self._train_step_body(group, tracker, measure)
+            rec = self._train_step_body(step, stream, tracker, measure)
         if self.device.type == "cpu" and self.pos.step % allocator.TRIM_EVERY_STEPS == 0:
             allocator.trim()
         if tracker is not None:
@@ -331,7 +364,7 @@ class Trainer:
         return rec
 
     def _train_step_body(
-        self, group: list[list[int]], tracker: Any, measure: bool = False
+        self, step: StepShare, stream: Iterator[Any], tracker: Any, measure: bool = False
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.model.train()
@@ -340,12 +373,11 @@ class Trainer:
         patients, shape = 0, (0, 0, 0)
         # a measured step: (estimate, shape, groups) of the micro-batch with the largest estimate
         largest: tuple[int, list[int], list[tuple[int, int]] | None] | None = None
-        mine, n = dist_.rank_share(group, self.micro, self.accumulation, self.env)
         # each micro-batch's share of the step's mean; DDP/FSDP average over the ranks on top
-        weight = self.env.world_size / n
-        for idx in mine:
+        weight = self.env.world_size / step.n
+        for idx in step.pieces:
             scale = weight if idx else 0.0  # an empty piece: a zero-weighted stand-in
-            batch = self._batch(self.train_split, idx or group[0][:1])
+            batch = next(stream)
             if tracker is not None:  # made by numpy, outside the dispatcher's view
                 tracker.track([getattr(batch, f.name) for f in fields(batch)])
             shape = max(shape, tuple(batch.codes.shape), key=lambda s: s[0] * s[1] * s[2])
@@ -483,17 +515,21 @@ class Trainer:
     @torch.no_grad()
     def predict(self, split: Split) -> tuple[Predictions, float]:
         """Predictions at every labelled position (one per example) of ``split`` and the mean
-        loss per example (every rank evaluates the whole split: under FSDP the forward pass is a
-        collective)."""
-        model = self.model if self.strategy == "fsdp" else self.raw_model
+        loss per example. Under DDP each rank predicts its share of the split and every rank
+        gets the whole (`predict_split`). Under FSDP every rank predicts the whole split: its
+        forward pass all-gathers each unit per call, and on the CPU the within-visit LSTM runs
+        a data-dependent number of calls, so ranks on different batches would not match."""
+        fsdp = self.strategy == "fsdp" and self.env.is_distributed
         return predict_split(
-            model,
+            self.model if fsdp else self.raw_model,
             self.loss_fn,
             split,
             self.data.collate_for(split),
             self.config.batch_size * 4,
             self.device,
             self._autocast,
+            workers=self.settings.workers,
+            env=None if fsdp else self.env,
         )
 
     def evaluate(self, split_name: str) -> dict[str, Any]:
@@ -523,7 +559,7 @@ class Trainer:
             every=self.settings.log_every,
             estimate_bytes=self.estimate_bytes,
         )
-        window = {"patients": 0, "seconds": 0.0}
+        window: dict[str, Any] = {"patients": 0, "seconds": 0.0}
         with sigint_flag(self.env.is_distributed) as flag, progress:
             while self.pos.step < self.total_steps:
                 batches = epoch_batches(
@@ -533,53 +569,75 @@ class Trainer:
                     self.pos.epoch,
                     bucket_pool(self.config.batch_size, self.settings.bucket_patients),
                 )
-                acc = self.config.gradient_accumulation_steps
-                while self.pos.next_batch < len(batches) and self.pos.step < self.total_steps:
-                    group = batches[self.pos.next_batch : self.pos.next_batch + acc]
-                    measure = self._measure_due()
-                    rec = self._train_step(group, measure=measure)
-                    if "measured_peak_bytes" in rec and measure:
-                        self._memory_record(rec, progress)
-                    self.pos.step += 1
-                    self.pos.next_batch += len(group)
-                    epoch_done = self.pos.next_batch >= len(batches)
-                    rec = {"kind": "step", "step": self.pos.step, "epoch": self.pos.epoch, **rec}
-                    rec["memory_bytes"] = memory_in_use(self.device)
-                    self._record(rec)
-                    window["patients"] += rec["patients"]
-                    window["seconds"] += rec["seconds"]
-                    progress.update(
-                        self.pos.step,
-                        loss=rec["loss"],
-                        patients_per_s=window["patients"] / max(window["seconds"], 1e-9),
-                        lr=rec["lr"],
-                        memory_bytes=rec["memory_bytes"],
-                        epoch=self.pos.epoch,
-                        peak=self._last_peak(),
-                    )
-                    if self.pos.step % self.settings.log_every == 0:
-                        window = {"patients": 0, "seconds": 0.0}
-                    if self.on_step is not None:
-                        self.on_step(self, rec)
-                    if epoch_done:
-                        self._epoch_record(self.pos.epoch)
-                        self.pos.epoch += 1
-                        self.pos.next_batch = 0
-                    if self.env.is_distributed:  # every rank stops at the same step
-                        flag["stop"] = dist_.all_reduce_sum([float(flag["stop"])], self.env)[0] > 0
-                    every = self.settings.eval_every
-                    final = self.pos.step >= self.total_steps
-                    if epoch_done or final or (every and self.pos.step % every == 0):
-                        self._eval_and_keep_best(progress)
-                    elif self.pos.step % self.settings.save_every == 0 or flag["stop"]:
-                        self._save_last()
-                    if flag["stop"]:  # the caller says where the run stands
-                        raise KeyboardInterrupt
-                    if delay:
-                        time.sleep(delay)
-                    if epoch_done:
-                        break
+                plan = self._epoch_plan(batches)
+                with self._feed(self.train_split, [i for s in plan for i in s.collated]) as stream:
+                    for step in plan:
+                        self._run_step(step, stream, len(batches), flag, progress, window)
+                        if delay:
+                            time.sleep(delay)
         return self._finish(time.perf_counter() - t_start)
+
+    def _feed(self, split: Split, index_lists: list[list[int]]) -> Any:
+        """``split``'s batches for ``index_lists``, in order (`loader.feed`: collated here, or
+        ahead by ``settings.workers`` worker processes)."""
+        return feed(
+            split.dataset,
+            self.data.collate_for(split),
+            index_lists,
+            self.device,
+            workers=self.settings.workers,
+        )
+
+    def _run_step(
+        self,
+        step: StepShare,
+        stream: Iterator[Any],
+        n_batches: int,
+        flag: dict[str, bool],
+        progress: TrainProgress,
+        window: dict[str, Any],
+    ) -> None:
+        """One optimizer step and what follows it: the metrics line, progress, the end of an
+        epoch, evaluation and checkpoints, and a requested stop."""
+        measure = self._measure_due()
+        rec = self._train_step(step, stream, measure=measure)
+        if "measured_peak_bytes" in rec and measure:
+            self._memory_record(rec, progress)
+        self.pos.step += 1
+        self.pos.next_batch += len(step.group)
+        epoch_done = self.pos.next_batch >= n_batches
+        rec = {"kind": "step", "step": self.pos.step, "epoch": self.pos.epoch, **rec}
+        rec["memory_bytes"] = memory_in_use(self.device)
+        self._record(rec)
+        window["patients"] += rec["patients"]
+        window["seconds"] += rec["seconds"]
+        progress.update(
+            self.pos.step,
+            loss=rec["loss"],
+            patients_per_s=window["patients"] / max(window["seconds"], 1e-9),
+            lr=rec["lr"],
+            memory_bytes=rec["memory_bytes"],
+            epoch=self.pos.epoch,
+            peak=self._last_peak(),
+        )
+        if self.pos.step % self.settings.log_every == 0:
+            window.update(patients=0, seconds=0.0)
+        if self.on_step is not None:
+            self.on_step(self, rec)
+        if epoch_done:
+            self._epoch_record(self.pos.epoch)
+            self.pos.epoch += 1
+            self.pos.next_batch = 0
+        if self.env.is_distributed:  # every rank stops at the same step
+            flag["stop"] = dist_.all_reduce_sum([float(flag["stop"])], self.env)[0] > 0
+        every = self.settings.eval_every
+        final = self.pos.step >= self.total_steps
+        if epoch_done or final or (every and self.pos.step % every == 0):
+            self._eval_and_keep_best(progress)
+        elif self.pos.step % self.settings.save_every == 0 or flag["stop"]:
+            self._save_last()
+        if flag["stop"]:  # the caller says where the run stands
+            raise KeyboardInterrupt
 
     def _epoch_record(self, epoch: int) -> None:
         """One JSON line per finished epoch: its steps' mean loss and throughput (from the step
@@ -646,6 +704,7 @@ class Trainer:
             "patients_trained": trained,
             "train_seconds": train_seconds,
             "patients_per_s": trained / train_seconds if train_seconds else None,
+            "workers": self.settings.workers,
             "wall_seconds_this_session": seconds,
             "final_train_loss": steps[-1]["loss"] if steps else None,
             "peak_memory_bytes": max((r["memory_bytes"] for r in steps), default=None),
@@ -707,45 +766,77 @@ def predict_split(
     batch_size: int,
     device: torch.device,
     autocast: Callable[[], Any] = nullcontext,
+    *,
+    workers: int = 0,
+    env: DistEnv | None = None,
 ) -> tuple[Predictions, float]:
-    """Run ``model`` over a split in length order; the labels, the predictions and the example
-    index of every labelled position, and the mean loss per example."""
+    """Run ``model`` over a split in length order, in chunks of ``batch_size`` sequences; the
+    labels, the predictions and the example index of every labelled position, and the mean loss
+    per example.
+
+    ``workers``: chunks collated ahead by worker processes (`loader.feed`). Under torchrun
+    (``env``) rank r predicts chunks r, r + world_size, ... and every rank gets all chunks'
+    results back in the single-process order, so the metrics are one process's (the model's
+    forward pass must make no collective: a plain or DDP-unwrapped model)."""
+    env = env or DistEnv()
     model.eval()
-    ys, probs, times, obs, pred_days, exs = [], [], [], [], [], []
-    loss_sum, n_seen = 0.0, 0
-    n = len(split.dataset)
     order = np.argsort(split.lengths, kind="stable")  # similar sizes together: less padding
+    chunks = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    mine = chunks[env.rank :: env.world_size]
     label_examples = getattr(split.dataset, "label_examples", None)
-    for i in range(0, n, batch_size):
-        items = [split.dataset[j] for j in order[i : i + batch_size].tolist()]
-        batch = collate(items).to(device)
-        with autocast():
-            stage_logits, time_pred = model(*batch.model_inputs())
-        parts = loss_fn(stage_logits, time_pred, batch)
-        loss_sum += parts.total.item() * parts.visits
-        n_seen += parts.visits
-        real = batch.visit_mask & (batch.stage >= 0)
-        ys.append(batch.stage[real].cpu())
-        times.append(batch.time_to_event[real].cpu())
-        obs.append(batch.event_observed[real].cpu())
-        if isinstance(loss_fn, LabelLoss):
-            point = loss_fn.point(stage_logits)[real].cpu()
-            if loss_fn.kind == "multiclass":
-                probs.append(point)
-            else:
-                probs.append(point[:, None] if loss_fn.kind == "binary" else point[:, None] * 0)
-            pred_days.append(point if loss_fn.kind == "regression" else point.new_zeros(len(point)))
-        else:
-            probs.append(stage_logits[real].float().softmax(-1).cpu())
-            pred_days.append(loss_fn.predicted_days(time_pred)[real].cpu())
-        if label_examples is not None:
-            exs.append(torch.from_numpy(label_examples(items)))
+    parts: list[dict[str, Any]] = []
+    with feed(split.dataset, collate, mine, device, workers=workers) as stream:
+        for idx, batch in zip(mine, stream, strict=True):
+            with autocast():
+                stage_logits, time_pred = model(*batch.model_inputs())
+            part = _chunk_predictions(loss_fn, stage_logits, time_pred, batch)
+            if label_examples is not None:
+                part["examples"] = label_examples([split.dataset[j] for j in idx])
+            parts.append(part)
+    if env.is_distributed:
+        by_rank = dist_.all_gather_object(parts, env)
+        parts = [by_rank[k % env.world_size][k // env.world_size] for k in range(len(chunks))]  # type: ignore[index]
+    loss_sum, n_seen = 0.0, 0
+    for part in parts:  # summed in the single-process order: the same float on any world size
+        loss_sum += part["loss_sum"]
+        n_seen += part["visits"]
+
+    def cat(key: str) -> np.ndarray:
+        return np.concatenate([part[key] for part in parts])
+
     preds = Predictions(
-        stage=torch.cat(ys).numpy(),
-        stage_prob=torch.cat(probs).numpy(),
-        time_days=torch.cat(times).numpy().astype(np.float64),
-        observed=torch.cat(obs).numpy(),
-        predicted_days=torch.cat(pred_days).numpy().astype(np.float64),
-        examples=torch.cat(exs).numpy() if exs else None,
+        stage=cat("stage"),
+        stage_prob=cat("stage_prob"),
+        time_days=cat("time_days").astype(np.float64),
+        observed=cat("observed"),
+        predicted_days=cat("predicted_days").astype(np.float64),
+        examples=cat("examples") if label_examples is not None else None,
     )
     return preds, loss_sum / max(1, n_seen)
+
+
+def _chunk_predictions(
+    loss_fn: torch.nn.Module, stage_logits: torch.Tensor, time_pred: torch.Tensor, batch: Any
+) -> dict[str, Any]:
+    """One chunk's labels, predictions (numpy, at its labelled positions) and loss sum."""
+    parts = loss_fn(stage_logits, time_pred, batch)
+    real = batch.visit_mask & (batch.stage >= 0)
+    if isinstance(loss_fn, LabelLoss):
+        point = loss_fn.point(stage_logits)[real].cpu()
+        if loss_fn.kind == "multiclass":
+            prob = point
+        else:
+            prob = point[:, None] if loss_fn.kind == "binary" else point[:, None] * 0
+        days = point if loss_fn.kind == "regression" else point.new_zeros(len(point))
+    else:
+        prob = stage_logits[real].float().softmax(-1).cpu()
+        days = loss_fn.predicted_days(time_pred)[real].cpu()
+    return {
+        "stage": batch.stage[real].cpu().numpy(),
+        "stage_prob": prob.numpy(),
+        "time_days": batch.time_to_event[real].cpu().numpy(),
+        "observed": batch.event_observed[real].cpu().numpy(),
+        "predicted_days": days.numpy(),
+        "loss_sum": parts.total.item() * parts.visits,
+        "visits": parts.visits,
+    }

@@ -65,6 +65,9 @@ class Request:
     min_code_count: int | None = None
     overwrite: bool = False
     """Start a new run in an ``--out`` that holds one (its files are removed first)."""
+    workers: int | None = None
+    """DataLoader worker processes that collate ahead (None: a resumed run's own, else by
+    device: `ehrplan.runtime.training.loader.default_workers`)."""
 
 
 RUN_FILES = (
@@ -247,6 +250,7 @@ def _run(
     from ehrplan.runtime.training import choose
     from ehrplan.runtime.training.data import DataRequest, load_training_data, synthetic_cohort
     from ehrplan.runtime.training.device import auto_threads, precision_reason, resolve_precision
+    from ehrplan.runtime.training.loader import default_workers
     from ehrplan.runtime.training.loop import Trainer, TrainSettings
 
     saved: dict[str, Any] | None = None
@@ -359,6 +363,10 @@ def _run(
             "save_every": req.save_every,
         }
     )
+    if req.workers is not None:
+        settings.workers = req.workers
+    elif "workers" not in base:
+        settings.workers = default_workers(device.type)
     if req.threads is not None:
         settings.threads = req.threads
     elif device.type == "cpu" and settings.threads is None:
@@ -447,6 +455,7 @@ def _run(
         f"  device {device}, {precision}; batch {config.batch_size} x "
         f"{config.gradient_accumulation_steps} accumulation = {config.effective_batch_size} "
         f"patients per step; {settings.threads or 'default'} CPU threads; "
+        f"{settings.workers or 'no'} collate worker(s); "
         f"checkpointing {'on' if config.use_checkpoint else 'off'}; "
         f"estimated peak at preset maxima {fmt_bytes(est)}",
     )
