@@ -40,6 +40,16 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.repeat(starts, lengths) + within, within
 
 
+def _fill_pairs(out: np.ndarray, at: np.ndarray, src: np.ndarray, rows: np.ndarray) -> None:
+    """``out[at] = src[rows]`` for float32 [N, 2] arrays: seen as N 8-byte items (a view, when
+    ``src`` is C-contiguous), one 1-D fancy index moves both columns, several times faster than
+    indexing the 2-D rows."""
+    if src.dtype == np.float32 and src.flags.c_contiguous and out.flags.c_contiguous:
+        out.view(np.int64)[:, 0][at] = src.view(np.int64)[:, 0][rows]
+    else:
+        out[at] = src[rows]
+
+
 class EHRDataset(torch.utils.data.Dataset):
     """The patients of one split (or given indices) of a cohort, as ids over a vocabulary."""
 
@@ -191,52 +201,66 @@ class ExampleDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> int:
         return int(i)
 
+    def __getitems__(self, items: list[int]) -> list[int]:
+        """What a DataLoader hands `collate` for a batch: the positions themselves (one call,
+        not one ``__getitem__`` per item)."""
+        return items
+
+    def _labelled(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions into ``seq.members`` of the examples of sequences ``s`` (row-major), and
+        how many each sequence holds."""
+        starts = self.seq.offsets[s]
+        counts = self.seq.offsets[s + 1] - starts
+        return _ranges(starts, counts)[0], counts
+
     def label_examples(self, items: list[int]) -> np.ndarray:
         """Example indices of the labelled positions of ``collate(items)``, row-major."""
-        s = np.asarray(items, dtype=np.int64)
-        starts, ends = self.seq.offsets[s], self.seq.offsets[s + 1]
-        pos, _ = _ranges(starts, ends - starts)
-        return self.seq.members[pos]
+        return self.seq.members[self._labelled(np.asarray(items, dtype=np.int64))[0]]
 
     def collate(self, items: list[int]) -> Batch:
-        """Pad the given sequences to their own longest window and widest visit."""
+        """Pad the given sequences to their own longest window and widest visit.
+
+        Each tensor is filled by one flat fancy-index assignment whose indices are built from
+        the batch's own slots (no pass over the cohort): slot ``k`` of row ``b`` at visit
+        position ``j`` starts at ``(b * V + j) * C`` of the flattened codes."""
         c, ex = self.cohort, self.examples
         s = np.asarray(items, dtype=np.int64)
         sl = slots(c, ex, self.seq, s)
-        visits, v_local, b_of_visit, ncodes = sl.visits, sl.slot, sl.row, sl.codes
-        B, V, Cb = sl.shape
-        events, c_local = _ranges(c.event_offsets[visits], ncodes)
-        codes = np.zeros((B, V, Cb), dtype=np.int64)
-        ids = self.ids[events]
-        if self.id_cap is not None:
+        B, V, C = sl.shape
+        ncodes = sl.codes
+        slot_at = sl.row * V + sl.slot  # flat (b, j) of each slot
+        # event k of a slot: flat code position = first(slot) + k, event = start(slot) + k
+        run = np.arange(int(ncodes.sum()))
+        before = np.cumsum(ncodes) - ncodes
+        codes = np.zeros(B * V * C, dtype=np.int64)
+        ev = c.event_offsets[sl.visits] - before
+        ids = self.ids[run + np.repeat(ev, ncodes)]
+        if self.id_cap is not None:  # the rarest tokens, beyond the model's vocabulary
             ids = np.where(ids >= self.id_cap, UNK_ID, ids)
-        codes[np.repeat(b_of_visit, ncodes), np.repeat(v_local, ncodes), c_local] = ids
-        time_features = np.zeros((B, V, 2), dtype=np.float32)
-        time_features[b_of_visit, v_local] = c.time_features[visits]
+        codes[run + np.repeat(slot_at * C - before, ncodes)] = ids
+        time_features = np.zeros((B * V, 2), dtype=np.float32)
+        _fill_pairs(time_features, slot_at, c.time_features, sl.visits)
         # labels: each sequence's examples at their positions
-        m = self.label_examples(items)
-        counts = self.seq.offsets[s + 1] - self.seq.offsets[s]
-        starts = self.seq.offsets[s]
-        mpos, _ = _ranges(starts, counts)
-        b_of_label = np.repeat(np.arange(B), counts)
-        pos = self.seq.position[mpos]
-        stage = np.full((B, V), IGNORE_INDEX, dtype=np.int64)
-        tte = np.zeros((B, V), dtype=np.float32)
-        observed = np.zeros((B, V), dtype=bool)
+        mpos, counts = self._labelled(s)
+        m = self.seq.members[mpos]
+        at = np.repeat(np.arange(0, B * V, V), counts) + self.seq.position[mpos]
+        stage = np.full(B * V, IGNORE_INDEX, dtype=np.int64)
+        tte = np.zeros(B * V, dtype=np.float32)
+        observed = np.zeros(B * V, dtype=bool)
         if ex.kind == "regression":
-            stage[b_of_label, pos] = 0
-            tte[b_of_label, pos] = ex.value[m]
+            stage[at] = 0
+            tte[at] = ex.value[m]
         else:
-            stage[b_of_label, pos] = ex.value[m].astype(np.int64)
+            stage[at] = ex.value[m]
         if ex.days is not None and ex.observed is not None:
-            tte[b_of_label, pos] = ex.days[m]
-            observed[b_of_label, pos] = ex.observed[m]
-        code_t = torch.from_numpy(codes)
+            tte[at] = ex.days[m]
+            observed[at] = ex.observed[m]
+        codes = codes.reshape(B, V, C)
         return Batch(
-            codes=code_t,
-            code_mask=code_t != 0,
-            time_features=torch.from_numpy(time_features),
-            stage=torch.from_numpy(stage),
-            time_to_event=torch.from_numpy(tte),
-            event_observed=torch.from_numpy(observed),
+            codes=torch.from_numpy(codes),
+            code_mask=torch.from_numpy(codes != 0),  # numpy's: torch's threads cost more here
+            time_features=torch.from_numpy(time_features.reshape(B, V, 2)),
+            stage=torch.from_numpy(stage.reshape(B, V)),
+            time_to_event=torch.from_numpy(tte.reshape(B, V)),
+            event_observed=torch.from_numpy(observed.reshape(B, V)),
         )

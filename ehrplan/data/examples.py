@@ -351,17 +351,20 @@ class Slots:
 
 def slots(cohort: Cohort, ex: Examples, seq: Sequences, items: np.ndarray) -> Slots:
     """The slots of sequences ``items``: the first visit (when kept in front), then the recent
-    window; each visit's first ``max_codes_per_visit`` events, the last one cut."""
+    window; each visit's first ``max_codes_per_visit`` events, the last one cut. Work in the
+    batch's slots only (no pass over the cohort's visits)."""
     s = np.asarray(items, dtype=np.int64)
     h = seq.host[s]
-    kf = ex.keep_first[h].astype(np.int64)
+    kf = ex.keep_first[h]
     nv = ex.last_visit[h] - ex.recent_start[h] + 1 + kf
     visits, v_local = ranges(ex.recent_start[h] - kf, nv)
-    first_slot = np.concatenate([[0], np.cumsum(nv)[:-1]]).astype(np.int64)
-    visits[first_slot[kf == 1]] = cohort.visit_offsets[ex.patient[h][kf == 1]]
-    eo = cohort.event_offsets  # the batch's visits only: no pass over every visit per batch
-    ncodes = np.minimum(eo[visits + 1] - eo[visits], ex.max_codes_per_visit)
-    ncodes[np.cumsum(nv) - 1] = np.minimum(ex.last_events[h], ex.max_codes_per_visit)
+    last_slot = np.cumsum(nv) - 1
+    if kf.any():
+        visits[(last_slot - nv + 1)[kf]] = cohort.visit_offsets[ex.patient[h[kf]]]
+    eo = cohort.event_offsets
+    ncodes = eo[visits + 1] - eo[visits]
+    ncodes[last_slot] = ex.last_events[h]
+    np.minimum(ncodes, ex.max_codes_per_visit, out=ncodes)
     return Slots(
         visits=visits,
         slot=v_local,

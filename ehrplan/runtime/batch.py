@@ -3,12 +3,20 @@
 Shapes: B patients, V visits (padded to the longest patient in the batch), C codes (padded to the
 largest visit in the batch). Real codes come first within a visit and real visits first within a
 patient; padding is id 0 / False / label -100.
+
+Pickling (what a DataLoader worker does to hand a batch to the training process) sends a CPU
+batch's tensors as numpy arrays, by value through the pipe. torch's own reduction would move each
+tensor into a shared-memory segment and pass its file descriptor over a fresh connection to the
+worker, six times per batch, which costs far more than copying a batch's few hundred kilobytes
+(`benchmarks/data_loading.py --torch-pickle` measures a loader that way).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
+import numpy as np
 import torch
 
 from ehrplan.plan.config import EHRModelConfig
@@ -42,6 +50,14 @@ class Batch:
     def num_patients(self) -> int:
         return int(self.codes.shape[0])
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle CPU tensors as numpy arrays (by value; see the module docstring), others as
+        tensors (torch's own reduction)."""
+        ts = [getattr(self, f.name) for f in fields(self)]
+        if all(t.device.type == "cpu" and not t.requires_grad for t in ts):
+            return _batch_from_numpy, tuple(t.numpy() for t in ts)
+        return Batch, tuple(ts)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             **{
@@ -74,6 +90,11 @@ class Batch:
     def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The positional arguments of the models' ``forward``."""
         return self.codes, self.time_features, self.code_mask
+
+
+def _batch_from_numpy(*arrays: np.ndarray) -> Batch:
+    """A `Batch` from its fields' arrays, in field order (the other half of `Batch.__reduce__`)."""
+    return Batch(*(torch.from_numpy(a) for a in arrays))
 
 
 def synthetic_batch(
