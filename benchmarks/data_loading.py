@@ -1,19 +1,32 @@
-"""Data loading at scale: ehrplan's example cache beside the field's PyTorch MEDS dataset package.
+"""Data loading at scale: ehrplan's loader beside the field's PyTorch MEDS dataset package.
 
 On one synthetic MEDS data set (``ehrplan synth``, about ``--events`` events), for each tool:
 
 - preprocessing: wall seconds, events/s and peak RSS of the process that turns MEDS into what the
   loader reads (``ehrplan data prepare``; meds-torch-data's ``MTD_preprocess``);
-- the loader alone, in a fresh process: time from process start to the first batch, examples/s
-  over ``--batches`` batches with ``--workers`` DataLoader workers, and peak RSS of the process
-  (its workers reported apart);
-- ehrplan only: data RSS per event touched, from a run without workers (peak RSS minus the RSS
-  before the cache was opened, over the events of the batches read).
+- the loader alone, each in a fresh process, for each batch size (``--batch-sizes``) and each
+  number of DataLoader workers (``--workers``): time from process start to the first batch,
+  examples/s and real events/s over ``--batches`` batches or ``--max-seconds`` (wall, and per
+  CPU-second of the process and its workers), peak RSS of the process, and the resident (RSS)
+  and proportional (PSS: shared pages split between the processes mapping them) set of the
+  process and of each worker just before the workers stop;
+- ehrplan only: data RSS per event touched, from a run without workers over one whole epoch of
+  the train split (peak RSS minus the RSS before the data was opened, over the real events of
+  every batch), and the same 2-worker loader with torch's own tensor pickling
+  (``torch_pickle``: each tensor of a batch handed over as a shared-memory file descriptor)
+  instead of `Batch`'s (by value).
 
-An example is one patient for ehrplan (all visits, truncated to small-lstm's 50 x 50) and one
-subject sequence of at most 2,500 events for meds-torch-data (the same budget of events). Each
-measurement runs in its own process; peak RSS is the kernel's (``wait4``) for that process and
-the children it waited for.
+An example is a label row for ehrplan (`ehrplan.data.examples`: cut at its prediction time,
+truncated to small-lstm's 50 x 50; examples of one patient whose windows are prefixes of one
+another share a sequence, one forward pass, so a batch of B sequences holds more than B examples)
+and a subject sequence of at most 2,500 events for meds-torch-data (the same budget of events).
+Events/s counts the real codes each batch carries, the figure both tools share. Each measurement
+runs in its own process; peak RSS is the kernel's (``wait4``) for that process and the children it
+waited for.
+
+ehrplan's loader is `ExampleDataset` (train split) over the example cache when the cache holds
+the task's examples (``ExampleCache.examples``), else built in memory as ``train`` did before the
+cache held them (the row's ``source`` says which).
 
 meds-torch-data is not a dependency of ehrplan: install it into its own environment
 (``pip install .[bench]`` there, or ``pip install meds-torch-data``) and pass that interpreter as
@@ -70,36 +83,55 @@ def _rss() -> int:
 # loader processes (run as: data_loading.py --loader ehrplan|mtd ...)
 
 
+def _ehrplan_train_split(data: str) -> tuple[Any, str]:
+    """small-lstm's train split as `ExampleDataset`, and where it was read from."""
+    from ehrplan.data.cache import ExampleCache, prepare
+    from ehrplan.data.dataset import ExampleDataset
+
+    if hasattr(ExampleCache, "examples"):  # the cache holds the task's examples
+        cache = prepare(data)
+        ex = cache.examples(MAX_VISITS, MAX_CODES)
+        return ExampleDataset(cache, ex, ex.in_split(cache, "train"), cache.tokens), "cache"
+    from ehrplan.data.cohort import load_cohort
+    from ehrplan.data.examples import build_examples
+    from ehrplan.data.tasks import read_task, resolve_task
+    from ehrplan.data.vocab import train_vocab
+
+    cohort = load_cohort(data, visit_labels=False)
+    ex = build_examples(cohort, read_task(resolve_task(Path(data))), MAX_VISITS, MAX_CODES)
+    ids = train_vocab(cohort).encode(cohort.code, cohort.numeric_value)
+    return ExampleDataset(cohort, ex, ex.in_split(cohort, "train"), ids), "in memory"
+
+
 def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
     import torch
 
-    from ehrplan.data.cache import prepare
-    from ehrplan.data.dataset import EHRDataset
+    from ehrplan.data.sampler import BucketBatchSampler
+    from ehrplan.runtime.batch import IGNORE_INDEX, Batch
 
+    if a.torch_pickle:  # hand batches over the way torch pickles tensors
+        del Batch.__reduce__
     before = _rss()
-    cache = prepare(a.data)
-    ds = EHRDataset(
-        cache,
-        cache.vocab,
-        split="train",
-        max_visits=MAX_VISITS,
-        max_codes_per_visit=MAX_CODES,
-        ids=cache.tokens,
-    )
+    ds, source = _ehrplan_train_split(a.data)
     loader = torch.utils.data.DataLoader(
         ds,
-        batch_sampler=ds.batch_sampler(a.batch_size, seed=0),
+        batch_sampler=BucketBatchSampler(ds.lengths, a.batch_size, seed=0),
         collate_fn=ds.collate,
         num_workers=a.workers,
         prefetch_factor=4 if a.workers else None,
         persistent_workers=False,
     )
-    return _iterate(loader, a, before, lambda b: int(b.code_mask.sum()), np)
+    out = _iterate(
+        loader,
+        a,
+        before,
+        lambda b: int((b.stage != IGNORE_INDEX).sum()),  # one labelled position per example
+        lambda b: int(b.code_mask.sum()),
+    )
+    return out | {"source": source, "train_examples": ds.num_examples, "train_sequences": len(ds)}
 
 
 def _loader_mtd(a: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
     import torch
     from meds_torchdata import MEDSPytorchDataset, MEDSTorchDataConfig
 
@@ -119,7 +151,11 @@ def _loader_mtd(a: argparse.Namespace) -> dict[str, Any]:
         codes = batch.code if hasattr(batch, "code") else batch["code"]
         return int((codes != 0).sum())
 
-    return _iterate(loader, a, before, events, np)
+    def examples(batch: Any) -> int:
+        codes = batch.code if hasattr(batch, "code") else batch["code"]
+        return int(codes.shape[0])
+
+    return _iterate(loader, a, before, examples, events) | {"source": "tensorized cohort"}
 
 
 def _cpu() -> float:
@@ -130,33 +166,63 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _iterate(loader: Any, a: argparse.Namespace, before: int, events: Any, np: Any) -> dict:
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _memory(pid: int | str) -> dict[str, int]:
+    """Rss and Pss (bytes) of a process, from /proc/PID/smaps_rollup."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Pss"):
+            out[key.lower()] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _iterate(loader: Any, a: argparse.Namespace, before: int, examples: Any, events: Any) -> dict:
+    """Time ``a.batches`` batches after the first (0: to the end of the epoch), or as many as
+    ``a.max_seconds`` allow."""
+    import gc
+    import resource
+
     cpu0 = _cpu()
     it = iter(loader)
     first = next(it)
     t_first = time.time()
-    n_examples = 0
+    n_examples = n_events = 0
     touched = events(first)
-    t0 = time.perf_counter()
-    for i, batch in enumerate(it):
-        n_examples += len(batch.code_mask) if hasattr(batch, "code_mask") else a.batch_size
-        touched += events(batch)
-        if i + 1 >= a.batches:
+    workers = [w.pid for w in getattr(it, "_workers", [])]
+    t0, c0 = time.perf_counter(), time.process_time() + sum(_proc_cpu(w) for w in workers)
+    n_batches = 0
+    for batch in it:
+        n_batches += 1
+        n_examples += examples(batch)
+        n_events += events(batch)
+        if n_batches == a.batches or time.perf_counter() - t0 > a.max_seconds:
             break
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() + sum(_proc_cpu(w) for w in workers) - c0
+    memory = {"self": _memory("self")} | {f"worker{i}": _memory(w) for i, w in enumerate(workers)}
     del it  # its workers exit and are waited for: their CPU time and peak RSS count below
-    import gc
-    import resource
-
     gc.collect()
     return {
         "first_batch_at": t_first,
+        "batches": n_batches,
         "examples_per_second": n_examples / seconds,
+        "examples_per_cpu_second": n_examples / cpu,
+        "events_per_second": n_events / seconds,
+        "events_per_cpu_second": n_events / cpu,
         "examples": n_examples,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
         "loader_cpu_seconds": _cpu() - cpu0,
-        "events_touched": touched,
+        "events_touched": touched + n_events,
         "rss_before_data": before,
         "rss_end": _rss(),
+        "memory_at_end": memory,
         "peak_rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_rss_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
     }
@@ -167,51 +233,44 @@ def _iterate(loader: Any, a: argparse.Namespace, before: int, events: Any, np: A
 
 
 def _loader_row(
-    python: str, kind: str, data: Path, a: argparse.Namespace, workers: int, env: dict[str, str]
+    python: str,
+    kind: str,
+    data: Path,
+    env: dict[str, str],
+    *,
+    batch_size: int,
+    workers: int,
+    batches: int,
+    max_seconds: float,
+    torch_pickle: bool = False,
 ) -> dict[str, Any]:
-    cmd = [
-        python,
-        __file__,
-        "--loader",
-        kind,
-        "--data",
-        str(data),
-        "--workers",
-        str(workers),
-        "--batch-size",
-        str(a.batch_size),
-        "--batches",
-        str(a.batches),
-    ]
+    """One loader run in a fresh process: its figures, time to first batch and peak RSS."""
+    cmd = [python, __file__, "--loader", kind, "--data", str(data), "--workers", str(workers)]
+    cmd += ["--batch-sizes", str(batch_size), "--batches", str(batches)]
+    cmd += ["--max-seconds", str(max_seconds)]
+    cmd += ["--torch-pickle"] if torch_pickle else []
     r = _run(cmd, env)
+    row: dict[str, Any] = {"batch_size": batch_size, "workers": workers}
+    row |= {"torch_pickle": True} if torch_pickle else {}
+    row["load_average"] = os.getloadavg()[0]
     if r["rc"] != 0:
-        return {"error": r["stderr"].strip().splitlines()[-1] if r["stderr"].strip() else "failed"}
+        why = r["stderr"].strip().splitlines()[-1] if r["stderr"].strip() else "failed"
+        return row | {"error": why}
     doc = json.loads(r["stdout"].strip().splitlines()[-1])
-    doc["time_to_first_batch"] = doc["first_batch_at"] - r["start"]
-    doc["peak_rss"] = r["peak_rss"]
-    return doc
+    row["time_to_first_batch"] = doc.pop("first_batch_at") - r["start"]
+    row["peak_rss"] = r["peak_rss"]
+    return row | doc
 
 
-def _tool_row(
-    prep: dict[str, Any], events: int, disk_bytes: int, load: dict[str, Any]
-) -> dict[str, Any]:
-    """One tool's row: its preprocessing run, its bytes on disk and its loader's figures."""
-    loader_keys = (
-        "examples_per_second",
-        "time_to_first_batch",
-        "loader_cpu_seconds",
-        "examples",
-        "peak_rss",
-        "peak_rss_workers",
-        "error",
-    )
+def _prep_row(prep: dict[str, Any], events: int, disk_bytes: int) -> dict[str, Any]:
+    """A tool's preprocessing run and its bytes on disk."""
     return {
         "prep_s": prep["seconds"],
         "prep_cpu_s": prep["cpu_seconds"],
         "prep_events_per_s": events / prep["seconds"],
+        "prep_events_per_cpu_s": events / max(prep["cpu_seconds"], 1e-9),
         "prep_peak_rss": prep["peak_rss"],
         "disk_bytes": disk_bytes,
-        **{k: load.get(k) for k in loader_keys},
     }
 
 
@@ -223,23 +282,58 @@ def _public_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _summary(rows: list[dict[str, Any]]) -> str:
+    """The loader rows as a table for people (the JSON rows hold everything)."""
+    lines = [
+        f"{'tool':<24}{'batch':>6}{'workers':>8}{'examples/s':>12}{'per CPU-s':>11}"
+        f"{'events/s':>12}{'first batch':>12}{'peak RSS':>10}{'PSS all':>9}"
+    ]
+    for r in rows:
+        if r.get("what") != "loader" or "error" in r:
+            continue
+        pss = sum(m["pss"] for m in r["memory_at_end"].values())
+        name = r["tool"] + (" (torch pickle)" if r.get("torch_pickle") else "")
+        lines.append(
+            f"{name:<24}{r['batch_size']:>6}{r['workers']:>8}{r['examples_per_second']:>12,.0f}"
+            f"{r['examples_per_cpu_second']:>11,.0f}{r['events_per_second']:>12,.0f}"
+            f"{r['time_to_first_batch']:>11.1f}s{r['peak_rss'] / 2**20:>8.0f}Mi"
+            f"{pss / 2**20:>7.0f}Mi"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=10_000_000, help="events in the data set")
     ap.add_argument("--work", type=Path, default=Path("/tmp/ehrplan-data-loading"))
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=32, help="small-lstm under --auto: 32")
-    ap.add_argument("--batches", type=int, default=300, help="batches timed after the first")
+    ap.add_argument("--workers", type=_ints, default=[0, 2], help="DataLoader workers, e.g. 0,2")
+    ap.add_argument(
+        "--batch-sizes",
+        type=_ints,
+        default=[4, 32],
+        help="loader batch sizes (sequences for ehrplan): small-lstm's micro-batch 4, its 32",
+    )
+    ap.add_argument("--batches", type=int, default=2000, help="batches timed after the first")
+    ap.add_argument(
+        "--max-seconds", type=float, default=30.0, help="stop timing a loader after this long"
+    )
     ap.add_argument("--mtd-python", help="an interpreter with meds-torch-data installed")
     ap.add_argument("--out", type=Path, help="rows file (default: print only)")
     ap.add_argument("--loader", choices=["ehrplan", "mtd"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--torch-pickle", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.loader:
         fn = _loader_ehrplan if a.loader == "ehrplan" else _loader_mtd
+        a.workers, a.batch_size = a.workers[0], a.batch_sizes[0]
         print(json.dumps(fn(a)))
         return
 
+    load_start = os.getloadavg()
     a.work.mkdir(parents=True, exist_ok=True)
     meds = a.work / f"meds-{a.events}"
     patients = -(-a.events // EVENTS_PER_PATIENT)
@@ -263,6 +357,7 @@ def main() -> None:
         for p in (meds / "data").rglob("*.parquet")
     )
     rows: list[dict[str, Any]] = []
+    grid = [(b, w) for b in a.batch_sizes for w in a.workers]
 
     # ehrplan
     env = dict(os.environ, EHRPLAN_CACHE=str(a.work / "cache"))
@@ -270,21 +365,33 @@ def main() -> None:
     prep = _run([sys.executable, "-m", "ehrplan", "data", "prepare", str(meds), "--json"], env)
     assert prep["rc"] == 0, prep["stderr"]
     cache_bytes = json.loads(prep["stdout"])["bytes_on_disk"]
-    load = _loader_row(sys.executable, "ehrplan", meds, a, a.workers, env)
-    solo = _loader_row(sys.executable, "ehrplan", meds, a, 0, env)
-    per_event = (solo["peak_rss"] - solo["rss_before_data"]) / max(solo["events_touched"], 1)
-    rows.append(
-        {
-            "tool": "ehrplan",
-            **_tool_row(prep, events, cache_bytes, load),
-            "data_rss_per_event_touched": per_event,
+    rows.append({"tool": "ehrplan", "what": "preprocessing"} | _prep_row(prep, events, cache_bytes))
+    one = {"batches": a.batches, "max_seconds": a.max_seconds}
+    for b, w in grid:
+        row = _loader_row(sys.executable, "ehrplan", meds, env, batch_size=b, workers=w, **one)
+        rows.append({"tool": "ehrplan", "what": "loader"} | row)
+    if any(w > 0 for w in a.workers):
+        for b in a.batch_sizes:
+            w = max(a.workers)
+            kw = {"batch_size": b, "workers": w, "torch_pickle": True} | one
+            rows.append(
+                {"tool": "ehrplan", "what": "loader"}
+                | _loader_row(sys.executable, "ehrplan", meds, env, **kw)
+            )
+    whole = {"batch_size": max(a.batch_sizes), "workers": 0, "batches": 0, "max_seconds": 1e9}
+    epoch = _loader_row(sys.executable, "ehrplan", meds, env, **whole)
+    if "error" not in epoch:
+        data_rss = epoch["peak_rss"] - epoch["rss_before_data"]
+        epoch |= {
+            "data_rss": data_rss,
+            "data_rss_per_event_touched": data_rss / max(epoch["events_touched"], 1),
         }
-    )
+    rows.append({"tool": "ehrplan", "what": "data memory, one train epoch"} | epoch)
 
     # meds-torch-data
-    mtd: dict[str, Any] = {"tool": "meds-torch-data"}
     if not a.mtd_python:
-        mtd["error"] = "no --mtd-python given (an interpreter with meds-torch-data)"
+        why = "no --mtd-python given (an interpreter with meds-torch-data)"
+        rows.append({"tool": "meds-torch-data", "error": why})
     else:
         pyd = a.work / "mtd"
         shutil.rmtree(pyd, ignore_errors=True)
@@ -293,22 +400,33 @@ def main() -> None:
         mtd_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
         prep = _run([exe, f"MEDS_dataset_dir={meds}", f"output_dir={pyd}"], mtd_env)
         if prep["rc"] != 0:
-            mtd["error"] = "MTD_preprocess failed: " + prep["stderr"].strip()[-300:]
+            why = "MTD_preprocess failed: " + prep["stderr"].strip()[-300:]
+            rows.append({"tool": "meds-torch-data", "error": why})
         else:
             size = sum(p.stat().st_size for p in pyd.rglob("*") if p.is_file())
-            load = _loader_row(a.mtd_python, "mtd", pyd, a, a.workers, mtd_env)
-            mtd |= _tool_row(prep, events, size, load)
-    rows.append(mtd)
+            rows.append(
+                {"tool": "meds-torch-data", "what": "preprocessing"} | _prep_row(prep, events, size)
+            )
+            for b, w in grid:
+                row = _loader_row(a.mtd_python, "mtd", pyd, mtd_env, batch_size=b, workers=w, **one)
+                rows.append({"tool": "meds-torch-data", "what": "loader"} | row)
 
+    load_end = os.getloadavg()
     head = [
         f"# python benchmarks/data_loading.py {' '.join(_public_args(sys.argv[1:]))}",
         f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {events:,} events, {patients:,} patients; "
-        f"{a.workers} workers, batch {a.batch_size}, {a.batches} batches timed; "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine)",
+        f"batch sizes {a.batch_sizes}, workers {a.workers}, up to {a.batches} batches or "
+        f"{a.max_seconds:g} s timed per loader; "
+        f"load average {load_start[0]:.1f} (1 min) / {load_start[1]:.1f} (5 min) at the start, "
+        f"{load_end[0]:.1f} / {load_end[1]:.1f} at the end, on {os.cpu_count()} CPUs (shared "
+        "machine; each loader row has the 1-minute load average when it ended)",
+        "# examples: label rows for ehrplan (several can share one sequence: batch sizes count "
+        "sequences), subject sequences for meds-torch-data; events: real codes in the batches",
     ]
     lines = [*head, json.dumps(rows, indent=1, default=str)]
     text = "\n".join(lines) + "\n"
     print(text)
+    print(_summary(rows))
     if a.out:
         a.out.write_text(text)
 

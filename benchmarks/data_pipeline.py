@@ -11,10 +11,11 @@ Run by hand (figures depend on the machine; none is asserted in tests):
    visits, join labels), best of ``--repeats``; then the train-split vocabulary and the encoding
    of every event to ids.
 3. Padding ratio = padded positions / real code positions, counted on the real `Batch` tensors
-   of one epoch over the train split (B x V x C per batch against ``code_mask.sum()``), for
-   per-batch padding without and with length bucketing, against padding every batch to the
-   preset's ``max_visits`` x ``max_codes_per_visit``. Truncation is the preset's in all three,
-   so the real positions are the same. Also the collate throughput (patients per second).
+   of one epoch over the train split's examples (`ExampleDataset`: one per label row, packed
+   into sequences; B x V x C per batch of sequences against ``code_mask.sum()``), for per-batch
+   padding without and with length bucketing, against padding every batch to the preset's
+   ``max_visits`` x ``max_codes_per_visit``. Truncation is the preset's in all three, so the real
+   positions are the same. Also the collate throughput (examples, i.e. label rows, per second).
 4. ``--baseline``: how learnable the stage is from one visit alone: a logistic regression
    (scikit-learn) on each labelled visit's set of token ids, trained on the train split and
    scored on held_out, with and without value bins, against always predicting the majority
@@ -35,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+IGNORE_INDEX = -100  # ehrplan.runtime.batch: the stage of a position without a label
+
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
     """Wall seconds of each of ``repeats`` calls (the first one cold), and the last result."""
@@ -52,21 +55,28 @@ def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 
 def padding(ds: Any, batch_size: int, bucketing: bool) -> dict[str, Any]:
-    padded = real = patients = 0
+    """Padding of one epoch of ``ds`` (an `ExampleDataset`) in batches of ``batch_size``
+    sequences, and the collate's throughput in examples (label rows) per second."""
+    from ehrplan.data.sampler import batches
+
+    padded = real = examples = sequences = 0
     t = time.perf_counter()
-    for b in ds.loader(batch_size, bucketing=bucketing, seed=0):
+    for items in batches(ds.lengths, batch_size, bucketing=bucketing, seed=0):
+        b = ds.collate(items.tolist())
         padded += b.codes.numel()  # B x V x C positions this batch allocates
         real += int(b.code_mask.sum())  # real codes after truncation
-        patients += b.num_patients
+        sequences += len(items)
+        examples += int((b.stage != IGNORE_INDEX).sum())  # one labelled position per example
     secs = time.perf_counter() - t
-    full = patients * ds.max_visits * ds.max_codes_per_visit  # every batch at the preset maxima
+    ex = ds.examples
+    full = sequences * ex.max_visits * ex.max_codes_per_visit  # every batch at the preset maxima
     return {
         "padded_positions": padded,
         "real_positions": real,
         "padding_ratio": padded / real,
         "preset_maxima_positions": full,
         "padding_ratio_preset_maxima": full / real,
-        "collate_patients_per_s": patients / secs,
+        "collate_examples_per_s": examples / secs,
     }
 
 
@@ -108,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from ehrplan.data.cohort import load_cohort
-    from ehrplan.data.dataset import EHRDataset
+    from ehrplan.data.dataset import ExampleDataset
+    from ehrplan.data.examples import build_examples
     from ehrplan.data.synth_write import write_cohort
+    from ehrplan.data.tasks import read_task, resolve_task
     from ehrplan.data.vocab import train_vocab
     from ehrplan.plan.config import get_preset
 
@@ -144,20 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.preset or ["small-lstm", "medium-lstm"]:
             cfg = get_preset(name).config
             bs = args.batch_size or cfg.batch_size
-            ds = EHRDataset(
-                cohort,
-                vocab,
-                split="train",
-                max_visits=cfg.max_visits,
-                max_codes_per_visit=cfg.max_codes_per_visit,
-                ids=ids,
-            )
+            labels = read_task(resolve_task(root))
+            ex = build_examples(cohort, labels, cfg.max_visits, cfg.max_codes_per_visit)
+            ds = ExampleDataset(cohort, ex, ex.in_split(cohort, "train"), ids)
             result["presets"][name] = {
                 "batch_size": bs,
                 "max_visits": cfg.max_visits,
                 "max_codes_per_visit": cfg.max_codes_per_visit,
-                "train_patients": len(ds),
-                "truncation": ds.truncation.to_dict(),
+                "train_examples": ds.num_examples,
+                "train_sequences": len(ds),
+                "truncation": ds.loss.to_dict(),
                 "per_batch": padding(ds, bs, bucketing=False),
                 "per_batch_bucketed": padding(ds, bs, bucketing=True),
             }
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{'preset':<20}{'B':>4}{'V x C':>10}{'events lost':>13}"
-        f"{'per-batch':>11}{'bucketed':>10}{'preset max':>12}{'patients/s':>12}"
+        f"{'per-batch':>11}{'bucketed':>10}{'preset max':>12}{'examples/s':>12}"
     )
     for name, r in result["presets"].items():
         pb, bk = r["per_batch"], r["per_batch_bucketed"]
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{str(r['max_visits']) + 'x' + str(r['max_codes_per_visit']):>10}"
             f"{r['truncation']['events_dropped_fraction']:>13.1%}"
             f"{pb['padding_ratio']:>11.2f}{bk['padding_ratio']:>10.2f}"
-            f"{pb['padding_ratio_preset_maxima']:>12.2f}{bk['collate_patients_per_s']:>12,.0f}"
+            f"{pb['padding_ratio_preset_maxima']:>12.2f}{bk['collate_examples_per_s']:>12,.0f}"
         )
     print("\npadding ratio = padded positions / real code positions (1.00 = no padding)")
     for name, r in result.get("baseline", {}).items():
