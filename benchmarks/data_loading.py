@@ -24,9 +24,8 @@ Events/s counts the real codes each batch carries, the figure both tools share. 
 runs in its own process; peak RSS is the kernel's (``wait4``) for that process and the children it
 waited for.
 
-ehrplan's loader is `ExampleDataset` (train split) over the example cache when the cache holds
-the task's examples (``ExampleCache.examples``), else built in memory as ``train`` did before the
-cache held them (the row's ``source`` says which).
+ehrplan's loader is `ExampleDataset` (train split) over the memory-mapped example cache that
+``data prepare`` built, opened as ``train`` opens it (`prepare_data`, ``cache.examples``).
 
 meds-torch-data is not a dependency of ehrplan: install it into its own environment
 (``pip install .[bench]`` there, or ``pip install meds-torch-data``) and pass that interpreter as
@@ -83,24 +82,16 @@ def _rss() -> int:
 # loader processes (run as: data_loading.py --loader ehrplan|mtd ...)
 
 
-def _ehrplan_train_split(data: str) -> tuple[Any, str]:
-    """small-lstm's train split as `ExampleDataset`, and where it was read from."""
-    from ehrplan.data.cache import ExampleCache, prepare
+def _ehrplan_train_split(data: str) -> tuple[Any, bool]:
+    """small-lstm's train split as `ExampleDataset` over the example cache, opened as ``train``
+    opens it, and whether the cache was reused (False: it was built here)."""
     from ehrplan.data.dataset import ExampleDataset
+    from ehrplan.runtime.training.data import prepare_data
 
-    if hasattr(ExampleCache, "examples"):  # the cache holds the task's examples
-        cache = prepare(data)
-        ex = cache.examples(MAX_VISITS, MAX_CODES)
-        return ExampleDataset(cache, ex, ex.in_split(cache, "train"), cache.tokens), "cache"
-    from ehrplan.data.cohort import load_cohort
-    from ehrplan.data.examples import build_examples
-    from ehrplan.data.tasks import read_task, resolve_task
-    from ehrplan.data.vocab import train_vocab
-
-    cohort = load_cohort(data, visit_labels=False)
-    ex = build_examples(cohort, read_task(resolve_task(Path(data))), MAX_VISITS, MAX_CODES)
-    ids = train_vocab(cohort).encode(cohort.code, cohort.numeric_value)
-    return ExampleDataset(cohort, ex, ex.in_split(cohort, "train"), ids), "in memory"
+    cache = prepare_data(Path(data))
+    ex = cache.examples(MAX_VISITS, MAX_CODES)
+    ds = ExampleDataset(cache, ex, ex.in_split(cache, "train"), cache.tokens)
+    return ds, bool(cache.reused)
 
 
 def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
@@ -112,7 +103,7 @@ def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
     if a.torch_pickle:  # hand batches over the way torch pickles tensors
         del Batch.__reduce__
     before = _rss()
-    ds, source = _ehrplan_train_split(a.data)
+    ds, reused = _ehrplan_train_split(a.data)
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=BucketBatchSampler(ds.lengths, a.batch_size, seed=0),
@@ -128,7 +119,11 @@ def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
         lambda b: int((b.stage != IGNORE_INDEX).sum()),  # one labelled position per example
         lambda b: int(b.code_mask.sum()),
     )
-    return out | {"source": source, "train_examples": ds.num_examples, "train_sequences": len(ds)}
+    return out | {
+        "source": "example cache" if reused else "example cache, built by this process",
+        "train_examples": ds.num_examples,
+        "train_sequences": len(ds),
+    }
 
 
 def _loader_mtd(a: argparse.Namespace) -> dict[str, Any]:
