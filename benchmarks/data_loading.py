@@ -95,8 +95,11 @@ def _ehrplan_train_split(data: str) -> tuple[Any, bool]:
 
 
 def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
     import torch
 
+    import ehrplan.data.dataset
+    import ehrplan.runtime.training.data  # noqa: F401  (the imports' RSS is not the data's)
     from ehrplan.data.sampler import BucketBatchSampler
     from ehrplan.runtime.batch import IGNORE_INDEX, Batch
 
@@ -116,8 +119,9 @@ def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
         loader,
         a,
         before,
-        lambda b: int((b.stage != IGNORE_INDEX).sum()),  # one labelled position per example
-        lambda b: int(b.code_mask.sum()),
+        # counted in numpy: a torch reduction here can cost more than the batch (thread start-up)
+        lambda b: int(np.count_nonzero(b.stage.numpy() != IGNORE_INDEX)),  # one per example
+        lambda b: int(np.count_nonzero(b.code_mask.numpy())),
     )
     return out | {
         "source": "example cache" if reused else "example cache, built by this process",
@@ -127,6 +131,7 @@ def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _loader_mtd(a: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
     import torch
     from meds_torchdata import MEDSPytorchDataset, MEDSTorchDataConfig
 
@@ -144,7 +149,7 @@ def _loader_mtd(a: argparse.Namespace) -> dict[str, Any]:
 
     def events(batch: Any) -> int:
         codes = batch.code if hasattr(batch, "code") else batch["code"]
-        return int((codes != 0).sum())
+        return int(np.count_nonzero(codes.numpy()))
 
     def examples(batch: Any) -> int:
         codes = batch.code if hasattr(batch, "code") else batch["code"]
@@ -192,11 +197,14 @@ def _iterate(loader: Any, a: argparse.Namespace, before: int, examples: Any, eve
     workers = [w.pid for w in getattr(it, "_workers", [])]
     t0, c0 = time.perf_counter(), time.process_time() + sum(_proc_cpu(w) for w in workers)
     n_batches = 0
+    limit = a.batches or len(loader)
+    if workers:  # stop before the epoch ends: the workers' CPU is read while they run
+        limit = min(limit, len(loader) - 2)
     for batch in it:
         n_batches += 1
         n_examples += examples(batch)
         n_events += events(batch)
-        if n_batches == a.batches or time.perf_counter() - t0 > a.max_seconds:
+        if n_batches >= limit or time.perf_counter() - t0 > a.max_seconds:
             break
     seconds = time.perf_counter() - t0
     cpu = time.process_time() + sum(_proc_cpu(w) for w in workers) - c0

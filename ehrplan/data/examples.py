@@ -294,7 +294,7 @@ def pack(cohort: Cohort, ex: Examples, idx: np.ndarray) -> Sequences:
         last_of_visit[:-1] = (p_s[1:] != p_s[:-1]) | (k_s[1:] != k_s[:-1])
     joins = pre_s & whole_s & last_of_visit & (k_s < k_s[host_at]) & ~grp_end
     seq_of = np.where(joins, host_at, np.arange(n))  # sorted position of each one's sequence
-    hosts = np.unique(seq_of)
+    hosts = np.flatnonzero(~joins)  # = np.unique(seq_of): a joining example's host never joins
     seq_index = np.searchsorted(hosts, seq_of)
     by_seq = np.lexsort((k_s, seq_index))
     members = i_sorted[by_seq]
