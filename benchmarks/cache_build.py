@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]
 DRIVER = r"""
 import inspect, json, resource, sys, time
 from ehrplan.data import cache
@@ -58,6 +59,7 @@ def _one(data: Path, workers: int, tree: Path | None) -> dict[str, Any]:
         out = subprocess.run(
             [sys.executable, "-c", DRIVER, str(data), str(workers)],
             env=env,
+            cwd=tree if tree is not None else REPO,  # `python -c` puts the cwd first on sys.path
             capture_output=True,
             text=True,
             check=True,

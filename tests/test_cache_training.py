@@ -127,3 +127,26 @@ def test_a_few_training_steps_have_the_in_memory_losses(ckd: Path, tmp_path: Pat
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         losses.append([{k: v for k, v in r.items() if "loss" in k} for r in rows])
     assert any(losses[0]) and losses[0] == losses[1]
+
+
+def test_one_line_when_the_cache_is_built_none_when_reused(ckd: Path) -> None:
+    lines: list[str] = []
+    load_training_data(ckd, _config(None), say=lines.append)
+    assert lines == [f"building the example cache of {ckd} (first use) ..."]
+    lines.clear()
+    load_training_data(ckd, _config(20), say=lines.append)  # another cap: the same cache
+    assert lines == []
+
+
+def test_a_split_pickles_without_the_mapped_arrays(ckd: Path) -> None:
+    import pickle
+
+    data, _ = load_training_data(ckd, _config(20))
+    ds = data.split("train").dataset
+    tokens = ds.ids
+    assert tokens.nbytes > 10_000 and len(pickle.dumps(tokens)) < 1_000  # by reference
+    back = pickle.loads(pickle.dumps(ds))  # as a spawned DataLoader worker receives it
+    items = list(range(min(len(ds), 9)))
+    a, b = ds.collate(items), back.collate(items)
+    for f in FIELDS:
+        assert torch.equal(getattr(a, f), getattr(b, f)), f

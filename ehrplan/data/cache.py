@@ -39,6 +39,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from collections.abc import Callable
@@ -672,8 +673,40 @@ def open_cache(
     return ExampleCache(path=path, header=header, vocab=vocab, arrays=_map(path, specs))
 
 
+class Mapped(np.memmap):
+    """A cache array mapped read-only, pickled by reference: a DataLoader worker started by
+    spawn (or any pickle of a dataset over the cache) maps the file again instead of copying
+    its bytes. A slice or a fancy-indexed copy pickles as an ordinary array."""
+
+    def __reduce__(self) -> Any:
+        if isinstance(self.base, mmap.mmap) and self.filename is not None:  # the whole file
+            return (_map_one, (self.filename, self.dtype.str, self.shape))
+        return np.asarray(self).__reduce__()
+
+    # as np.memmap does for itself: what no longer shares the mapping is a plain array
+    def __array_wrap__(self, arr: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        arr = np.ndarray.__array_wrap__(self, arr, context)
+        if self is arr:
+            return arr
+        return arr[()] if return_scalar else arr.view(np.ndarray)
+
+    def __getitem__(self, index: Any) -> Any:
+        res = super().__getitem__(index)
+        return res.view(np.ndarray) if isinstance(res, Mapped) and res._mmap is None else res
+
+
+def _map_one(path: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    if 0 in shape:  # an empty file cannot be mapped
+        return np.zeros(shape, dtype=dtype)
+    return Mapped(path, dtype=np.dtype(dtype), mode="r", offset=_HEADER_BYTES, shape=shape)
+
+
 def _map(path: Path, specs: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in specs}
+    """Every array of the cache (headers checked by `_valid_npy`: `_HEADER_BYTES` each)."""
+    return {
+        n: _map_one(str(path / f"{n}.npy"), np.dtype(s["dtype"]).str, tuple(s["shape"]))
+        for n, s in specs.items()
+    }
 
 
 __all__ = ["IGNORE_INDEX", "ExampleCache", "Settings", "open_cache", "prepare"]

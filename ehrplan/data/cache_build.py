@@ -315,6 +315,7 @@ def _init_worker(job: Job) -> None:
     global _JOB
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _die_with_parent()
+    pa.set_cpu_count(1)  # one decoding thread a worker: the workers are the parallelism
     _JOB = job
 
 

@@ -95,13 +95,18 @@ def _patient_index(cohort: Cohort, subject_id: np.ndarray) -> np.ndarray:
 
 def _events_until(cohort: Cohort, pidx: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Global end (exclusive) of each patient's events with time <= t: one sorted search over
-    (patient, time) keys, which the cohort's event order already sorts."""
+    (patient, time) keys, which the cohort's event order already sorts. Times are ranked
+    against the label times only (u: their sorted distinct values): an event time e is
+    ``#(u < e)``, label time ``u[j]`` is j, and ``e <= u[j]`` exactly when ``#(u < e) <= j``;
+    so no sort of the events is needed."""
     assert cohort.event_time is not None
-    ev_patient = np.repeat(np.arange(cohort.num_patients), cohort.events_per_patient())
-    _, rank = np.unique(np.concatenate([cohort.event_time, t]), return_inverse=True)
-    r = np.int64(rank.max(initial=0)) + 1
-    e_key = ev_patient.astype(np.int64) * r + rank[: cohort.num_events]
-    l_key = pidx.astype(np.int64) * r + rank[cohort.num_events :]
+    u = np.unique(t)
+    r = np.int64(len(u) + 1)
+    ev_patient = np.repeat(
+        np.arange(cohort.num_patients, dtype=np.int64), cohort.events_per_patient()
+    )
+    e_key = ev_patient * r + np.searchsorted(u, cohort.event_time, side="left")
+    l_key = pidx.astype(np.int64) * r + np.searchsorted(u, t, side="left")
     return np.searchsorted(e_key, l_key, side="right")
 
 
