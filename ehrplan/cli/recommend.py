@@ -128,19 +128,22 @@ DataDirOpt = Annotated[
 ]
 
 
-def with_data(b: Budget, data: Path | None) -> Budget:
+def with_data(b: Budget, data: Path | None, request: Any = None) -> Budget:
     """The budget less the host RAM a training process needs for ``data`` (CPU and MPS, whose
     GPU working set is the same unified memory); on CUDA a note only (the data is in host RAM,
-    not GPU memory)."""
+    not GPU memory). ``request`` (a `DataRequest`): the task and splits, so that the cache
+    opened here is the one the data-shaped estimate and `ehrplan train` read."""
     if data is None:
         return b
-    from ehrplan.data.cache import Settings, data_memory, prepare
+    from ehrplan.cli.output import say
+    from ehrplan.data.cache import data_memory, prepare
     from ehrplan.data.meds import DATA_DIR
+    from ehrplan.data.shapes import task_settings
 
     if not (data / DATA_DIR).is_dir():  # a splits file alone serves the time rule
         note = f"--data {data}: no {DATA_DIR}/ folder, so the data's host RAM is not counted"
         return replace(b, notes=(*b.notes, note))
-    cache = prepare(data, Settings.for_request(data, optional_task=True))
+    cache = prepare(data, task_settings(data, request, optional_task=True), say=say)
     task = cache.task
     need = data_memory(
         events=cache.num_events,
@@ -273,12 +276,19 @@ def recommend(
         patients=patients,
         max_epoch_hours=max_epoch_hours,
     )
-    budget = with_data(budget, data)
+    if data is not None:
+        budget = with_data(budget, data, _request(task, labels, splits))
     budget = with_calibration(budget, calibration)
     payload = plan(budget, types)
     if data is not None:
         add_data_shapes(payload, data, task, labels, splits)
     emit("recommend", payload, as_json=json_, render=_render)
+
+
+def _request(task: str | None, labels: Path | None, splits: str | None) -> Any:
+    from ehrplan.data.tasks import DataRequest
+
+    return DataRequest(task=task, labels=labels, splits=splits)
 
 
 def add_data_shapes(
@@ -289,13 +299,12 @@ def add_data_shapes(
     splits: str | None,
 ) -> None:
     """Read the data set (numpy and pyarrow, never torch) and annotate the plan's rows."""
-    from ehrplan.cli.output import warn
+    from ehrplan.cli.output import say, warn
     from ehrplan.data.shapes import annotate_plan, load_task_data
-    from ehrplan.data.tasks import DataRequest
     from ehrplan.errors import DataError
 
     try:
-        data = load_task_data(root, DataRequest(task=task, labels=labels, splits=splits))
+        data = load_task_data(root, _request(task, labels, splits), say)
     except DataError as err:  # the time rule still counts its patients
         warn(f"no estimate at the data's own batches: {err}")
         return

@@ -166,7 +166,10 @@ def validate(
         strategy=strategy,
         precision=precision,
     )
-    b = with_data(b, data)
+    if data is not None:
+        from ehrplan.data.tasks import DataRequest
+
+        b = with_data(b, data, DataRequest(task=task, labels=labels, splits=splits))
     b = with_calibration(b, calibration)
     fields: dict[str, Any] = dict(parse_override(i) for i in set_ or [])
     if checkpointing is not None:
@@ -194,16 +197,12 @@ def validate(
     }
     verdicts = [(f.name, f.fits, f.estimate_bytes, f.precision, f.budget_bytes) for f in fits]
     if data is not None:
-        from ehrplan.data.shapes import data_shaped, load_task_data
+        from ehrplan.cli.output import say
+        from ehrplan.data.shapes import data_shaped, data_summary, load_task_data
         from ehrplan.data.tasks import DataRequest
 
-        td = load_task_data(data, DataRequest(task=task, labels=labels, splits=splits))
-        payload["data"] = {
-            "root": str(data),
-            "task": td.labels.name,
-            "kind": td.labels.kind,
-            "label_rows": len(td.labels),
-        }
+        td = load_task_data(data, DataRequest(task=task, labels=labels, splits=splits), say)
+        payload["data"] = data_summary(td, data)
         verdicts = []
         for r, (_, cfg) in zip(payload["results"], configs, strict=True):
             ds = data_shaped(td, cfg, r["precision"], b.device)

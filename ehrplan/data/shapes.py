@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ehrplan.data.cohort import Cohort
-from ehrplan.data.examples import Examples, Sequences, build_examples, pack, sequence_shapes, slots
-from ehrplan.data.tasks import DataRequest, TaskLabels, read_task, resolve_task
+from ehrplan.data.examples import Examples, Sequences, pack, sequence_shapes, slots
+from ehrplan.data.tasks import DataRequest
 
 Groups = list[tuple[int, int]] | None
 EstimateFn = Callable[[int, int, int, Groups], int]
@@ -27,21 +26,38 @@ EstimateFn = Callable[[int, int, int, Groups], int]
 
 @dataclass(frozen=True)
 class TaskData:
-    """A cohort and one task's labels, read once for every preset."""
+    """A data set's example cache (`ehrplan.data.cache`) with one task, opened once for every
+    preset: the plan reads the same examples, vocabulary and splits as training."""
 
-    cohort: Cohort
-    labels: TaskLabels
-    vocab_tokens: int
-    """Tokens of the train split's vocabulary (PAD and UNK included), as training builds it."""
+    cohort: Any
+    """The `ExampleCache` (the cohort attributes the shape functions read)."""
+
+    @property
+    def task(self) -> dict[str, Any]:
+        """The task's name, kind and label files."""
+        return dict(self.cohort.task)
+
+    @property
+    def label_rows(self) -> int:
+        return int(self.cohort.header["report"]["labels"]["label_rows"])
+
+    @property
+    def vocab_tokens(self) -> int:
+        """Tokens of the train split's vocabulary (PAD and UNK included), as training builds it."""
+        return len(self.cohort.vocab)
+
+    def examples(self, max_visits: int, max_codes_per_visit: int) -> Examples:
+        return self.cohort.examples(max_visits, max_codes_per_visit)
 
     def fitted(self, config: Any) -> Any:
         """``config`` as training fits it to this data: the embedding table to the vocabulary,
-        the classifier head to the task's kind (`ehrplan.runtime.training.data`)."""
-        kind = self.labels.kind
+        the classifier head to the task's kind (`ehrplan.runtime.training.data.task_info`)."""
+        kind = self.task["kind"]
         if kind in ("binary", "regression"):
             outputs = 1
         elif kind == "multiclass":
-            outputs = max(int(self.labels.value.max()) + 1, 2)
+            value = self.examples(1, 1).value
+            outputs = max(int(value.max(initial=0)) + 1, 2)
         else:
             outputs = config.num_stages
         return config.model_copy(
@@ -52,20 +68,35 @@ class TaskData:
         )
 
 
-def load_task_data(root: str | Path, request: DataRequest | None = None) -> TaskData:
-    """Read the data set and its task (no labels attached to visits)."""
-    from ehrplan.data.cohort import load_cohort, parse_split_names
-    from ehrplan.data.meds import check_root
+def task_settings(root: str | Path, request: DataRequest | None, *, optional_task: bool) -> Any:
+    """The cache settings of a command's data options (task, labels, splits, min code count)."""
+    from ehrplan.data.cache import Settings
+    from ehrplan.data.vocab import DEFAULT_MIN_COUNT
 
     req = request or DataRequest()
-    check_root(root)
-    source = resolve_task(root, req.task, req.labels)
-    from ehrplan.data.vocab import DEFAULT_MIN_COUNT, train_vocab
+    return Settings.for_request(
+        root,
+        req.task,
+        req.labels,
+        req.splits,
+        optional_task=optional_task,
+        min_count=req.min_code_count or DEFAULT_MIN_COUNT,
+    )
 
-    cohort = load_cohort(root, visit_labels=False, split_names=parse_split_names(req.splits))
-    labels = read_task(source)
-    vocab = train_vocab(cohort, min_count=req.min_code_count or DEFAULT_MIN_COUNT)
-    return TaskData(cohort=cohort, labels=labels, vocab_tokens=len(vocab))
+
+def load_task_data(
+    root: str | Path,
+    request: DataRequest | None = None,
+    say: Callable[[str], None] | None = None,
+) -> TaskData:
+    """The data set's example cache for the request's task, built on first use (``say`` gets
+    a line before a build): the same cache `ehrplan train` reads, so nothing is read twice."""
+    from ehrplan.data.cache import prepare
+    from ehrplan.data.meds import check_root
+
+    check_root(root)
+    cache = prepare(root, task_settings(root, request, optional_task=False), say=say)
+    return TaskData(cohort=cache)
 
 
 @dataclass(frozen=True)
@@ -81,7 +112,7 @@ class TrainShapes:
 def train_shapes(data: TaskData, max_visits: int, max_codes_per_visit: int) -> TrainShapes:
     from ehrplan.data.stats import length_key
 
-    ex = build_examples(data.cohort, data.labels, max_visits, max_codes_per_visit)
+    ex = data.examples(max_visits, max_codes_per_visit)
     idx = ex.in_split(data.cohort, "train")
     seq = pack(data.cohort, ex, idx)
     nv, widest = sequence_shapes(data.cohort, ex, seq)
@@ -106,7 +137,7 @@ def batch_groups(codes_per_slot: np.ndarray) -> list[tuple[int, int]]:
 
 
 def largest_batch(
-    cohort: Cohort,
+    cohort: Any,
     shapes: TrainShapes,
     batch_size: int,
     estimate: EstimateFn,
@@ -191,12 +222,7 @@ def annotate_plan(payload: dict[str, Any], data: TaskData, root: str | Path) -> 
         ds = data_shaped(data, cfg, row["precision"], device, micro)
         ds["fits"] = ds["estimate_bytes"] <= row["budget_bytes"]
         row["data_shaped"] = ds
-    payload["data"] = {
-        "root": str(root),
-        "task": data.labels.name,
-        "kind": data.labels.kind,
-        "label_rows": len(data.labels),
-    }
+    payload["data"] = data_summary(data, root)
     rec: dict[str, Any] = {}
     for t in payload["model_types"]:
         fitting = [
@@ -212,6 +238,16 @@ def annotate_plan(payload: dict[str, Any], data: TaskData, root: str | Path) -> 
             else None
         )
     payload["data_recommendation"] = rec
+
+
+def data_summary(data: TaskData, root: str | Path) -> dict[str, Any]:
+    """The data block of a plan's output: folder, task, kind and label rows."""
+    return {
+        "root": str(root),
+        "task": data.task["name"],
+        "kind": data.task["kind"],
+        "label_rows": data.label_rows,
+    }
 
 
 def _of_type(model_type: str) -> set[str]:
