@@ -104,3 +104,59 @@ def test_labels_for_unknown_subjects_are_counted_not_an_error(tmp_path: Path) ->
     assert code == 0, err
     task = json.loads(out)["task"]
     assert task["labels_unknown_subject"] == 1 and task["examples"] == 1
+
+
+def test_data_stats_reads_the_example_cache_not_the_whole_data_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data stats` streams the data into the example cache (the one train reads) and takes
+    every figure from it: with the whole-data reader made to fail, its figures still equal the
+    in-memory cohort's (counts, splits, distinct codes, UNK share, the task's examples, what
+    truncation drops and the train sequences' batch shapes)."""
+    import numpy as np
+
+    from ehrplan.data import cohort as cohort_mod
+    from ehrplan.data import meds
+    from ehrplan.data.examples import build_examples, example_shapes, pack, truncation_loss
+    from ehrplan.data.stats import shape_dims, summary
+    from ehrplan.data.synth_write import write_cohort
+    from ehrplan.data.tasks import read_task, resolve_task
+    from ehrplan.data.vocab import train_vocab, unk_share
+
+    root = tmp_path / "ckd"
+    write_cohort(root, 80, seed=4, shard_size=15)
+    cohort = cohort_mod.load_cohort(root, visit_labels=False)  # the reference, read first
+    labels = read_task(resolve_task(root, None, None))
+    vocab = train_vocab(cohort)
+
+    def whole_data(*_: object, **__: object) -> None:
+        raise AssertionError("data stats read the whole data set")
+
+    monkeypatch.setattr(meds, "read_events", whole_data)
+    monkeypatch.setattr(cohort_mod, "load_cohort", whole_data)
+    code, out, err = _main(["data", "stats", str(root), "--preset", "small-lstm", "--json"])
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["patients"], doc["visits"], doc["events"]) == (
+        cohort.num_patients,
+        cohort.num_visits,
+        cohort.num_events,
+    )
+    assert doc["codes_per_visit"] == summary(cohort.codes_per_visit())
+    names, counts = np.unique(cohort.split, return_counts=True)
+    assert doc["patients_by_split"] == dict(zip(names.tolist(), counts.tolist(), strict=True))
+    assert doc["vocab_size"] == len(vocab)
+    ref_unk = unk_share(cohort.code, vocab.encode(cohort.code, cohort.numeric_value))
+    assert doc["unk"] == ref_unk and doc["distinct_codes"] == ref_unk["distinct_codes"]
+    assert Path(doc["example_cache"]).is_dir()
+    cfg = get_preset("small-lstm").config
+    ex = build_examples(cohort, labels, cfg.max_visits, cfg.max_codes_per_visit)
+    assert doc["task"]["examples"] == len(ex)
+    [row] = doc["presets"]
+    assert row["examples_truncation"] == truncation_loss(cohort, ex).to_dict()
+    seq = pack(cohort, ex, ex.in_split(cohort, "train"))
+    s = example_shapes(cohort, ex, seq.host)
+    mv, mc = cfg.max_visits, cfg.max_codes_per_visit
+    want = shape_dims(s["visits_kept"], s["widest"], s["kept"], cfg.batch_size, mv, mc)
+    assert row["batch_shapes"]["unit"] == "sequences"
+    assert row["batch_shapes"]["per_batch"] == want

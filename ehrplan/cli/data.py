@@ -89,74 +89,87 @@ def stats(
     preset only; without it, every preset. Also the batch shapes of per-batch padding (with and
     without length bucketing) on the train split.
     """
-    from ehrplan.data.cache import cache_bytes, data_memory
-    from ehrplan.data.cohort import load_cohort, parse_split_names
-    from ehrplan.data.stats import batch_dims, describe, truncation
-    from ehrplan.data.vocab import train_vocab, unk_share
+    import numpy as np
 
-    cohort = load_cohort(
-        directory,
+    from ehrplan.cli.output import say
+    from ehrplan.data.cache import Settings, data_memory, prepare
+    from ehrplan.data.meds import check_root, data_files
+    from ehrplan.data.stats import batch_dims, summary
+
+    root = check_root(directory)
+    settings = Settings.for_request(
+        root,
+        task,
+        labels,
+        splits,
+        optional_task=True,
         window_hours=visit_window,
-        visit_labels=False,
-        split_names=parse_split_names(splits),
+        min_count=min_count,
+        value_bins=value_bins,
     )
-    vocab = train_vocab(cohort, min_count=min_count, value_bins=value_bins)
-    payload: dict[str, Any] = describe(cohort, vocab_size=len(vocab))
-    payload["vocab"] = {"min_count": min_count, "value_bins": value_bins, "size": len(vocab)}
-    sizes = {
-        "events": cohort.num_events,
-        "visits": cohort.num_visits,
-        "patients": cohort.num_patients,
+    cache = prepare(root, settings, say=say)  # streams the data; `train` reads the same cache
+    vocab = cache.vocab
+    unk = cache.unk_share()
+    names, counts = np.unique(cache.split, return_counts=True)
+    payload: dict[str, Any] = {
+        "root": str(directory),
+        "files": len(data_files(root)),
+        "patients": cache.num_patients,
+        "events": cache.num_events,
+        "visits": cache.num_visits,
+        "visit_window_hours": cache.window_hours,
+        "visits_per_patient": summary(cache.visits_per_patient()),
+        "codes_per_visit": summary(cache.codes_per_visit()),
+        "distinct_codes": unk["distinct_codes"],
         "vocab_size": len(vocab),
+        "patients_by_split": {str(s): int(n) for s, n in zip(names, counts, strict=True)},
+        "labels": None,
+        "reader": cache.report,
+        "vocab": {"min_count": min_count, "value_bins": value_bins, "size": len(vocab)},
+        "example_cache": str(cache.path),
+        "example_cache_bytes": cache.disk_bytes(),
+        "unk": unk,
     }
-    payload["example_cache_bytes"] = cache_bytes(**sizes, distinct_codes=payload["distinct_codes"])
-    payload["unk"] = unk_share(cohort.code, vocab.encode(cohort.code, cohort.numeric_value))
     presets = [get_preset(preset)] if preset else list(load_presets().values())
     payload["tasks"], chosen = _tasks(directory, task, labels)
     payload["task"] = None
-    labels_read = None
-    if chosen is not None:
-        from ehrplan.data.tasks import read_task
+    task_info = cache.task
+    if task_info is not None:
+        payload["task"] = _task_summary(cache)
+        if task_info["kind"] == "ckd_progression" and chosen is not None:
+            from ehrplan.data.tasks import read_task
 
-        labels_read = read_task(chosen)
-        payload["task"] = _task_summary(cohort, labels_read)
-        payload["example_cache_bytes"] = cache_bytes(
-            **sizes,
-            examples=payload["task"]["examples"],
-            kind=labels_read.kind,
-            distinct_codes=payload["distinct_codes"],
-        )
-        if labels_read.kind == "ckd_progression":
-            payload["labels"] = _ckd_balance(labels_read)
-    train = cohort.patients_in("train")
+            payload["labels"] = _ckd_balance(read_task(chosen))
+    sizes = {
+        "events": cache.num_events,
+        "visits": cache.num_visits,
+        "patients": cache.num_patients,
+        "vocab_size": len(vocab),
+        "examples": payload["task"]["examples"] if payload["task"] else 0,
+        "kind": task_info["kind"] if task_info is not None else None,
+    }
+    train = cache.patients_in("train")
     rows = []
     for p in presets:
         cfg = p.config
         bs = batch_size or cfg.batch_size
+        mv, mc = cfg.max_visits, cfg.max_codes_per_visit
         row: dict[str, Any] = {
             "preset": p.name,
             "vocab_size": cfg.vocab_size,
-            "truncation": truncation(
-                cohort, cohort.patients_in(None), cfg.max_visits, cfg.max_codes_per_visit
-            ).to_dict(),
+            "truncation": _patient_truncation(cache, mv, mc),
             "host_ram_for_data": data_memory(
-                **sizes,
-                batch_size=bs,
-                max_visits=cfg.max_visits,
-                max_codes_per_visit=cfg.max_codes_per_visit,
+                **sizes, batch_size=bs, max_visits=mv, max_codes_per_visit=mc
             ),
-            "batch_shapes": {
-                "per_batch": batch_dims(cohort, train, bs, cfg.max_visits, cfg.max_codes_per_visit),
-                "per_batch_bucketed": batch_dims(
-                    cohort, train, bs, cfg.max_visits, cfg.max_codes_per_visit, bucketing=True
-                ),
-            },
         }
-        if labels_read is not None:
-            from ehrplan.data.examples import build_examples, truncation_loss
-
-            ex = build_examples(cohort, labels_read, cfg.max_visits, cfg.max_codes_per_visit)
-            row["examples_truncation"] = truncation_loss(cohort, ex).to_dict()
+        if task_info is not None:
+            row |= _example_shapes(cache, bs, mv, mc)
+        else:
+            row["batch_shapes"] = {
+                "unit": "patients",
+                "per_batch": batch_dims(cache, train, bs, mv, mc),
+                "per_batch_bucketed": batch_dims(cache, train, bs, mv, mc, bucketing=True),
+            }
         rows.append(row)
     payload["presets"] = rows
     payload["warnings"] = _warnings(payload)
@@ -199,19 +212,53 @@ def _tasks(directory: Path, task: str | None, labels: Path | None) -> tuple[list
     return found, resolve_task(directory, task, labels)
 
 
-def _task_summary(cohort: Any, labels: Any) -> dict[str, Any]:
-    """Examples per split, rows skipped, and the label balance of the kind."""
+def _patient_truncation(cache: Any, max_visits: int, max_codes_per_visit: int) -> dict[str, Any]:
+    """Whole patients truncated to the maxima (every patient, labels or not)."""
+    from ehrplan.data.stats import truncation
+
+    d = truncation(cache, cache.patients_in(None), max_visits, max_codes_per_visit).to_dict()
+    d.pop("labelled_visits_dropped")  # the cache holds examples, not visit labels
+    return d
+
+
+def _example_shapes(
+    cache: Any, batch_size: int, max_visits: int, max_codes_per_visit: int
+) -> dict[str, Any]:
+    """What a preset does to the task's examples: the events before prediction time truncation
+    drops (all splits), and the batch shapes of the train split's sequences as training packs
+    and pads them."""
+    from ehrplan.data.examples import example_shapes, pack, truncation_loss
+    from ehrplan.data.stats import shape_dims
+
+    ex = cache.examples(max_visits, max_codes_per_visit)
+    seq = pack(cache, ex, ex.in_split(cache, "train"))
+    s = example_shapes(cache, ex, seq.host)
+    dims = [
+        shape_dims(
+            s["visits_kept"], s["widest"], s["kept"], batch_size, max_visits,
+            max_codes_per_visit, bucketing=b,
+        )
+        for b in (False, True)
+    ]  # fmt: skip
+    return {
+        "batch_shapes": {"unit": "sequences", "per_batch": dims[0], "per_batch_bucketed": dims[1]},
+        "examples_truncation": truncation_loss(cache, ex).to_dict(),
+    }
+
+
+def _task_summary(cache: Any) -> dict[str, Any]:
+    """Examples per split, rows skipped, and the label balance of the kind (from the cache)."""
     import numpy as np
 
-    from ehrplan.data.examples import build_examples
-
-    ex = build_examples(cohort, labels, 1_000_000, 1_000_000)
-    split_of = cohort.split[ex.patient]
+    task = cache.task
+    ex = cache.examples(1, 1)  # the maxima change no example's label or split
+    split_of = cache.split[ex.patient]
     names, counts = np.unique(split_of, return_counts=True)
-    v = ex.value
-    if labels.kind == "binary":
+    v = np.asarray(ex.value)
+    kind = task["kind"]
+    if kind == "binary":
         balance: dict[str, Any] = {"positives": int(v.sum()), "prevalence": float(v.mean())}
-    elif labels.kind == "regression":
+    elif kind == "regression":
         balance = {
             "mean": float(v.mean()),
             "p50": float(np.median(v)),
@@ -221,10 +268,10 @@ def _task_summary(cohort: Any, labels: Any) -> dict[str, Any]:
     else:
         balance = {"class_counts": {str(i): int(n) for i, n in enumerate(np.bincount(v))}}
     return {
-        "name": labels.name,
-        "kind": labels.kind,
-        "files": list(labels.files),
-        "label_rows": len(labels),
+        "name": task["name"],
+        "kind": kind,
+        "files": list(task["files"]),
+        "label_rows": ex.report["label_rows"],
         "examples": len(ex),
         "examples_by_split": {str(s): int(n) for s, n in zip(names, counts, strict=True)},
         "labels_before_first_event": ex.report["labels_before_first_event"],

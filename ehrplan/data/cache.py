@@ -204,12 +204,14 @@ def _build(
         splits=splits,
         names=names,
     )
-    progress = build.Progress(say, len(files))
+    progress = build.Progress(say, len(files), f"building the example cache of {root} (first use)")
     if vocab is None:
         with closing(build.run_pool(build.vocab_part, job, workers)) as parts:
             counter = build.merge_counters(
                 _stepped(parts, lambda k: progress.step(k, "vocabulary pass"))
             )
+        if counter.rows == 0:  # as the whole-data reader says it
+            raise DataError(f"{root / meds.DATA_DIR}: no events in {len(files)} parquet file(s)")
         vocab = counter.vocab(min_count=settings.min_count, value_bins=settings.value_bins)
     vocab.save(tmp / "vocab.json")
     token_dtype = "int16" if len(vocab) <= _INT16_MAX else "int32"
@@ -394,8 +396,8 @@ def prepare(
     say: Callable[[str], None] | None = None,
 ) -> ExampleCache:
     """The cache of ``root``: opened when valid, otherwise built (atomically) and opened.
-    ``workers``: build processes (default `default_workers`); ``say``: called with one line
-    before a build starts and with progress lines while it runs (nothing when reused)."""
+    ``workers``: build processes (default `default_workers`); ``say``: called with progress
+    lines while a build runs, the first after 2 s (nothing for a quick build or when reused)."""
     root = meds.check_root(root)
     settings = settings or Settings()
     if vocab is not None:
@@ -416,8 +418,6 @@ def prepare(
         raise OutputError(
             f"{why} (the example cache: set ${CACHE_ENV} to a writable folder)"
         ) from None
-    if say is not None:
-        say(f"building the example cache of {root} (first use) ...")
     try:
         body = _build(root, tmp, settings, vocab, workers or default_workers(), say)
         header = {

@@ -180,6 +180,7 @@ def vocab_part(i: int) -> VocabCounter:
     if got is None:
         return counter
     sid, t, code, value = got
+    counter.rows = len(sid)
     _, keep = _fill_static_times(sid, t)
     train = keep & _train_mask(job, sid)
     counter.add(code.filter(pa.array(train)), value[train])
@@ -190,6 +191,7 @@ def merge_counters(parts: Iterator[VocabCounter]) -> VocabCounter:
     total = VocabCounter()
     for c in parts:
         total.events += c.events
+        total.rows += c.rows
         for name, n in c.bare.items():
             total.bare[name] = total.bare.get(name, 0) + n
         for name, vals in c.values.items():
@@ -344,14 +346,29 @@ def run_pool(fn: Callable[[int], Any], job: Job, workers: int) -> Iterator[Any]:
 
 
 class Progress:
-    """Calls ``say`` with ``done/total files`` at most every ``every`` seconds."""
+    """Calls ``say`` with ``done/total files``: first after ``first`` seconds (then with the
+    ``title`` line before it), then at most every ``every`` seconds. A build that ends (or
+    fails) sooner says nothing, so a small data set or a bad file gets no line before its
+    result or its one error line."""
 
-    def __init__(self, say: Callable[[str], None] | None, total: int, every: float = 10.0):
-        self.say, self.total, self.every = say, total, every
+    def __init__(
+        self,
+        say: Callable[[str], None] | None,
+        total: int,
+        title: str = "",
+        first: float = 2.0,
+        every: float = 10.0,
+    ) -> None:
+        self.say, self.total, self.title = say, total, title
+        self.first, self.every = first, every
         self.last = time.monotonic()
+        self.spoke = False
 
     def step(self, done: int, what: str) -> None:
         now = time.monotonic()
-        if self.say is not None and now - self.last >= self.every:
+        wait = self.every if self.spoke else self.first
+        if self.say is not None and now - self.last >= wait:
+            if not self.spoke and self.title:
+                self.say(self.title)
             self.say(f"  {what}: {done}/{self.total} data files")
-            self.last = now
+            self.last, self.spoke = now, True

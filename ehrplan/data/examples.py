@@ -317,6 +317,12 @@ def pack(cohort: Cohort, ex: Examples, idx: np.ndarray) -> Sequences:
     )
 
 
+def example_shapes(cohort: Cohort, ex: Examples, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Per example of ``idx``: ``events`` before the cut, ``kept`` events, ``visits``,
+    ``visits_kept``, the ``widest`` kept visit and the visits ``cut`` by the code cap."""
+    return _shapes(cohort, ex, idx)
+
+
 def sequence_shapes(cohort: Cohort, ex: Examples, seq: Sequences) -> tuple[np.ndarray, np.ndarray]:
     """Per sequence: kept visits and the widest kept visit (the bucketing key's parts)."""
     s = _shapes(cohort, ex, seq.host)

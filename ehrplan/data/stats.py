@@ -60,7 +60,8 @@ class Truncation:
     events: int
     events_dropped: int
     """events lost either way"""
-    labelled_visits_dropped: int
+    labelled_visits_dropped: int | None
+    """None where the data carries no visit labels (the example cache)"""
 
     @property
     def events_dropped_fraction(self) -> float:
@@ -75,6 +76,7 @@ def truncation(
 ) -> Truncation:
     """Count what truncation to the given maxima drops from ``patients``."""
     keep_v = kept_visits(cohort, max_visits)
+    stage = getattr(cohort, "stage", None)  # visit labels: an in-memory cohort read with them
     in_set = np.zeros(cohort.num_patients, dtype=bool)
     in_set[patients] = True
     nv = cohort.visits_per_patient()
@@ -91,7 +93,9 @@ def truncation(
         visits_truncated=int((sel & keep_v & (cpv > max_codes_per_visit)).sum()),
         events=int(cpv[sel].sum()),
         events_dropped=int(cpv[sel].sum() - kept_codes[sel].sum()),
-        labelled_visits_dropped=int((sel & ~keep_v & (cohort.stage >= 0)).sum()),
+        labelled_visits_dropped=(
+            int((sel & ~keep_v & (stage >= 0)).sum()) if stage is not None else None
+        ),
     )
 
 
@@ -123,19 +127,50 @@ def batch_dims(
     bucketing: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Data-shaped batch dimensions: the V and C each batch pads to, over one epoch.
+    """Data-shaped batch dimensions of batches of whole patients: the V and C each batch pads
+    to, over one epoch (`shape_dims`)."""
+    nv, widest, real = patient_shapes(cohort, max_visits, max_codes_per_visit)
+    return shape_dims(
+        nv[patients],
+        widest[patients],
+        real[patients],
+        batch_size,
+        max_visits,
+        max_codes_per_visit,
+        bucketing=bucketing,
+        seed=seed,
+    )
+
+
+def shape_dims(
+    nv: np.ndarray,
+    widest: np.ndarray,
+    real: np.ndarray,
+    batch_size: int,
+    max_visits: int,
+    max_codes_per_visit: int,
+    *,
+    bucketing: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Data-shaped batch dimensions: the V and C each batch pads to, over one epoch, for items
+    (patients or packed sequences) of ``nv`` kept visits, ``widest`` kept codes in their widest
+    visit and ``real`` kept codes in all.
 
     For the memory estimator: p50/p95/max of V (visits) and C (codes per visit) and of the
     padded positions B*V*C per batch, against the preset's fully padded B*max_visits*max_codes.
     Also the padding ratios (padded positions / real codes) of per-batch padding and of padding
     to the preset maxima.
     """
-    nv, widest, real = patient_shapes(cohort, max_visits, max_codes_per_visit)
-    nv, widest, real = nv[patients], widest[patients], real[patients]
     bs = batches(length_key(nv, widest), batch_size, shuffle=True, bucketing=bucketing, seed=seed)
-    v = np.array([nv[b].max() for b in bs], dtype=np.int64)
-    c = np.array([widest[b].max() for b in bs], dtype=np.int64)
     sizes = np.array([len(b) for b in bs], dtype=np.int64)
+    if len(bs):  # the max of each batch: one reduceat over the batches laid end to end
+        order = np.concatenate(bs)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        v = np.maximum.reduceat(nv[order], starts).astype(np.int64)
+        c = np.maximum.reduceat(widest[order], starts).astype(np.int64)
+    else:
+        v = c = np.zeros(0, dtype=np.int64)
     padded = sizes * v * c  # positions each batch allocates: B x V x C
     full = sizes * max_visits * max_codes_per_visit  # padding to the preset maxima
     n_real = int(real.sum())

@@ -270,6 +270,8 @@ class VocabCounter:
         self.bare: dict[str, int] = {}
         self.values: dict[str, list[np.ndarray]] = {}
         self.events = 0
+        self.rows = 0
+        """Events read in any split (set by the reader: `add` sees the train split's only)."""
 
     def add(self, code: pa.Array, values: np.ndarray) -> None:
         self.events += len(code)

@@ -88,7 +88,6 @@ class Truncation(Out):
     visits_truncated: int
     events: int
     events_dropped: int
-    labelled_visits_dropped: int
     events_dropped_fraction: float
 
 
@@ -106,6 +105,10 @@ class BatchDims(Out):
 
 
 class BatchShapes(Out):
+    unit: Literal["sequences", "patients"] = Field(
+        description="What a batch holds: the task's train-split sequences (examples packed as "
+        "training packs them), or whole patients when the data has no task."
+    )
     per_batch: BatchDims
     per_batch_bucketed: BatchDims
 
@@ -149,6 +152,10 @@ class DataStatsOut(Doc):
     labels: LabelBalance | None
     reader: dict[str, int] = Field(description="What the reader read, dropped and replaced.")
     vocab: VocabInfo
+    example_cache: str = Field(
+        description="The example cache these figures were read from (built on first use, the "
+        "one `ehrplan train` reads)."
+    )
     example_cache_bytes: int = Field(
         description="Bytes on disk of this data set's example cache (`ehrplan data prepare`)."
     )
