@@ -129,10 +129,20 @@ def test_a_few_training_steps_have_the_in_memory_losses(ckd: Path, tmp_path: Pat
     assert any(losses[0]) and losses[0] == losses[1]
 
 
-def test_one_line_when_the_cache_is_built_none_when_reused(ckd: Path) -> None:
+def test_a_slow_build_says_so_a_quick_one_and_a_reused_one_do_not(
+    ckd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ehrplan.data import cache_build
+
     lines: list[str] = []
+    load_training_data(ckd, _config(None), say=lines.append)  # well under 2 s: no line
+    assert lines == []
+    monkeypatch.setenv("EHRPLAN_CACHE", str(tmp_path / "other"))
+    monkeypatch.setattr(cache_build.Progress, "FIRST_SECONDS", 0.0)  # as if slow
+    monkeypatch.setattr(cache_build.Progress, "EVERY_SECONDS", 0.0)
     load_training_data(ckd, _config(None), say=lines.append)
-    assert lines == [f"building the example cache of {ckd} (first use) ..."]
+    assert lines[0] == f"building the example cache of {ckd} (first use)"
+    assert lines[-1].endswith("data files") and len(lines) > 2
     lines.clear()
     load_training_data(ckd, _config(20), say=lines.append)  # another cap: the same cache
     assert lines == []

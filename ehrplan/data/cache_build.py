@@ -346,27 +346,22 @@ def run_pool(fn: Callable[[int], Any], job: Job, workers: int) -> Iterator[Any]:
 
 
 class Progress:
-    """Calls ``say`` with ``done/total files``: first after ``first`` seconds (then with the
-    ``title`` line before it), then at most every ``every`` seconds. A build that ends (or
+    """Calls ``say`` with ``done/total files``: first after `FIRST_SECONDS` (then with the
+    ``title`` line before it), then at most every `EVERY_SECONDS`. A build that ends (or
     fails) sooner says nothing, so a small data set or a bad file gets no line before its
     result or its one error line."""
 
-    def __init__(
-        self,
-        say: Callable[[str], None] | None,
-        total: int,
-        title: str = "",
-        first: float = 2.0,
-        every: float = 10.0,
-    ) -> None:
+    FIRST_SECONDS = 2.0
+    EVERY_SECONDS = 10.0
+
+    def __init__(self, say: Callable[[str], None] | None, total: int, title: str = "") -> None:
         self.say, self.total, self.title = say, total, title
-        self.first, self.every = first, every
         self.last = time.monotonic()
         self.spoke = False
 
     def step(self, done: int, what: str) -> None:
         now = time.monotonic()
-        wait = self.every if self.spoke else self.first
+        wait = self.EVERY_SECONDS if self.spoke else self.FIRST_SECONDS
         if self.say is not None and now - self.last >= wait:
             if not self.spoke and self.title:
                 self.say(self.title)
