@@ -163,3 +163,49 @@ def test_ranks_predict_their_share_and_gather_one_process_predictions(
         assert loss == one_loss
         for f in fields(preds):
             assert np.array_equal(getattr(preds, f.name), getattr(one, f.name)), f.name
+
+
+def test_a_split_pickles_without_its_events_and_collates_alike_after(
+    data: Any, tmp_path: Path
+) -> None:
+    """What a spawned worker receives: the cache (which maps its files again), the split's
+    example indices and the window; the same bytes of overhead for a cohort of 4x the events."""
+    import pickle
+
+    from ehrplan.data.synth_write import write_cohort
+
+    write_cohort(tmp_path / "small", 40, seed=1)
+    small, _ = load_training_data(tmp_path / "small", get_preset("tiny").config)
+    overhead = []
+    for d in (small, data[0]):
+        for name in ("train", "tuning", "held_out"):
+            ds = d.split(name).dataset
+            blob = pickle.dumps(ds)
+            overhead.append(len(blob) - len(pickle.dumps(ds.cohort)) - ds.idx.nbytes)
+            assert len(blob) < ds.ids.nbytes + ds.idx.nbytes  # the tokens are not in it
+            back = pickle.loads(blob)
+            items = list(range(min(len(ds), 9)))
+            a, b = ds.collate(items), back.collate(items)
+            for f in fields(a):
+                assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name
+    assert data[0].split("train").dataset.ids.nbytes > 3 * small.split("train").dataset.ids.nbytes
+    assert max(overhead) - min(overhead) < 64, overhead  # does not grow with the events
+
+
+@pytest.mark.slow
+def test_spawned_workers_give_the_same_batches(data: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where fork is not used (macOS), a worker is spawned and gets the data set by pickle."""
+    from ehrplan.runtime.training import loader
+
+    d, _ = data
+    split = d.split("train")
+    collate, cpu = d.collate_for(split), torch.device("cpu")
+    lists = [[0, 1, 2], [5], [3, 4, 6]]
+    with feed(split.dataset, collate, lists, cpu, workers=0) as stream:
+        here = list(stream)
+    monkeypatch.setattr(loader, "start_method", lambda: "spawn")
+    with feed(split.dataset, collate, lists, cpu, workers=1) as stream:
+        spawned = list(stream)
+    for a, b in zip(spawned, here, strict=True):
+        for f in fields(a):
+            assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name

@@ -13,6 +13,8 @@ numpy (one fancy-index assignment per tensor), then ``torch.from_numpy``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -194,6 +196,24 @@ class ExampleDataset(torch.utils.data.Dataset):
     @property
     def num_examples(self) -> int:
         return len(self.idx)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Over a memory-mapped cache's tokens, pickled as the cache (which maps its files
+        again), the split's example indices and the window: a DataLoader worker started by
+        spawn rebuilds the rest, so the pickle does not grow with the events. Otherwise as is."""
+        cache = self.cohort
+        if not (isinstance(cache, ExampleCache) and self.ids is cache.tokens):
+            return dict(self.__dict__)
+        window = (self.examples.max_visits, self.examples.max_codes_per_visit)
+        return {"cache": cache, "idx": self.idx, "id_cap": self.id_cap, "window": window}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "window" not in state:
+            self.__dict__.update(state)
+            return
+        cache = state["cache"]
+        examples = cache.examples(*state["window"])
+        self.__init__(cache, examples, state["idx"], cache.tokens, id_cap=state["id_cap"])  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self.seq)
