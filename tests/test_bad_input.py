@@ -100,6 +100,7 @@ for opt, values in {
     "--patients": ["10", "-1", BIG],
     "--bucket-patients": ["-5", BIG],
     "--nproc": ["0", "-1", BIG],
+    "--workers": ["-1", BIG, "abc"],
 }.items():
     for v in values:
         CASES[f"train {opt} {v[:12]}"] = c(*TRAIN, opt, v, says=opt)
