@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ehrplan.atomic import ensure_dir, output_error
 from ehrplan.data import cache_build as build
@@ -195,6 +196,7 @@ def _build(
     labels = None
     if settings.task is not None and settings.task_path is not None:
         labels = read_task(TaskSource(settings.task, Path(settings.task_path)))
+    pa.default_memory_pool().release_unused()  # the split and label tables' freed buffers
     job = build.Job(
         root=root,
         files=files,
@@ -215,22 +217,18 @@ def _build(
         vocab = counter.vocab(min_count=settings.min_count, value_bins=settings.value_bins)
     vocab.save(tmp / "vocab.json")
     token_dtype = "int16" if len(vocab) <= _INT16_MAX else "int32"
-    job = replace(
-        job,
-        vocab=vocab,
-        token_dtype=token_dtype,
-        **(
-            {
-                "label_sid": labels.subject_id,
-                "label_time": labels.prediction_time,
-                "label_order": np.argsort(labels.subject_id, kind="stable"),
-                "task_name": labels.name,
-                "task_kind": labels.kind,
-            }
-            if labels is not None
-            else {}
-        ),
-    )
+    job = replace(job, vocab=vocab, token_dtype=token_dtype)
+    if labels is not None:
+        order = np.argsort(labels.subject_id, kind="stable")
+        job = replace(
+            job,
+            label_sid=labels.subject_id,
+            label_time=labels.prediction_time,
+            label_order=order,
+            label_sorted_sid=labels.subject_id[order],
+            task_name=labels.name,
+            task_kind=labels.kind,
+        )
     out = {
         name: build.Appender(tmp / f"{name}.npy", token_dtype if name == "tokens" else dt, tail)
         for name, (dt, tail) in ARRAYS.items()
@@ -372,19 +370,20 @@ def _write_examples(
         )
     order = np.argsort(cols[3], kind="stable")
     rows = cols[3][order]
-    columns = {
-        "ex_patient": cols[0][order],
-        "ex_last_visit": cols[1][order],
-        "ex_last_events": cols[2][order],
-        "ex_label_row": rows,
-        "ex_value": labels.value[rows],
-        "ex_prediction_time": labels.prediction_time[rows],
-        "ex_subject_id": labels.subject_id[rows],
+    columns: dict[str, Callable[[], np.ndarray]] = {  # made and written one at a time
+        "ex_patient": lambda: cols[0][order],
+        "ex_last_visit": lambda: cols[1][order],
+        "ex_last_events": lambda: cols[2][order],
+        "ex_label_row": lambda: rows,
+        "ex_value": lambda: labels.value[rows],
+        "ex_prediction_time": lambda: labels.prediction_time[rows],
+        "ex_subject_id": lambda: labels.subject_id[rows],
     }
     if labels.days is not None and labels.observed is not None:
-        columns |= {"ex_days": labels.days[rows], "ex_observed": labels.observed[rows]}
+        columns["ex_days"] = lambda: labels.days[rows]
+        columns["ex_observed"] = lambda: labels.observed[rows]
     report["labels"] = label_report
-    return {name: build.write_array(tmp / f"{name}.npy", a) for name, a in columns.items()}
+    return {name: build.write_array(tmp / f"{name}.npy", make()) for name, make in columns.items()}
 
 
 def prepare(

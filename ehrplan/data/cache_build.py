@@ -137,6 +137,8 @@ class Job:
     label_time: np.ndarray | None = None
     label_order: np.ndarray | None = None
     """A stable argsort of ``label_sid``."""
+    label_sorted_sid: np.ndarray | None = None
+    """``label_sid[label_order]``."""
     task_name: str = ""
     task_kind: str = "binary"
 
@@ -201,8 +203,8 @@ def merge_counters(parts: Iterator[VocabCounter]) -> VocabCounter:
 
 def _label_rows(job: Job, subjects: np.ndarray) -> np.ndarray:
     """The label rows (file order) of the given subjects."""
-    assert job.label_sid is not None and job.label_order is not None
-    sorted_sid = job.label_sid[job.label_order]
+    assert job.label_sorted_sid is not None and job.label_order is not None
+    sorted_sid = job.label_sorted_sid
     lo = np.searchsorted(sorted_sid, subjects, side="left")
     hi = np.searchsorted(sorted_sid, subjects, side="right")
     n = hi - lo

@@ -94,20 +94,21 @@ def _patient_index(cohort: Cohort, subject_id: np.ndarray) -> np.ndarray:
 
 
 def _events_until(cohort: Cohort, pidx: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Global end (exclusive) of each patient's events with time <= t: one sorted search over
-    (patient, time) keys, which the cohort's event order already sorts. Times are ranked
-    against the label times only (u: their sorted distinct values): an event time e is
-    ``#(u < e)``, label time ``u[j]`` is j, and ``e <= u[j]`` exactly when ``#(u < e) <= j``;
-    so no sort of the events is needed."""
+    """Global end (exclusive) of each patient's events with time <= t: a binary search inside
+    each label's patient's events (sorted by time), all labels a step at a time, so its cost
+    grows with the labels and the log of the longest patient, never with all events."""
     assert cohort.event_time is not None
-    u = np.unique(t)
-    r = np.int64(len(u) + 1)
-    ev_patient = np.repeat(
-        np.arange(cohort.num_patients, dtype=np.int64), cohort.events_per_patient()
-    )
-    e_key = ev_patient * r + np.searchsorted(u, cohort.event_time, side="left")
-    l_key = pidx.astype(np.int64) * r + np.searchsorted(u, t, side="left")
-    return np.searchsorted(e_key, l_key, side="right")
+    et = cohort.event_time
+    lo = cohort.event_offsets[cohort.visit_offsets[pidx]].astype(np.int64)
+    hi = cohort.event_offsets[cohort.visit_offsets[pidx + 1]].astype(np.int64)
+    todo = np.flatnonzero(lo < hi)
+    while len(todo):
+        mid = (lo[todo] + hi[todo]) // 2
+        right = et[mid] <= t[todo]  # the cut is after mid
+        lo[todo[right]] = mid[right] + 1
+        hi[todo[~right]] = mid[~right]
+        todo = todo[lo[todo] < hi[todo]]
+    return lo
 
 
 def build_examples(
