@@ -116,6 +116,11 @@ def test_fsdp_via_nproc_trains_as_one_and_resumes_only_on_its_world_size(tmp, si
     summary, run_dir, writes = _train(tmp, "fsdp", "--nproc", "2", "--shard")
     assert summary["distributed"]["strategy"] == "fsdp"
     assert _step_losses(run_dir) == pytest.approx(_step_losses(single[1]), rel=1e-5, abs=1e-6)
+    for split in ("tuning", "held_out"):  # each rank predicted its share, the model gathered
+        for which in ("best", "last"):
+            assert summary[which][split]["examples"] == single[0][which][split]["examples"]
+            loss = single[0][which][split]["loss"]
+            assert summary[which][split]["loss"] == pytest.approx(loss, rel=1e-4)
     assert {w.split()[0] for w in writes} == {"0"}, writes[:5]
     # the checkpoint's model is unsharded: a single process can read it as is
     import torch

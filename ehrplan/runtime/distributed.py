@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -287,6 +288,33 @@ def _reshard(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+@contextmanager
+def gathered(model: nn.Module, strategy: str, env: DistEnv) -> Iterator[None]:
+    """Under FSDP: every unit all-gathered once, in the module order (the same collectives on
+    every rank), and kept whole through the forward passes inside the block, which then make
+    no collective, so ranks may run different batches and different numbers of them (sharded
+    evaluation); resharded on the way out. Costs the whole model's parameters on every rank for
+    that while (evaluation keeps no gradients or optimizer state). Else nothing."""
+    if not (env.is_distributed and strategy == "fsdp"):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    inner = [m for m in units if m is not model]  # the root stays as fully_shard set it
+    for m in inner:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+        for m in inner:  # fully_shard's default for a unit that is not the root
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 def model_state(model: nn.Module, strategy: str, env: DistEnv) -> dict[str, object]:

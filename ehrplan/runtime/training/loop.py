@@ -515,22 +515,23 @@ class Trainer:
     @torch.no_grad()
     def predict(self, split: Split) -> tuple[Predictions, float]:
         """Predictions at every labelled position (one per example) of ``split`` and the mean
-        loss per example. Under DDP each rank predicts its share of the split and every rank
-        gets the whole (`predict_split`). Under FSDP every rank predicts the whole split: its
-        forward pass all-gathers each unit per call, and on the CPU the within-visit LSTM runs
-        a data-dependent number of calls, so ranks on different batches would not match."""
+        loss per example. Under torchrun each rank predicts its share of the split and every
+        rank gets the whole (`predict_split`); under FSDP with the model gathered first
+        (`dist_.gathered`): its forward pass would all-gather each unit per call, and on the
+        CPU the within-visit LSTM makes a data-dependent number of calls."""
         fsdp = self.strategy == "fsdp" and self.env.is_distributed
-        return predict_split(
-            self.model if fsdp else self.raw_model,
-            self.loss_fn,
-            split,
-            self.data.collate_for(split),
-            self.config.batch_size * 4,
-            self.device,
-            self._autocast,
-            workers=self.settings.workers,
-            env=None if fsdp else self.env,
-        )
+        with dist_.gathered(self.model, self.strategy, self.env):
+            return predict_split(
+                self.model if fsdp else self.raw_model,
+                self.loss_fn,
+                split,
+                self.data.collate_for(split),
+                self.config.batch_size * 4,
+                self.device,
+                self._autocast,
+                workers=self.settings.workers,
+                env=self.env,
+            )
 
     def evaluate(self, split_name: str) -> dict[str, Any]:
         preds, loss = self.predict(self.data.split(split_name))
