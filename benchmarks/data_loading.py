@@ -11,8 +11,9 @@ On one synthetic MEDS data set (``ehrplan synth``, about ``--events`` events), f
   and proportional (PSS: shared pages split between the processes mapping them) set of the
   process and of each worker just before the workers stop;
 - ehrplan only: data RSS per event touched, from a run without workers over one whole epoch of
-  the train split (peak RSS minus the RSS before the data was opened, over the real events of
-  every batch), and the same 2-worker loader with torch's own tensor pickling
+  the train split (the process's peak RSS minus its RSS after the imports, before the data was
+  opened, over the distinct events the epoch's batches hold; ``per_event_read`` divides by every
+  event of every batch, repeats included), and the same 2-worker loader with torch's own pickling
   (``torch_pickle``: each tensor of a batch handed over as a shared-memory file descriptor)
   instead of `Batch`'s (by value).
 
@@ -123,6 +124,14 @@ def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
         lambda b: int(np.count_nonzero(b.stage.numpy() != IGNORE_INDEX)),  # one per example
         lambda b: int(np.count_nonzero(b.code_mask.numpy())),
     )
+    if not a.batches:  # a whole epoch: the distinct events its batches hold (a visit cut at
+        # different prediction times is read to its longest cut; whole windows can repeat)
+        from ehrplan.data.examples import slots
+
+        sl = slots(ds.cohort, ds.examples, ds.seq, np.arange(len(ds)))
+        longest = np.zeros(ds.cohort.num_visits, dtype=np.int64)
+        np.maximum.at(longest, sl.visits, sl.codes)
+        out["distinct_events_touched"] = int(longest.sum())
     return out | {
         "source": "example cache" if reused else "example cache, built by this process",
         "train_examples": ds.num_examples,
@@ -222,7 +231,7 @@ def _iterate(loader: Any, a: argparse.Namespace, before: int, examples: Any, eve
         "seconds": seconds,
         "cpu_seconds": cpu,
         "loader_cpu_seconds": _cpu() - cpu0,
-        "events_touched": touched + n_events,
+        "events_touched": touched + n_events,  # with repeats: windows of one patient overlap
         "rss_before_data": before,
         "rss_end": _rss(),
         "memory_at_end": memory,
@@ -383,11 +392,12 @@ def main() -> None:
             )
     whole = {"batch_size": max(a.batch_sizes), "workers": 0, "batches": 0, "max_seconds": 1e9}
     epoch = _loader_row(sys.executable, "ehrplan", meds, env, **whole)
-    if "error" not in epoch:
-        data_rss = epoch["peak_rss"] - epoch["rss_before_data"]
+    if "error" not in epoch:  # the peak before the distinct events were counted
+        data_rss = epoch["peak_rss_self"] - epoch["rss_before_data"]
         epoch |= {
             "data_rss": data_rss,
-            "data_rss_per_event_touched": data_rss / max(epoch["events_touched"], 1),
+            "data_rss_per_event_touched": data_rss / max(epoch["distinct_events_touched"], 1),
+            "data_rss_per_event_read": data_rss / max(epoch["events_touched"], 1),
         }
     rows.append({"tool": "ehrplan", "what": "data memory, one train epoch"} | epoch)
 

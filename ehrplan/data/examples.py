@@ -193,33 +193,45 @@ class Loss:
         }
 
 
-def _shapes(cohort: Cohort, ex: Examples, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Per example of ``idx``: events before the cut, kept events, visits, kept visits, the
-    widest kept visit and the visits cut by the code cap (prefix sums over the cohort's visits)."""
+_CHUNK = 1 << 16
+"""Examples per pass of `truncation_loss`: its per-example temporaries stay a few MiB, whatever
+the data set's size."""
+
+
+def _capped_counts(cohort: Cohort, C: int) -> np.ndarray:
+    """Per visit: events kept under the code cap ``C``, in the smallest integer type that holds
+    ``C`` (the range maxima's table is several copies of it)."""
+    eo = cohort.event_offsets
+    dtype = np.int16 if C < 2**15 else np.int64
+    return np.minimum(eo[1:] - eo[:-1], C).astype(dtype)
+
+
+def _shapes(
+    cohort: Cohort, ex: Examples, idx: np.ndarray, capped: np.ndarray, *, sums: bool = True
+) -> dict[str, np.ndarray]:
+    """Per example of ``idx``: visits, kept visits and the widest kept visit; with ``sums``,
+    events before the cut, kept events and the visits cut by the code cap (prefix sums over the
+    cohort's visits). ``capped``: `_capped_counts`."""
     C = ex.max_codes_per_visit
-    cpv = cohort.codes_per_visit()
-    capped = np.minimum(cpv, C)
-    cum = np.concatenate([[0], np.cumsum(cpv)])
-    cum_cap = np.concatenate([[0], np.cumsum(capped)])
-    cum_cut = np.concatenate([[0], np.cumsum(cpv > C)])
+    eo = cohort.event_offsets
     p, last, rs = ex.patient[idx], ex.last_visit[idx], ex.recent_start[idx]
     kf, le = ex.keep_first[idx], ex.last_events[idx]
     v0 = cohort.visit_offsets[p]
     first_cap = np.where(kf, capped[v0], 0)
-    kept = cum_cap[last] - cum_cap[rs] + np.minimum(le, C) + first_cap
-    events = cum[last] - cum[v0] + le
-    cut = cum_cut[last] - cum_cut[rs] + (le > C) + np.where(kf, cpv[v0] > C, 0)
     widest = np.maximum(np.minimum(le, C), first_cap)
     if len(idx):  # the widest whole visit of each window: a running max over ranges
         widest = np.maximum(widest, _range_max(capped, rs, last))
-    return {
-        "events": events,
-        "kept": kept,
-        "visits": last - v0 + 1,
-        "visits_kept": last - rs + 1 + kf,
-        "widest": widest,
-        "cut": cut,
-    }
+    out = {"visits": last - v0 + 1, "visits_kept": last - rs + 1 + kf, "widest": widest}
+    if sums:
+        cum_cap = np.concatenate([[0], np.cumsum(capped)])
+        cum_cut = np.concatenate([[0], np.cumsum(eo[1:] - eo[:-1] > C)])
+        first_cut = np.where(kf, eo[v0 + 1] - eo[v0] > C, 0)
+        out |= {
+            "events": eo[last] - eo[v0] + le,
+            "kept": cum_cap[last] - cum_cap[rs] + np.minimum(le, C) + first_cap,
+            "cut": cum_cut[last] - cum_cut[rs] + (le > C) + first_cut,
+        }
+    return out
 
 
 def _range_max(x: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
@@ -246,16 +258,23 @@ def _range_max(x: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray
 
 
 def truncation_loss(cohort: Cohort, ex: Examples, idx: np.ndarray | None = None) -> Loss:
-    """Events and visits before prediction time that truncation drops, over ``idx``."""
+    """Events and visits before prediction time that truncation drops, over ``idx`` (summed
+    `_CHUNK` examples at a time)."""
     idx = np.arange(len(ex)) if idx is None else idx
-    s = _shapes(cohort, ex, idx)
+    capped = _capped_counts(cohort, ex.max_codes_per_visit)
+    keys = ("events", "kept", "visits", "visits_kept", "cut")
+    tot = dict.fromkeys(keys, 0)
+    for at in range(0, len(idx), _CHUNK):
+        s = _shapes(cohort, ex, idx[at : at + _CHUNK], capped)
+        for k in keys:
+            tot[k] += int(s[k].sum())
     return Loss(
         examples=len(idx),
-        events=int(s["events"].sum()),
-        events_dropped=int((s["events"] - s["kept"]).sum()),
-        visits=int(s["visits"].sum()),
-        visits_dropped=int((s["visits"] - s["visits_kept"]).sum()),
-        visits_cut=int(s["cut"].sum()),
+        events=tot["events"],
+        events_dropped=tot["events"] - tot["kept"],
+        visits=tot["visits"],
+        visits_dropped=tot["visits"] - tot["visits_kept"],
+        visits_cut=tot["cut"],
     )
 
 
@@ -279,10 +298,10 @@ class Sequences:
 def pack(cohort: Cohort, ex: Examples, idx: np.ndarray) -> Sequences:
     """Group the examples ``idx`` into sequences, exactly (see the module docstring)."""
     idx = np.asarray(idx, dtype=np.int64)
-    cpv = cohort.codes_per_visit()
-    whole = ex.last_events[idx] == cpv[ex.last_visit[idx]]
+    eo, k = cohort.event_offsets, ex.last_visit[idx]
+    whole = ex.last_events[idx] == eo[k + 1] - eo[k]
     prefix = ~ex.keep_first[idx] & (ex.recent_start[idx] == cohort.visit_offsets[ex.patient[idx]])
-    p, k = ex.patient[idx], ex.last_visit[idx]
+    p = ex.patient[idx]
     # order: patient, then last visit, then events (the longest cut last), then label row
     order = np.lexsort((ex.label_row[idx], ex.last_events[idx], k, ~prefix, p))
     i_sorted = idx[order]
@@ -321,12 +340,12 @@ def pack(cohort: Cohort, ex: Examples, idx: np.ndarray) -> Sequences:
 def example_shapes(cohort: Cohort, ex: Examples, idx: np.ndarray) -> dict[str, np.ndarray]:
     """Per example of ``idx``: ``events`` before the cut, ``kept`` events, ``visits``,
     ``visits_kept``, the ``widest`` kept visit and the visits ``cut`` by the code cap."""
-    return _shapes(cohort, ex, idx)
+    return _shapes(cohort, ex, idx, _capped_counts(cohort, ex.max_codes_per_visit))
 
 
 def sequence_shapes(cohort: Cohort, ex: Examples, seq: Sequences) -> tuple[np.ndarray, np.ndarray]:
     """Per sequence: kept visits and the widest kept visit (the bucketing key's parts)."""
-    s = _shapes(cohort, ex, seq.host)
+    s = _shapes(cohort, ex, seq.host, _capped_counts(cohort, ex.max_codes_per_visit), sums=False)
     return s["visits_kept"], s["widest"]
 
 
