@@ -306,13 +306,15 @@ def pack(cohort: Cohort, ex: Examples, idx: np.ndarray) -> Sequences:
     order = np.lexsort((ex.label_row[idx], ex.last_events[idx], k, ~prefix, p))
     i_sorted = idx[order]
     p_s, k_s, pre_s, whole_s = p[order], k[order], prefix[order], whole[order]
+    del order, p, k, prefix, whole  # the peak of a large split is these arrays: free them early
     n = len(i_sorted)
     # the host of a patient's prefix examples: its last prefix example in this order
     grp_end = np.ones(n, dtype=bool)
     if n:
         grp_end[:-1] = (p_s[1:] != p_s[:-1]) | (pre_s[1:] != pre_s[:-1])
-    host_pos = np.searchsorted(np.flatnonzero(grp_end), np.arange(n))
-    host_at = np.flatnonzero(grp_end)[host_pos] if n else np.zeros(0, np.int64)
+    ends = np.flatnonzero(grp_end)
+    host_at = ends[np.cumsum(grp_end) - grp_end]  # the first group end at or after each one
+    del ends
     # one example per visit can be read from it: the longest cut (last in this order)
     last_of_visit = np.ones(n, dtype=bool)
     if n:
@@ -320,8 +322,12 @@ def pack(cohort: Cohort, ex: Examples, idx: np.ndarray) -> Sequences:
     joins = pre_s & whole_s & last_of_visit & (k_s < k_s[host_at]) & ~grp_end
     seq_of = np.where(joins, host_at, np.arange(n))  # sorted position of each one's sequence
     hosts = np.flatnonzero(~joins)  # = np.unique(seq_of): a joining example's host never joins
+    del host_at, last_of_visit, whole_s, pre_s, p_s
     seq_index = np.searchsorted(hosts, seq_of)
-    by_seq = np.lexsort((k_s, seq_index))
+    del seq_of
+    # by sequence, then visit: a sequence's members already come in visit order here (one per
+    # visit, the host last), so a stable sort on the sequence alone is that order
+    by_seq = np.argsort(seq_index, kind="stable")
     members = i_sorted[by_seq]
     counts = np.bincount(seq_index, minlength=len(hosts))
     host_ex = i_sorted[hosts]
