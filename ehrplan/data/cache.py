@@ -86,9 +86,15 @@ CKD_ARRAYS = ("ex_days", "ex_observed")
 TALLY_ARRAYS = ("token_counts", "code_min_id")
 
 
+DEFAULT_WORKERS = 1
+"""Build processes when none are asked for. One: on a shared two-core machine two were no
+faster (`benchmarks/cache_build.py`: 32.0 s against 30.5 s wall at 38M events, 10% more CPU);
+parquet decoding already uses a second thread. Give more where cores are free."""
+
+
 def default_workers() -> int:
-    """Build processes when none are asked for: two, or one on a one-core machine."""
-    return max(1, min(2, os.cpu_count() or 1))
+    """`DEFAULT_WORKERS`."""
+    return DEFAULT_WORKERS
 
 
 def cache_root() -> Path:
