@@ -106,8 +106,9 @@ def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
 
     if a.torch_pickle:  # hand batches over the way torch pickles tensors
         del Batch.__reduce__
-    before = _rss()
+    before, imported_at = _rss(), time.time()
     ds, reused = _ehrplan_train_split(a.data)
+    ready_at = time.time()
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=BucketBatchSampler(ds.lengths, a.batch_size, seed=0),
@@ -133,6 +134,8 @@ def _loader_ehrplan(a: argparse.Namespace) -> dict[str, Any]:
         np.maximum.at(longest, sl.visits, sl.codes)
         out["distinct_events_touched"] = int(longest.sum())
     return out | {
+        "imported_at": imported_at,
+        "data_ready_at": ready_at,
         "source": "example cache" if reused else "example cache, built by this process",
         "train_examples": ds.num_examples,
         "train_sequences": len(ds),
@@ -144,9 +147,10 @@ def _loader_mtd(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     from meds_torchdata import MEDSPytorchDataset, MEDSTorchDataConfig
 
-    before = _rss()
+    before, imported_at = _rss(), time.time()
     cfg = MEDSTorchDataConfig(tensorized_cohort_dir=a.data, max_seq_len=MAX_VISITS * MAX_CODES)
     ds = MEDSPytorchDataset(cfg, split="train")
+    ready_at = time.time()
     loader = torch.utils.data.DataLoader(
         ds,
         batch_size=a.batch_size,
@@ -164,7 +168,8 @@ def _loader_mtd(a: argparse.Namespace) -> dict[str, Any]:
         codes = batch.code if hasattr(batch, "code") else batch["code"]
         return int(codes.shape[0])
 
-    return _iterate(loader, a, before, examples, events) | {"source": "tensorized cohort"}
+    out = _iterate(loader, a, before, examples, events)
+    return out | {"imported_at": imported_at, "data_ready_at": ready_at, "source": "tensorized"}
 
 
 def _cpu() -> float:
@@ -270,6 +275,9 @@ def _loader_row(
         return row | {"error": why}
     doc = json.loads(r["stdout"].strip().splitlines()[-1])
     row["time_to_first_batch"] = doc.pop("first_batch_at") - r["start"]
+    # its parts: imports (torch, the tool), opening the data, then the first batch
+    row["imports_done_after"] = doc.pop("imported_at") - r["start"]
+    row["data_ready_after"] = doc.pop("data_ready_at") - r["start"]
     row["peak_rss"] = r["peak_rss"]
     return row | doc
 
