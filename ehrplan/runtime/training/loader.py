@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -82,6 +83,27 @@ def feed(
         yield (collate([dataset[i] for i in idx]).to(device) for idx in index_lists)
         return
     pin = device.type == "cuda"
+    with warnings.catch_warnings():  # more workers than cores: `train` says so in one line
+        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        loader, it = _start(dataset, collate, index_lists, workers, prefetch, pin)
+    try:
+        yield (b.to(device, non_blocking=pin) for b in it)
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
+        del it, loader
+
+
+def _start(
+    dataset: Sequence[Any],
+    collate: Callable[[list[Any]], Batch],
+    index_lists: Sequence[Sequence[int]],
+    workers: int,
+    prefetch: int,
+    pin: bool,
+) -> tuple[Any, Any]:
+    """The DataLoader over exactly ``index_lists`` and its iterator (the workers started)."""
     loader = torch.utils.data.DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_sampler=[list(idx) for idx in index_lists],
@@ -97,11 +119,13 @@ def feed(
         generator=torch.Generator().manual_seed(0),
     )
     with _sigint_blocked():
-        it = iter(loader)
-    try:
-        yield (b.to(device, non_blocking=pin) for b in it)
-    finally:
-        shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's __del__ calls
-        if shutdown is not None:
-            shutdown()
-        del it, loader
+        return loader, iter(loader)
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -250,7 +250,7 @@ def _run(
     from ehrplan.runtime.training import choose
     from ehrplan.runtime.training.data import DataRequest, load_training_data, synthetic_cohort
     from ehrplan.runtime.training.device import auto_threads, precision_reason, resolve_precision
-    from ehrplan.runtime.training.loader import default_workers
+    from ehrplan.runtime.training.loader import cores, default_workers
     from ehrplan.runtime.training.loop import Trainer, TrainSettings
 
     saved: dict[str, Any] | None = None
@@ -450,6 +450,12 @@ def _run(
         _say(req, f"  {r}")
     for line in data_lines(data.info):
         _say(req, line)
+    if settings.workers > cores():
+        _say(
+            req,
+            f"  [yellow]warning:[/] --workers {settings.workers} on {cores()} CPU cores: the "
+            "workers and the step take turns on them (fewer workers may be faster)",
+        )
     _say(
         req,
         f"  device {device}, {precision}; batch {config.batch_size} x "
