@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 import torch
 from meds_helpers import write_hand_built
+from patient_dataset import EHRDataset
 
 from ehrplan.data.cohort import Cohort, load_cohort
-from ehrplan.data.dataset import EHRDataset
 from ehrplan.data.stats import batch_dims, truncation
 from ehrplan.data.synth_write import write_cohort
 from ehrplan.data.vocab import PAD_ID, UNK_ID, Vocab, build_vocab, train_vocab

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from foreign_meds import write_foreign
+from patient_dataset import EHRDataset
 
 from ehrplan.data.cohort import hashed_splits, load_cohort
-from ehrplan.data.dataset import EHRDataset, ExampleDataset
+from ehrplan.data.dataset import ExampleDataset
 from ehrplan.data.examples import build_examples, truncation_loss
 from ehrplan.data.synth_write import write_cohort
 from ehrplan.data.tasks import read_task, resolve_task
