@@ -329,13 +329,18 @@ def _summary(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=10_000_000, help="events in the data set")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/ehrplan-data-loading"))
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/ehrplan-data-loading"),
+        help="folder for the data set, both tools' preprocessed data and the example cache",
+    )
     ap.add_argument("--workers", type=_ints, default=[0, 2], help="DataLoader workers, e.g. 0,2")
     ap.add_argument(
         "--batch-sizes",
         type=_ints,
         default=[4, 32],
-        help="loader batch sizes (sequences for ehrplan): small-lstm's micro-batch 4, its 32",
+        help="loader batch sizes (sequences for ehrplan): small-lstm's micro-batch 4, and 32",
     )
     ap.add_argument("--batches", type=int, default=2000, help="batches timed after the first")
     ap.add_argument(
