@@ -308,8 +308,8 @@ WorkersOpt = Annotated[
         "-j",
         min=1,
         max=256,
-        help="Processes that read the data files (default 1: on a busy two-core machine two "
-        "were no faster). Each holds one file's events; the cache is the same for any number.",
+        help="Processes that read the data files (default: 2, or 1 on a one-core machine). "
+        "Each holds one file's events; the cache is the same for any number.",
     ),
 ]
 

@@ -86,15 +86,11 @@ CKD_ARRAYS = ("ex_days", "ex_observed")
 TALLY_ARRAYS = ("token_counts", "code_min_id")
 
 
-DEFAULT_WORKERS = 1
-"""Build processes when none are asked for. One: on a shared two-core machine two were no
-faster (`benchmarks/cache_build.py`: 32.0 s against 30.5 s wall at 38M events, 10% more CPU);
-parquet decoding already uses a second thread. Give more where cores are free."""
-
-
 def default_workers() -> int:
-    """`DEFAULT_WORKERS`."""
-    return DEFAULT_WORKERS
+    """Build processes when none are asked for: two, or one on a one-core machine. At 38M events
+    on two quiet cores two workers built at 4.6M-5.0M events/s against 3.1M-3.3M for one, for 6-10%
+    more CPU (`benchmarks/cache_build.py`); on cores other work already fills they gain nothing."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def cache_root() -> Path:
