@@ -99,12 +99,15 @@ def run_measured(
     cmd: list[str], env: dict[str, str], watch: Path | None = None, stop: bool = False
 ) -> dict[str, Any]:
     """`run`, plus the kernel's peak RSS and CPU seconds of the command (a wrapper process reads
-    them from its own ``RUSAGE_CHILDREN``, so that samples taken here do not race the reaping)."""
+    them from its own ``RUSAGE_CHILDREN``, so that samples taken here do not race the reaping;
+    it passes a Ctrl-C on to the command)."""
     wrapper = [
         sys.executable,
         "-c",
-        "import resource,subprocess,sys,json;"
-        "rc=subprocess.call(sys.argv[1:]);"
+        "import resource,subprocess,sys,json,signal;"
+        "p=subprocess.Popen(sys.argv[1:]);"
+        "signal.signal(signal.SIGINT,lambda s,f:p.send_signal(signal.SIGINT));"
+        "rc=p.wait();"
         "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
         "print(json.dumps({'rc':rc,'maxrss':u.ru_maxrss*1024,'cpu':u.ru_utime+u.ru_stime}),"
         "file=sys.stderr)",
