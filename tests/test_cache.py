@@ -265,6 +265,13 @@ def test_data_memory_counts_the_cache_bytes_exactly(data: Path) -> None:
     assert solo["cache_pages"] == cache.disk_bytes() - 4 * len(cache.code_min_id)
     assert two["batches"] == 5 * solo["batches"]  # one in training + 2 per worker
     assert solo["total"] == sum(v for k, v in solo.items() if k != "total")
+    assert solo["worker_processes"] == 0
+    forked = data_memory(**sizes, **shape, workers=2, start_method="fork")
+    spawned = data_memory(**sizes, **shape, workers=2, start_method="spawn")
+    assert forked["worker_processes"] == 2 * cache_mod.WORKER_FORK_BYTES
+    # a spawned worker rebuilds the split's arrays on top of its own interpreter and torch
+    each = cache_mod.WORKER_SPAWN_BASE_BYTES + solo["process_arrays"]
+    assert spawned["worker_processes"] == 2 * each > forked["worker_processes"]
 
 
 def test_prepare_never_imports_torch(data: Path) -> None:

@@ -59,6 +59,22 @@ def test_data_stats_json_without_torch(synth_dir: tuple[Path, dict]) -> None:
     assert shapes["padding_ratio"] <= shapes["padding_ratio_preset_maxima"]
 
 
+def test_data_stats_counts_the_train_workers_host_ram(synth_dir: tuple[Path, dict]) -> None:
+    out, _ = synth_dir
+    docs = []
+    for n in ("0", "3"):
+        code, text, err = _main(
+            ["data", "stats", str(out), "--preset", "tiny", "--train-workers", n, "--json"]
+        )
+        assert code == 0, err
+        docs.append(json.loads(text)["presets"][0]["host_ram_for_data"])
+    none, three = docs
+    assert none["worker_processes"] == 0 and three["worker_processes"] > 0
+    assert three["total"] - none["total"] == (
+        three["worker_processes"] + three["batches"] - none["batches"]
+    )
+
+
 def test_data_stats_table_lists_every_preset(synth_dir: tuple[Path, dict]) -> None:
     out, _ = synth_dir
     r = run_cli("data", "stats", str(out))

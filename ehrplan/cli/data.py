@@ -69,6 +69,19 @@ BatchOpt = Annotated[
 ]
 
 
+TrainWorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--train-workers",
+        min=0,
+        max=256,
+        help="Count the host RAM of this many DataLoader workers, as `train --workers N` runs "
+        "them (forked on Linux: about 24 MiB each; spawned elsewhere: an interpreter with torch "
+        "plus the split's arrays, each).",
+    ),
+]
+
+
 def stats(
     directory: Annotated[Path, typer.Argument(help="Root of a MEDS data set.")],
     preset: PresetOpt = None,
@@ -79,6 +92,7 @@ def stats(
     min_count: MinCountOpt = 5,
     value_bins: BinsOpt = 5,
     batch_size: BatchOpt = None,
+    train_workers: TrainWorkersOpt = 0,
     json_: JsonOpt = False,
 ) -> None:
     """Patients, events, visits per patient, codes per visit, vocabulary, tasks, truncation.
@@ -159,7 +173,11 @@ def stats(
             "vocab_size": cfg.vocab_size,
             "truncation": _patient_truncation(cache, mv, mc),
             "host_ram_for_data": data_memory(
-                **sizes, batch_size=bs, max_visits=mv, max_codes_per_visit=mc
+                **sizes,
+                batch_size=bs,
+                max_visits=mv,
+                max_codes_per_visit=mc,
+                workers=train_workers,
             ),
         }
         if task_info is not None:

@@ -42,6 +42,7 @@ import json
 import mmap
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
@@ -754,6 +755,23 @@ def cache_bytes(
     )
 
 
+WORKER_FORK_BYTES = 24 * 2**20
+"""A forked DataLoader worker's own memory beyond the pages it shares with its parent: 15 to 21
+MB of proportional set size per worker, measured on Linux at 200,000 and 52,632 patients
+(small-lstm batches; `benchmarks/data_loading.py` and a fork/spawn pair run by hand)."""
+WORKER_SPAWN_BASE_BYTES = 256 * 2**20
+"""A spawned worker (macOS, Windows) imports Python, torch and ehrplan afresh and rebuilds its
+split's arrays: 397 MiB of PSS per worker at 200,000 patients on Linux with spawn forced, of
+which about 167 MiB are the split's arrays (``process_arrays``) and the rest this base."""
+
+
+def worker_start_method() -> str:
+    """How `ehrplan train --workers` starts its DataLoader workers: ``fork`` on Linux (they
+    share the parent's pages), ``spawn`` elsewhere (macOS, where forking a process that has
+    loaded Apple's frameworks is unsafe, and Windows)."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
 def data_memory(
     *,
     events: int,
@@ -767,6 +785,7 @@ def data_memory(
     prefetch: int = 2,
     examples: int = 0,
     kind: str | None = None,
+    start_method: str | None = None,
 ) -> dict[str, int]:
     """Host RAM a training process needs for its data, by term (bytes).
 
@@ -779,16 +798,22 @@ def data_memory(
     - ``batches``: the batches alive at once, each at the largest shape (int64 codes, bool mask,
       per visit time features, stage, time, observed): one being trained plus ``prefetch`` per
       worker.
-    Worker processes are forked and share the parent's pages; their own interpreter overhead is
-    not counted here.
+    - ``worker_processes``: each of ``workers`` DataLoader workers' own memory: forked, what it
+      does not share with its parent (`WORKER_FORK_BYTES`); spawned, an interpreter with torch
+      (`WORKER_SPAWN_BASE_BYTES`) plus its own copy of the split's arrays. ``start_method``:
+      ``fork`` or ``spawn`` (default: this platform's, `worker_start_method`).
     """
     pages = cache_bytes(events, visits, patients, vocab_size, examples=examples, kind=kind)
     arrays = visits * 25 + patients * 40 + examples * 40
     one = batch_size * max_visits * (max_codes_per_visit * 9 + 8 + 8 + 4 + 1)
     batches = one * (1 + workers * prefetch)
+    method = start_method or worker_start_method()
+    each = WORKER_FORK_BYTES if method == "fork" else WORKER_SPAWN_BASE_BYTES + arrays
+    procs = workers * each
     return {
         "cache_pages": pages,
         "process_arrays": arrays,
         "batches": batches,
-        "total": pages + arrays + batches,
+        "worker_processes": procs,
+        "total": pages + arrays + batches + procs,
     }

@@ -117,6 +117,9 @@ class DataMemory(Out):
     cache_pages: int = Field(description="The mapped example cache (an epoch touches all).")
     process_arrays: int = Field(description="Per-visit and per-patient arrays held in memory.")
     batches: int = Field(description="Batches alive at once at the largest shape.")
+    worker_processes: int = Field(
+        description="The DataLoader workers' own memory (`data stats --train-workers N`)."
+    )
     total: int
 
 
@@ -126,7 +129,8 @@ class PresetStats(Out):
     truncation: Truncation
     host_ram_for_data: DataMemory = Field(
         description="Host RAM (bytes) a training process needs for the data at this preset's "
-        "batch and maxima, no DataLoader workers (`ehrplan.data.cache.data_memory`)."
+        "batch and maxima, with --train-workers DataLoader workers (default none; "
+        "`ehrplan.data.cache.data_memory`)."
     )
     batch_shapes: BatchShapes
     examples_truncation: ExamplesLoss | None = Field(

@@ -19,7 +19,6 @@ that one arriving then waits for the main process instead of reaching a half-sta
 from __future__ import annotations
 
 import signal
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,8 +41,11 @@ def default_workers(device_type: str) -> int:
 
 def start_method() -> str | None:
     """``fork`` on Linux (workers share the parent's pages); elsewhere the platform's default
-    (spawn on macOS, where forking a process that has loaded Apple's frameworks is unsafe)."""
-    return "fork" if sys.platform.startswith("linux") else None
+    (spawn on macOS, where forking a process that has loaded Apple's frameworks is unsafe). The
+    rule is `ehrplan.data.cache.worker_start_method`'s, which the data-memory plan counts by."""
+    from ehrplan.data.cache import worker_start_method
+
+    return "fork" if worker_start_method() == "fork" else None
 
 
 def _worker_init(worker_id: int) -> None:
