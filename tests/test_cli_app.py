@@ -157,3 +157,18 @@ def test_estimate_json_imports_its_own_module_only() -> None:
     others = {f"ehrplan.cli.{c.module}" for n, c in COMMANDS.items() if n != "estimate"}
     assert not others & set(loaded), sorted(others & set(loaded))
     assert not [m for m in loaded if m.startswith("ehrplan.runtime")]
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Typer turns a KeyboardInterrupt into a silent exit 130; every command says it stopped."""
+    from ehrplan.cli import estimate as estimate_cli
+
+    def ctrl_c(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(estimate_cli, "estimate_memory", ctrl_c)
+    code = app_module.run(["estimate", "--preset", "tiny-lstm", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 130 and err == "interrupted\n"

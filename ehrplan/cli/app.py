@@ -385,6 +385,8 @@ def run(argv: list[str] | None = None) -> int:
             f"internal error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for the traceback)",
             EXIT_INTERNAL,
         )
+    if rv == EXIT_INTERRUPTED:  # Typer turns Ctrl-C into a silent Exit(130); ours say so
+        return _fail("interrupted", EXIT_INTERRUPTED)
     return rv if isinstance(rv, int) else 0
 
 
