@@ -12,9 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from ehrplan.data.tasks import DataRequest
-from ehrplan.errors import DataError
 from ehrplan.plan.config import EHRModelConfig
-from ehrplan.runtime.training.data import SPLITS, Split, TrainData, _capped, task_info
+from ehrplan.runtime.training.data import (
+    SPLITS,
+    Split,
+    TrainData,
+    _capped,
+    _check_splits,
+    task_info,
+)
 
 
 def load_in_memory(
@@ -38,19 +44,7 @@ def load_in_memory(
     cohort = load_cohort(root, visit_labels=False, split_names=parse_split_names(req.splits))
     labels = read_task(source)
     examples = build_examples(cohort, labels, config.max_visits, config.max_codes_per_visit)
-    splits_file = root / "metadata" / "subject_splits.parquet"
-    for name in SPLITS:
-        if not (cohort.split == name).any() or not len(examples.in_split(cohort, name)):
-            where = (
-                f"{splits_file} names no subject '{name}' with a label"
-                if cohort.report.get("splits_file_missing") is None
-                else f"the hashed 80/10/10 split left '{name}' without a labelled subject"
-            )
-            found = sorted({str(x) for x in cohort.split.tolist()} - {""})
-            raise DataError(
-                f"{where} (splits found: {', '.join(found) or 'none'}; map other names with "
-                "--splits train=NAME,tuning=NAME,held_out=NAME)"
-            )
+    _check_splits(cohort, examples)
     if vocab_file is not None and vocab_file.is_file():
         full = Vocab.load(vocab_file)
     else:

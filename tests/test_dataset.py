@@ -157,16 +157,3 @@ def test_hand_built_set_batches(tmp_path: Path) -> None:
     # subject 11 is held out: its PROC//OTHER-C is not in the train vocabulary -> UNK
     assert (b.codes[2][b.code_mask[2]] == UNK_ID).any()
     assert truncation(c, np.arange(3), 10, 10).events_dropped == 0
-
-
-def test_data_batch_dims_for_a_config(cohort: Cohort) -> None:
-    from ehrplan.data.stats import data_batch_dims
-    from ehrplan.plan.config import get_preset
-
-    cfg = get_preset("small-lstm").config
-    dims = data_batch_dims(cohort.root, cfg)
-    assert dims["batch_size"] == cfg.batch_size and dims["bucketing"]
-    assert dims["visits"]["max"] <= cfg.max_visits
-    assert dims["codes_per_visit"]["max"] <= cfg.max_codes_per_visit
-    assert dims["visits"]["p95"] <= dims["visits"]["max"]
-    assert dims["positions"]["max"] <= dims["positions_at_preset_maxima"]

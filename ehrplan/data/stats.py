@@ -3,25 +3,22 @@
 No torch. Percentiles are ``numpy.percentile(..., method="inverted_cdf")``: each is a value
 that occurs in the data (a visit count, a code count), not an interpolation.
 
-Truncation, as `ehrplan.data.dataset` applies it: a patient keeps the most recent
-``max_visits`` visits (the oldest are dropped), and a kept visit keeps its first
-``max_codes_per_visit`` events in time order.
+Whole-patient truncation (`data stats`' per-patient figures; training cuts examples, see
+`ehrplan.data.examples`): a patient keeps the most recent ``max_visits`` visits (the oldest are
+dropped), and a kept visit keeps its first ``max_codes_per_visit`` events in time order. Every
+function here reads the cohort attributes only, so an in-memory `Cohort` and the memory-mapped
+`ExampleCache` serve alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 
-from ehrplan.data.cohort import DEFAULT_WINDOW_HOURS, Cohort, load_cohort
+from ehrplan.data.cohort import Cohort
 from ehrplan.data.sampler import batches
-
-if TYPE_CHECKING:
-    from ehrplan.plan.config import EHRModelConfig
 
 
 def summary(x: np.ndarray) -> dict[str, float | int]:
@@ -186,74 +183,3 @@ def shape_dims(
         "padding_ratio": round(float(padded.sum()) / n_real, 4) if n_real else None,
         "padding_ratio_preset_maxima": round(float(full.sum()) / n_real, 4) if n_real else None,
     }
-
-
-def label_balance(cohort: Cohort, patients: np.ndarray | None = None) -> dict[str, Any]:
-    """Stage counts of labelled visits, the share of seen stage changes, time-to-event."""
-    sel = np.ones(cohort.num_visits, dtype=bool)
-    if patients is not None:
-        in_set = np.zeros(cohort.num_patients, dtype=bool)
-        in_set[patients] = True
-        sel = np.repeat(in_set, cohort.visits_per_patient())
-    lab = sel & (cohort.stage >= 0)
-    stages = cohort.stage[lab]
-    counts = np.bincount(stages) if len(stages) else np.zeros(0, int)
-    tte = cohort.time_to_event[lab]
-    return {
-        "labelled_visits": int(lab.sum()),
-        "stage_counts": {str(i): int(n) for i, n in enumerate(counts)},
-        "event_observed": int(cohort.event_observed[lab].sum()),
-        "censored": int((~cohort.event_observed[lab]).sum()),
-        "time_to_event_days": {
-            "p50": round(float(np.median(tte)), 1) if len(tte) else None,
-            "max": round(float(tte.max()), 1) if len(tte) else None,
-        },
-    }
-
-
-def describe(cohort: Cohort, vocab_size: int | None = None) -> dict[str, Any]:
-    """patients, events, visits per patient, codes per visit, splits, label balance."""
-    names, counts = np.unique(cohort.split, return_counts=True)
-    splits = {str(s): int(n) for s, n in zip(names, counts, strict=True)}
-    return {
-        "root": cohort.root,
-        "files": len(cohort.files),
-        "patients": cohort.num_patients,
-        "events": cohort.num_events,
-        "visits": cohort.num_visits,
-        "visit_window_hours": cohort.window_hours,
-        "visits_per_patient": summary(cohort.visits_per_patient()),
-        "codes_per_visit": summary(cohort.codes_per_visit()),
-        "distinct_codes": int(pc.count_distinct(cohort.code).as_py()),
-        "vocab_size": vocab_size,
-        "patients_by_split": splits,
-        "labels": label_balance(cohort) if cohort.label_files else None,
-        "reader": dict(cohort.report),
-    }
-
-
-def data_batch_dims(
-    root: str | Path,
-    config: EHRModelConfig,
-    *,
-    labels: str | Path | None = None,
-    window_hours: float = DEFAULT_WINDOW_HOURS,
-    split: str = "train",
-    bucketing: bool = True,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """The batch dimensions ``config`` meets on a MEDS data set (its batch size and maxima).
-
-    For a data-shaped memory estimate: use ``visits["p95"]``/``["max"]`` and
-    ``codes_per_visit["p95"]``/``["max"]`` in place of max_visits / max_codes_per_visit.
-    """
-    cohort = load_cohort(root, labels, window_hours=window_hours)
-    return batch_dims(
-        cohort,
-        cohort.patients_in(split),
-        config.batch_size,
-        config.max_visits,
-        config.max_codes_per_visit,
-        bucketing=bucketing,
-        seed=seed,
-    )
