@@ -223,14 +223,18 @@ def test_plans_over_gpus_never_import_torch(args):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_length_groups_reach_the_per_rank_estimate(strategy):
     """A data-shaped micro-batch's within-visit groups shrink each rank's estimate like the
-    single-process one (the trainer logs them under torchrun)."""
+    single-process one (the trainer logs them under torchrun); under FSDP the model runs that
+    LSTM ungrouped (one all-gather per call would differ by rank), so the groups are ignored."""
     c = get_preset("small-lstm").config
     groups = [(20, 30), (60, 12), (40, 3)]  # 120 real visits of a 4 x 40 x 30 batch
     kw = {"world_size": 2, "strategy": strategy, "device": "cpu", "micro_batch": 4}
     kw |= {"accumulation": 4, "visits": 40, "codes": 30}
     full = estimate_parallel(c, **kw).per_device_bytes
     grouped = estimate_parallel(c, visit_groups=groups, **kw).per_device_bytes
-    assert grouped < full
+    if strategy == "fsdp":
+        assert grouped == full
+    else:
+        assert grouped < full
     one = {"world_size": 1, "device": "cpu", "micro_batch": 4, "accumulation": 8}
     single = estimate_parallel(c, visit_groups=groups, visits=40, codes=30, **one)
     cfg = c.model_copy(update={"batch_size": 4, "gradient_accumulation_steps": 8})

@@ -111,6 +111,18 @@ def test_ddp_on_two_processes_trains_as_one(tmp, single):
 
 
 @pytest.mark.slow
+def test_fsdp_with_visits_of_many_lengths_keeps_the_ranks_collectives_in_step(tmp):
+    """Visits of up to 50 codes make the CPU's within-visit LSTM run several length groups, a
+    number that differs from rank to rank; under FSDP each call of the sharded LSTM was an
+    all-gather, so the ranks' collectives stopped matching (gloo: "Received data size doesn't
+    match expected size"). FSDP runs that LSTM once per micro-batch."""
+    wide = ("--set", "max_codes_per_visit=50", "--set", "max_visits=50")
+    summary, run_dir, _ = _train(tmp, "fsdp-wide", "--nproc", "2", "--shard", *wide)
+    assert summary["distributed"]["strategy"] == "fsdp"
+    assert len(_step_losses(run_dir)) == STEPS
+
+
+@pytest.mark.slow
 def test_fsdp_via_nproc_trains_as_one_and_resumes_only_on_its_world_size(tmp, single):
     # --nproc 2 execs torchrun; --shard is FSDP2 (fully_shard per embedding table / LSTM)
     summary, run_dir, writes = _train(tmp, "fsdp", "--nproc", "2", "--shard")

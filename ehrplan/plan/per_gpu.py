@@ -289,6 +289,8 @@ def estimate_parallel(
     check_strategy_name(strategy)
     if world_size < 1:
         raise UsageError(f"--gpus must be at least 1, not {world_size}")
+    if strategy == "fsdp" and world_size > 1:
+        visit_groups = None  # FSDP runs the within-visit LSTM ungrouped (the trainer's rule)
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}' (valid: {', '.join(BACKENDS)})")

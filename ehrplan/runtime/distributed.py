@@ -92,6 +92,9 @@ def wrap_model(model: nn.Module, strategy: str, env: DistEnv, device_type: str) 
         # (the single-process comparison in tests/test_torchrun.py would catch a lost gradient)
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view")
 
+        for m in model.modules():  # one within-visit LSTM call per micro-batch (see there)
+            if hasattr(m, "length_groups"):
+                m.length_groups = False
         for block in shard_blocks(model):
             fully_shard(block)
         fully_shard(model)

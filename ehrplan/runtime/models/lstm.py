@@ -72,11 +72,15 @@ class LSTMVisitEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.hidden_dim = hidden_dim
         self.use_checkpoint = use_checkpoint
+        self.length_groups = True
+        """Run the within-visit LSTM by length group where the device groups (`grouping`);
+        False under FSDP, whose sharded LSTM would be all-gathered once per call, a number of
+        calls that differs from rank to rank (the collectives would not match)."""
 
     def encode_visit(self, visit_codes: torch.Tensor, visit_mask: torch.Tensor) -> torch.Tensor:
         """Encode ``[N, codes]`` visits, each with at least one real code, to ``[N, visit_dim]``."""
         lengths = visit_mask.to(torch.bool).sum(-1)
-        if grouping_enabled(visit_codes.device.type) and lengths.numel() > 1:
+        if self.length_groups and grouping_enabled(visit_codes.device.type) and lengths.numel() > 1:
             sorted_lengths, order = lengths.sort(descending=True, stable=True)
             groups = plan_groups(sorted_lengths.tolist())
             if len(groups) > 1:

@@ -383,7 +383,11 @@ class Trainer:
             shape = max(shape, tuple(batch.codes.shape), key=lambda s: s[0] * s[1] * s[2])
             if measure:
                 b, v, c = batch.codes.shape
-                groups = batch.encoder_groups(self.config.model_type, self.device.type)
+                groups = (
+                    None  # FSDP runs the within-visit LSTM ungrouped (`wrap_model`)
+                    if self.env.is_distributed and self.strategy == "fsdp"
+                    else batch.encoder_groups(self.config.model_type, self.device.type)
+                )
                 est = self._estimate(b, v, c, groups)
                 if largest is None or est > largest[0]:
                     largest = (est, [b, v, c], groups)
