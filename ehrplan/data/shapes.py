@@ -144,22 +144,52 @@ def largest_batch(
     grouped: bool,
 ) -> dict[str, Any]:
     """The candidate batch with the largest ``estimate(B, V, C, groups)``: its items (train-split
-    sequence indices), shape, groups (None unless ``grouped``) and estimate."""
+    sequence indices), shape, groups (None unless ``grouped``) and estimate; the first such batch
+    in candidate order. Each distinct shape (and group list) is estimated once; without groups
+    the shapes come from the sequences' sizes at once (`_largest_by_shape`), with them from
+    each batch's slots."""
+    batches = candidate_batches(shapes.lengths, batch_size)
+    if not grouped:
+        return _largest_by_shape(cohort, shapes, batches, estimate)
+    memo: dict[tuple[Any, ...], int] = {}
     best: dict[str, Any] | None = None
-    for items in candidate_batches(shapes.lengths, batch_size):
+    for items in batches:
         sl = slots(cohort, shapes.examples, shapes.sequences, np.asarray(items))
         B, V, C = sl.shape
-        groups = batch_groups(sl.codes) if grouped else None
-        total = estimate(B, V, C, groups)
+        groups = batch_groups(sl.codes)
+        key = (B, V, C, *groups)
+        total = memo.get(key)
+        if total is None:
+            total = memo[key] = int(estimate(B, V, C, groups))
         if best is None or total > best["estimate_bytes"]:
-            best = {
-                "items": items,
-                "shape": [B, V, C],
-                "visit_groups": groups,
-                "estimate_bytes": int(total),
-            }
+            best = {"items": items, "shape": [B, V, C], "visit_groups": groups}
+            best["estimate_bytes"] = total
     assert best is not None
     return best
+
+
+def _largest_by_shape(
+    cohort: Any, shapes: TrainShapes, batches: list[list[int]], estimate: EstimateFn
+) -> dict[str, Any]:
+    """`largest_batch` without groups: a batch's (B, V, C) is its size, its sequences' most kept
+    visits and widest kept visit (what `slots` pads it to), found for every batch at once."""
+    nv, widest = sequence_shapes(cohort, shapes.examples, shapes.sequences)
+    sizes = np.array([len(b) for b in batches], dtype=np.int64)
+    flat = np.concatenate([np.asarray(b, dtype=np.int64) for b in batches])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    V = np.maximum(np.maximum.reduceat(nv[flat], starts), 1)
+    C = np.maximum(np.maximum.reduceat(widest[flat], starts), 1)
+    keys = np.stack([sizes, V, C], axis=1)
+    uniq, first = np.unique(keys, axis=0, return_index=True)
+    totals = np.array([int(estimate(int(b), int(v), int(c), None)) for b, v, c in uniq])
+    i = int(first[totals == totals.max()].min())  # the first batch of the largest estimate
+    b, v, c = (int(x) for x in keys[i])
+    return {
+        "items": batches[i],
+        "shape": [b, v, c],
+        "visit_groups": None,
+        "estimate_bytes": int(totals.max()),
+    }
 
 
 def percentiles(data: TaskData, shapes: TrainShapes) -> dict[str, Any]:
