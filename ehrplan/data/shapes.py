@@ -173,13 +173,11 @@ def _largest_by_shape(
 ) -> dict[str, Any]:
     """`largest_batch` without groups: a batch's (B, V, C) is its size, its sequences' most kept
     visits and widest kept visit (what `slots` pads it to), found for every batch at once."""
+    from ehrplan.data.stats import batch_maxima
+
     nv, widest = sequence_shapes(cohort, shapes.examples, shapes.sequences)
-    sizes = np.array([len(b) for b in batches], dtype=np.int64)
-    flat = np.concatenate([np.asarray(b, dtype=np.int64) for b in batches])
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    V = np.maximum(np.maximum.reduceat(nv[flat], starts), 1)
-    C = np.maximum(np.maximum.reduceat(widest[flat], starts), 1)
-    keys = np.stack([sizes, V, C], axis=1)
+    sizes, (V, C) = batch_maxima(batches, nv, widest)
+    keys = np.stack([sizes, np.maximum(V, 1), np.maximum(C, 1)], axis=1)
     uniq, first = np.unique(keys, axis=0, return_index=True)
     totals = np.array([int(estimate(int(b), int(v), int(c), None)) for b, v, c in uniq])
     i = int(first[totals == totals.max()].min())  # the first batch of the largest estimate

@@ -12,6 +12,7 @@ function here reads the cohort attributes only, so an in-memory `Cohort` and the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -139,6 +140,19 @@ def batch_dims(
     )
 
 
+def batch_maxima(
+    batch_list: Sequence[Sequence[int] | np.ndarray], *values: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Each batch's size and, for each array of per-item ``values``, its largest value in each
+    batch (int64): one ``reduceat`` over the batches laid end to end. Batches are not empty."""
+    sizes = np.array([len(b) for b in batch_list], dtype=np.int64)
+    if not len(sizes):
+        return sizes, [np.zeros(0, dtype=np.int64) for _ in values]
+    flat = np.concatenate([np.asarray(b, dtype=np.int64) for b in batch_list])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return sizes, [np.maximum.reduceat(x[flat], starts).astype(np.int64) for x in values]
+
+
 def shape_dims(
     nv: np.ndarray,
     widest: np.ndarray,
@@ -160,14 +174,7 @@ def shape_dims(
     to the preset maxima.
     """
     bs = batches(length_key(nv, widest), batch_size, shuffle=True, bucketing=bucketing, seed=seed)
-    sizes = np.array([len(b) for b in bs], dtype=np.int64)
-    if len(bs):  # the max of each batch: one reduceat over the batches laid end to end
-        order = np.concatenate(bs)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        v = np.maximum.reduceat(nv[order], starts).astype(np.int64)
-        c = np.maximum.reduceat(widest[order], starts).astype(np.int64)
-    else:
-        v = c = np.zeros(0, dtype=np.int64)
+    sizes, (v, c) = batch_maxima(bs, nv, widest)
     padded = sizes * v * c  # positions each batch allocates: B x V x C
     full = sizes * max_visits * max_codes_per_visit  # padding to the preset maxima
     n_real = int(real.sum())
