@@ -106,21 +106,12 @@ def stats(
     import numpy as np
 
     from ehrplan.cli.output import say
-    from ehrplan.data.cache import Settings, data_memory, prepare
+    from ehrplan.data.cache import data_memory, prepare
     from ehrplan.data.meds import check_root, data_files
     from ehrplan.data.stats import batch_dims, summary
 
     root = check_root(directory)
-    settings = Settings.for_request(
-        root,
-        task,
-        labels,
-        splits,
-        optional_task=True,
-        window_hours=visit_window,
-        min_count=min_count,
-        value_bins=value_bins,
-    )
+    settings = _settings(root, task, labels, splits, visit_window, min_count, value_bins)
     cache = prepare(root, settings, say=say)  # streams the data; `train` reads the same cache
     vocab = cache.vocab
     unk = cache.unk_share()
@@ -151,9 +142,7 @@ def stats(
     if task_info is not None:
         payload["task"] = _task_summary(cache)
         if task_info["kind"] == "ckd_progression" and chosen is not None:
-            from ehrplan.data.tasks import read_task
-
-            payload["labels"] = _ckd_balance(read_task(chosen))
+            payload["labels"] = _ckd_balance(chosen)
     sizes = {
         "events": cache.num_events,
         "visits": cache.num_visits,
@@ -217,17 +206,45 @@ def _warnings(p: dict[str, Any]) -> list[str]:
     return out
 
 
+def _settings(
+    root: Path,
+    task: str | None,
+    labels: Path | None,
+    splits: str | None,
+    visit_window: float,
+    min_count: int,
+    value_bins: int,
+) -> Any:
+    """The example cache's settings from the data commands' options (no task, or several and
+    none chosen: a cache without examples)."""
+    from ehrplan.data.cache import Settings
+
+    return Settings.for_request(
+        root,
+        task,
+        labels,
+        splits,
+        optional_task=True,
+        window_hours=visit_window,
+        min_count=min_count,
+        value_bins=value_bins,
+    )
+
+
 def _tasks(directory: Path, task: str | None, labels: Path | None) -> tuple[list[dict], Any]:
-    """Every task found (name, kind, label rows) and the one chosen (None: none or several)."""
+    """Every task found (name, kind, label rows) and the chosen one's label rows (None: none
+    or several), each task's files read once."""
     from ehrplan.data.tasks import TASKS_DIR, TaskSource, find_tasks, read_task, resolve_task
 
-    found = []
+    found, read = [], {}
     for name in find_tasks(directory):
-        lab = read_task(TaskSource(name, Path(directory) / TASKS_DIR / name))
+        src = TaskSource(name, Path(directory) / TASKS_DIR / name)
+        read[src] = lab = read_task(src)
         found.append({"name": name, "kind": lab.kind, "label_rows": len(lab)})
     if task is None and labels is None and len(found) != 1:
         return found, None
-    return found, resolve_task(directory, task, labels)
+    chosen = resolve_task(directory, task, labels)
+    return found, read[chosen] if chosen in read else read_task(chosen)
 
 
 def _patient_truncation(cache: Any, max_visits: int, max_codes_per_visit: int) -> dict[str, Any]:
@@ -355,22 +372,13 @@ def prepare(
     """
     import time
 
-    from ehrplan.data.cache import Settings, default_workers
+    from ehrplan.data.cache import default_workers
     from ehrplan.data.cache import prepare as prepare_cache
     from ehrplan.data.meds import check_root
     from ehrplan.errors import Interrupted
 
     check_root(directory)
-    settings = Settings.for_request(
-        directory,
-        task,
-        labels,
-        splits,
-        optional_task=True,
-        window_hours=visit_window,
-        min_count=min_count,
-        value_bins=value_bins,
-    )
+    settings = _settings(directory, task, labels, splits, visit_window, min_count, value_bins)
     n = workers or default_workers()
     start = time.perf_counter()
     try:
