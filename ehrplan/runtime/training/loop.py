@@ -383,10 +383,10 @@ class Trainer:
             shape = max(shape, tuple(batch.codes.shape), key=lambda s: s[0] * s[1] * s[2])
             if measure:
                 b, v, c = batch.codes.shape
-                groups = (
-                    None  # FSDP runs the within-visit LSTM ungrouped (`wrap_model`)
-                    if self.env.is_distributed and self.strategy == "fsdp"
-                    else batch.encoder_groups(self.config.model_type, self.device.type)
+                groups = (  # as the model runs it: `wrap_model` turns grouping off under FSDP
+                    batch.encoder_groups(self.config.model_type, self.device.type)
+                    if getattr(self.raw_model.encoder, "length_groups", True)
+                    else None
                 )
                 est = self._estimate(b, v, c, groups)
                 if largest is None or est > largest[0]:
