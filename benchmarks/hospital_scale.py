@@ -54,10 +54,11 @@ def _rss_of_tree(pid: int) -> int:
 def run(
     cmd: list[str], env: dict[str, str], watch: Path | None = None, stop: bool = False
 ) -> dict[str, Any]:
-    """Run ``cmd``; its wall seconds and, with ``watch`` (a metrics file): when its stdout said
-    ``training ...`` (the trainer's first line, printed as its loop starts), when its first step
-    record appeared, and the largest RSS sampled before then. ``stop``: send Ctrl-C once the
-    first step record is there (the run stops at a checkpoint, without its final evaluation)."""
+    """Run ``cmd`` (`run_measured` adds its name and exit code); its wall seconds and, with
+    ``watch`` (a metrics file): when its stdout said ``training ...`` (the trainer's first line,
+    printed as its loop starts), when its first step record appeared, and the largest RSS
+    sampled before then. ``stop``: send Ctrl-C once the first step record is there (the run
+    stops at a checkpoint, without its final evaluation)."""
     start = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     lines: list[tuple[float, str]] = []
@@ -84,8 +85,6 @@ def run(
     err = p.stderr.read() if p.stderr else ""
     started = next((s for s, line in lines if line.startswith("training ")), None)
     return {
-        "command": " ".join(cmd[2:] if cmd[:2] == EHRPLAN[:2] else cmd),
-        "rc": p.returncode,
         "seconds": round(time.time() - start, 2),
         "training_line_seconds": round(started, 2) if started is not None else None,
         "first_step_seconds": round(first_step, 2) if first_step is not None else None,
